@@ -1,0 +1,99 @@
+//! The HTTP API (axum): routes, middleware, OpenAPI and Swagger UI.
+//!
+//! `router` builds the whole application; `serve` runs it until shutdown.
+//! Handlers are thin: validate input (`input`), call the ledger or the store,
+//! map errors in one place (`problem`).
+
+mod input;
+mod problem;
+mod system;
+mod wallet;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Request, StatusCode};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use problem::{Problem, ProblemBody};
+
+use crate::ledger::Ledger;
+use crate::store::EventStore;
+
+/// Largest request body accepted (bytes).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// A request taking longer than this is answered 408.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub ledger: Arc<Ledger>,
+    pub store: EventStore,
+}
+
+impl AppState {
+    pub fn new(store: EventStore) -> Self {
+        Self {
+            ledger: Arc::new(Ledger::new(store.clone())),
+            store,
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log."),
+    paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance, wallet::history,
+          system::health, system::ready),
+    components(schemas(ProblemBody)),
+    tags((name = "wallet", description = "Money movements and reads"), (name = "system", description = "Health"))
+)]
+pub struct ApiDoc;
+
+pub fn router(state: AppState) -> Router {
+    let x_request_id = axum::http::HeaderName::from_static("x-request-id");
+    Router::new()
+        .route("/wallet/{id}", get(wallet::balance))
+        .route("/wallet/{id}/deposit", post(wallet::deposit))
+        .route("/wallet/{id}/withdraw", post(wallet::withdraw))
+        .route("/wallet/{id}/transfer", post(wallet::transfer))
+        .route("/wallet/{id}/history", get(wallet::history))
+        .route("/health", get(system::health))
+        .route("/ready", get(system::ready))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .fallback(system::not_found)
+        .method_not_allowed_fallback(system::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, then finishes in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

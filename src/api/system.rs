@@ -1,0 +1,37 @@
+//! Liveness, readiness and the catch-all answers.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::problem::{Problem, ProblemBody};
+use super::AppState;
+
+/// The process is up.
+#[utoipa::path(get, path = "/health", tag = "system", responses((status = 200, description = "alive")))]
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The process can serve: the database answers.
+#[utoipa::path(get, path = "/ready", tag = "system",
+    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, description = "database unreachable")))]
+pub async fn ready(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
+    app.store.ping().await?;
+    Ok(Json(
+        json!({"status": "ready", "database": app.store.backend()}),
+    ))
+}
+
+pub async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")
+}
+
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "method not allowed on this route",
+    )
+}

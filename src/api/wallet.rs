@@ -1,0 +1,266 @@
+//! The wallet routes: the three writes, the balance and the history.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::input::{idempotency_key, parse_amount, parse_wallet_id, JsonBody, WalletPath};
+use super::problem::{Problem, ProblemBody};
+use super::AppState;
+use crate::ledger::{Answer, TransferReceipt, WalletReceipt};
+use crate::store::{Cutoff, Position, RecordedEvent};
+
+/// History page size when `limit` is not given, and the largest allowed.
+const DEFAULT_HISTORY_LIMIT: u32 = 50;
+const MAX_HISTORY_LIMIT: u32 = 200;
+
+/// Body of a deposit or withdrawal.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MoneyBody {
+    /// A JSON number or decimal string; > 0, at most 4 decimals, < 10^15.
+    #[schema(value_type = String, example = "150.50")]
+    amount: Box<RawValue>,
+    /// Idempotency key (or send the `Idempotency-Key` header).
+    request_id: Option<String>,
+}
+
+/// Body of a transfer.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TransferBody {
+    to_wallet_id: String,
+    #[schema(value_type = String, example = "25")]
+    amount: Box<RawValue>,
+    request_id: Option<String>,
+}
+
+fn created<R: Serialize>(answer: Answer<R>) -> Response {
+    let mut response = (StatusCode::CREATED, Json(answer.receipt)).into_response();
+    if answer.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Deposit money; the first deposit opens the wallet.
+#[utoipa::path(post, path = "/wallet/{id}/deposit", tag = "wallet",
+    params(("id" = String, Path, description = "wallet id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    request_body = MoneyBody,
+    responses((status = 201, body = WalletReceipt, description = "deposited (or replayed: header Idempotent-Replayed)"),
+              (status = 400, body = ProblemBody, description = "INVALID_AMOUNT, INVALID_WALLET_ID, INVALID_REQUEST"),
+              (status = 422, body = ProblemBody, description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 503, body = ProblemBody, description = "UNAVAILABLE")))]
+pub async fn deposit(
+    State(app): State<AppState>,
+    WalletPath(wallet): WalletPath,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<MoneyBody>,
+) -> Result<Response, Problem> {
+    let amount = parse_amount(&body.amount)?;
+    let key = idempotency_key(body.request_id, &headers)?;
+    Ok(created(app.ledger.deposit(wallet, amount, key).await?))
+}
+
+/// Withdraw money from an existing wallet.
+#[utoipa::path(post, path = "/wallet/{id}/withdraw", tag = "wallet",
+    params(("id" = String, Path, description = "wallet id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    request_body = MoneyBody,
+    responses((status = 201, body = WalletReceipt),
+              (status = 400, body = ProblemBody, description = "INSUFFICIENT_FUNDS, INVALID_AMOUNT, ..."),
+              (status = 404, body = ProblemBody, description = "WALLET_NOT_FOUND"),
+              (status = 422, body = ProblemBody, description = "IDEMPOTENCY_KEY_REUSED")))]
+pub async fn withdraw(
+    State(app): State<AppState>,
+    WalletPath(wallet): WalletPath,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<MoneyBody>,
+) -> Result<Response, Problem> {
+    let amount = parse_amount(&body.amount)?;
+    let key = idempotency_key(body.request_id, &headers)?;
+    Ok(created(app.ledger.withdraw(wallet, amount, key).await?))
+}
+
+/// Move money to another wallet in one atomic append to both streams.
+#[utoipa::path(post, path = "/wallet/{id}/transfer", tag = "wallet",
+    params(("id" = String, Path, description = "source wallet id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    request_body = TransferBody,
+    responses((status = 201, body = TransferReceipt),
+              (status = 400, body = ProblemBody, description = "SAME_WALLET, INSUFFICIENT_FUNDS, ..."),
+              (status = 404, body = ProblemBody, description = "WALLET_NOT_FOUND (sender)"),
+              (status = 422, body = ProblemBody, description = "IDEMPOTENCY_KEY_REUSED")))]
+pub async fn transfer(
+    State(app): State<AppState>,
+    WalletPath(from): WalletPath,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<TransferBody>,
+) -> Result<Response, Problem> {
+    let to = parse_wallet_id(&body.to_wallet_id)?;
+    let amount = parse_amount(&body.amount)?;
+    let key = idempotency_key(body.request_id, &headers)?;
+    Ok(created(app.ledger.transfer(from, to, amount, key).await?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BalanceQuery {
+    /// A log position (integer) or an RFC 3339 time: the balance as of then.
+    at: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceView {
+    wallet_id: String,
+    #[schema(example = "150.5000")]
+    balance: String,
+    exists: bool,
+    /// Stream version the balance is folded up to (0: no events).
+    version: u64,
+}
+
+/// A wallet's balance, folded from its events (optionally as of a past point).
+#[utoipa::path(get, path = "/wallet/{id}", tag = "wallet",
+    params(("id" = String, Path, description = "wallet id"), BalanceQuery),
+    responses((status = 200, body = BalanceView, description = "unknown wallets answer exists: false"),
+              (status = 400, body = ProblemBody, description = "INVALID_WALLET_ID, INVALID_AT")))]
+pub async fn balance(
+    State(app): State<AppState>,
+    WalletPath(wallet): WalletPath,
+    query: Result<Query<BalanceQuery>, QueryRejection>,
+) -> Result<Json<BalanceView>, Problem> {
+    let Query(query) = query.map_err(|e| Problem::bad_request("INVALID_QUERY", e.body_text()))?;
+    let cutoff = query.at.as_deref().map(parse_at).transpose()?;
+    let state = app.ledger.wallet(&wallet, cutoff).await?;
+    Ok(Json(BalanceView {
+        exists: state.exists(),
+        balance: state.balance.to_string(),
+        version: state.version,
+        wallet_id: wallet.to_string(),
+    }))
+}
+
+fn parse_at(text: &str) -> Result<Cutoff, Problem> {
+    if let Ok(position) = text.parse::<Position>() {
+        if position >= 0 {
+            return Ok(Cutoff::Position(position));
+        }
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| Cutoff::Time(t.with_timezone(&Utc)))
+        .map_err(|_| {
+            Problem::bad_request(
+                "INVALID_AT",
+                "at must be a log position (>= 0) or an RFC 3339 time",
+            )
+        })
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Page size, 1-200 (default 50).
+    limit: Option<String>,
+    /// Cursor: only events with a lower stream version (the last item's version).
+    before: Option<String>,
+}
+
+/// One event of a wallet's history.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryItem {
+    /// Event id.
+    id: Uuid,
+    wallet_id: String,
+    transfer_id: Option<Uuid>,
+    /// Event type, e.g. `FundsDeposited`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    occurred_at: DateTime<Utc>,
+    payload: serde_json::Value,
+    version: u64,
+    position: Position,
+    #[schema(example = "150.5000")]
+    balance_after: String,
+}
+
+impl From<RecordedEvent> for HistoryItem {
+    fn from(e: RecordedEvent) -> Self {
+        HistoryItem {
+            id: e.event_id,
+            wallet_id: e.stream.to_string(),
+            transfer_id: e.event.transfer_id(),
+            kind: e.event.event_type(),
+            occurred_at: e.recorded_at,
+            balance_after: e.event.balance_after().to_string(),
+            payload: e.event.payload(),
+            version: e.version,
+            position: e.position,
+        }
+    }
+}
+
+/// A wallet's events, newest first. The next page: `before` = the last
+/// item's version (also sent as the `X-Next-Before` header).
+#[utoipa::path(get, path = "/wallet/{id}/history", tag = "wallet",
+    params(("id" = String, Path, description = "wallet id"), HistoryQuery),
+    responses((status = 200, body = [HistoryItem]),
+              (status = 400, body = ProblemBody, description = "INVALID_LIMIT, INVALID_CURSOR")))]
+pub async fn history(
+    State(app): State<AppState>,
+    WalletPath(wallet): WalletPath,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(query) = query.map_err(|e| Problem::bad_request("INVALID_QUERY", e.body_text()))?;
+    let limit = match query.limit.as_deref() {
+        None => DEFAULT_HISTORY_LIMIT,
+        Some(text) => text
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_HISTORY_LIMIT).contains(l))
+            .ok_or_else(|| {
+                Problem::bad_request("INVALID_LIMIT", "limit must be an integer from 1 to 200")
+            })?,
+    };
+    let before = match query.before.as_deref() {
+        None => None,
+        Some(text) => Some(
+            text.parse::<u64>()
+                .ok()
+                .filter(|v| (1..=i64::MAX as u64).contains(v))
+                .ok_or_else(|| {
+                    Problem::bad_request(
+                        "INVALID_CURSOR",
+                        "before must be a stream version (a positive integer)",
+                    )
+                })?,
+        ),
+    };
+    let events = app
+        .store
+        .read_stream_backwards(&wallet, before, limit)
+        .await?;
+    let next = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| e.version))
+        .flatten()
+        .filter(|v| *v > 1);
+    let items: Vec<HistoryItem> = events.into_iter().map(HistoryItem::from).collect();
+    let mut response = Json(items).into_response();
+    if let Some(next) = next {
+        response
+            .headers_mut()
+            .insert("x-next-before", HeaderValue::from(next));
+    }
+    Ok(response)
+}

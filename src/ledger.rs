@@ -1,0 +1,390 @@
+//! The command path: idempotency, load, decide, append, retry.
+//!
+//! Every write goes through `Ledger::execute`:
+//! 1. take the stripe locks of the wallets involved (same-wallet commands in
+//!    this process wait for each other instead of conflicting; unrelated
+//!    wallets almost never share a stripe),
+//! 2. answer a known idempotency key from its stored outcome,
+//! 3. fold the wallets from the log, `decide`, and append the events together
+//!    with the idempotency record in one transaction,
+//! 4. on a version conflict (another process appended first) reload and
+//!    re-decide, a bounded number of times.
+
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, MutexGuard};
+use uuid::Uuid;
+
+use crate::aggregate::{decide, Amount, Balance, Command, Decision, DomainError, Wallet, WalletId};
+use crate::store::{
+    AppendError, AppendRequest, Cutoff, EventStore, IdempotencyRecord, NewEvent, Position,
+    StoreError, StoredOutcome, StreamAppend,
+};
+
+/// Appends attempted per command before answering `CONCURRENCY_CONFLICT`.
+const MAX_ATTEMPTS: u32 = 10;
+/// Lock stripes: bounded memory, and two unrelated wallets share one with
+/// probability 1/1024.
+const STRIPES: usize = 1024;
+
+/// Answer to a deposit or withdrawal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WalletReceipt {
+    #[schema(value_type = String, example = "alice")]
+    pub wallet_id: WalletId,
+    /// Balance right after this operation.
+    #[schema(value_type = String, example = "150.5000")]
+    pub balance: Balance,
+    pub request_id: String,
+    /// Whether this operation opened the wallet.
+    pub created: bool,
+    /// Log position of the last event written; use as `minPosition`.
+    pub position: Position,
+}
+
+/// Answer to a transfer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferReceipt {
+    pub transfer_id: Uuid,
+    #[schema(value_type = String)]
+    pub from_wallet_id: WalletId,
+    #[schema(value_type = String)]
+    pub to_wallet_id: WalletId,
+    #[schema(value_type = String, example = "25.0000")]
+    pub amount: Amount,
+    /// Always "completed": a transfer is one atomic append.
+    #[schema(example = "completed")]
+    pub status: String,
+    pub request_id: String,
+    #[schema(value_type = String)]
+    pub from_balance: Balance,
+    #[schema(value_type = String)]
+    pub to_balance: Balance,
+    pub position: Position,
+}
+
+/// A receipt, and whether it was replayed from an earlier identical request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer<R> {
+    pub receipt: R,
+    pub replayed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{error}")]
+    Rejected { error: DomainError, replayed: bool },
+    #[error("idempotency key was already used for a different request")]
+    KeyReused,
+    #[error("gave up after {MAX_ATTEMPTS} conflicting attempts")]
+    Conflict,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an idempotency row remembers.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Outcome<R> {
+    Receipt(R),
+    Rejected(DomainError),
+}
+
+trait Receipt: Serialize + DeserializeOwned {
+    fn set_position(&mut self, position: Position);
+}
+impl Receipt for WalletReceipt {
+    fn set_position(&mut self, position: Position) {
+        self.position = position;
+    }
+}
+impl Receipt for TransferReceipt {
+    fn set_position(&mut self, position: Position) {
+        self.position = position;
+    }
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    store: EventStore,
+    stripes: Box<[Mutex<()>]>,
+}
+
+impl Ledger {
+    pub fn new(store: EventStore) -> Self {
+        Self {
+            store,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    pub async fn deposit(
+        &self,
+        wallet: WalletId,
+        amount: Amount,
+        key: Option<String>,
+    ) -> Result<Answer<WalletReceipt>, CommandError> {
+        let fingerprint = format!("deposit:{amount}");
+        self.execute(
+            Command::Deposit { wallet, amount },
+            key,
+            fingerprint,
+            wallet_receipt,
+        )
+        .await
+    }
+
+    pub async fn withdraw(
+        &self,
+        wallet: WalletId,
+        amount: Amount,
+        key: Option<String>,
+    ) -> Result<Answer<WalletReceipt>, CommandError> {
+        let fingerprint = format!("withdraw:{amount}");
+        self.execute(
+            Command::Withdraw { wallet, amount },
+            key,
+            fingerprint,
+            wallet_receipt,
+        )
+        .await
+    }
+
+    pub async fn transfer(
+        &self,
+        from: WalletId,
+        to: WalletId,
+        amount: Amount,
+        key: Option<String>,
+    ) -> Result<Answer<TransferReceipt>, CommandError> {
+        let fingerprint = format!("transfer:{to}:{amount}");
+        let command = Command::Transfer {
+            from,
+            to,
+            amount,
+            transfer_id: Uuid::now_v7(),
+        };
+        self.execute(command, key, fingerprint, transfer_receipt)
+            .await
+    }
+
+    /// A wallet's state: the fold of its stream, up to `cutoff` if given.
+    pub async fn wallet(
+        &self,
+        id: &WalletId,
+        cutoff: Option<Cutoff>,
+    ) -> Result<Wallet, StoreError> {
+        let events = self.store.read_stream(id, 0, cutoff).await?;
+        Ok(Wallet::fold(id.clone(), events.iter().map(|e| &e.event)))
+    }
+
+    async fn execute<R: Receipt>(
+        &self,
+        command: Command,
+        key: Option<String>,
+        fingerprint: String,
+        receipt: fn(&Command, &Decision, &str) -> R,
+    ) -> Result<Answer<R>, CommandError> {
+        let wallets = command.wallets();
+        // Idempotency is scoped to the wallet in the path: the first one.
+        let scope = wallets[0].clone();
+        let _locks = self.lock(&wallets).await;
+
+        if let Some(key) = &key {
+            if let Some(found) = self.store.find_idempotency(&scope, key).await? {
+                return replay(found, &fingerprint);
+            }
+        }
+        let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
+        let record = |outcome: serde_json::Value| {
+            key.as_ref().map(|key| IdempotencyRecord {
+                wallet: scope.clone(),
+                key: key.clone(),
+                fingerprint: fingerprint.clone(),
+                outcome,
+            })
+        };
+
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut states = Vec::with_capacity(wallets.len());
+            for id in &wallets {
+                states.push(self.wallet(id, None).await?);
+            }
+            let refs: Vec<&Wallet> = states.iter().collect();
+            let decision = match decide(&command, &refs) {
+                Ok(decision) => decision,
+                Err(error) => {
+                    let outcome = serde_json::to_value(Outcome::<R>::Rejected(error.clone()))
+                        .expect("outcomes serialise");
+                    if let Some(rec) = record(outcome) {
+                        match self.store.remember_rejection(rec).await {
+                            Ok(()) => {}
+                            Err(AppendError::DuplicateRequest) => {
+                                return self.replay_stored(&scope, &key, &fingerprint).await
+                            }
+                            Err(AppendError::Conflict { .. }) => {
+                                unreachable!("rejections append no events")
+                            }
+                            Err(AppendError::Store(e)) => return Err(e.into()),
+                        }
+                    }
+                    return Err(CommandError::Rejected {
+                        error,
+                        replayed: false,
+                    });
+                }
+            };
+            let mut answer = receipt(&command, &decision, &request_id);
+            let outcome =
+                serde_json::to_value(Outcome::Receipt(&answer)).expect("receipts serialise");
+            let append = AppendRequest {
+                streams: decision
+                    .streams
+                    .into_iter()
+                    .map(|s| StreamAppend {
+                        stream: s.wallet,
+                        expected_version: s.expected_version,
+                        events: s
+                            .events
+                            .into_iter()
+                            .map(|event| NewEvent {
+                                event_id: Uuid::now_v7(),
+                                event,
+                                metadata: serde_json::json!({
+                                    "requestId": request_id,
+                                    "idempotencyKey": key,
+                                    "correlationId": request_id,
+                                }),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                idempotency: record(outcome),
+            };
+            match self.store.append(append).await {
+                Ok(recorded) => {
+                    let last = recorded.last().expect("an append records events").position;
+                    answer.set_position(last);
+                    return Ok(Answer {
+                        receipt: answer,
+                        replayed: false,
+                    });
+                }
+                Err(AppendError::Conflict { stream, .. }) => {
+                    tracing::debug!(%stream, attempt, "version conflict, re-deciding");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(AppendError::DuplicateRequest) => {
+                    return self.replay_stored(&scope, &key, &fingerprint).await
+                }
+                Err(AppendError::Store(e)) => return Err(e.into()),
+            }
+        }
+        Err(CommandError::Conflict)
+    }
+
+    /// A concurrent request with the same key committed first: answer from it.
+    async fn replay_stored<R: Receipt>(
+        &self,
+        scope: &WalletId,
+        key: &Option<String>,
+        fingerprint: &str,
+    ) -> Result<Answer<R>, CommandError> {
+        let key = key
+            .as_deref()
+            .expect("only keyed requests can be duplicates");
+        match self.store.find_idempotency(scope, key).await? {
+            Some(found) => replay(found, fingerprint),
+            None => Err(CommandError::Conflict),
+        }
+    }
+
+    async fn lock(&self, wallets: &[&WalletId]) -> Vec<MutexGuard<'_, ()>> {
+        let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        let mut stripes: Vec<usize> = wallets
+            .iter()
+            .map(|w| hasher.hash_one(w) as usize % STRIPES)
+            .collect();
+        // A fixed order prevents deadlock between opposite transfers.
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for i in stripes {
+            guards.push(self.stripes[i].lock().await);
+        }
+        guards
+    }
+}
+
+fn replay<R: Receipt>(found: StoredOutcome, fingerprint: &str) -> Result<Answer<R>, CommandError> {
+    if found.fingerprint != fingerprint {
+        return Err(CommandError::KeyReused);
+    }
+    let outcome: Outcome<R> = serde_json::from_value(found.outcome).map_err(|e| {
+        StoreError::Database(sqlx::Error::Decode(
+            format!("stored idempotency outcome: {e}").into(),
+        ))
+    })?;
+    match outcome {
+        Outcome::Receipt(mut receipt) => {
+            receipt.set_position(found.position.unwrap_or(0));
+            Ok(Answer {
+                receipt,
+                replayed: true,
+            })
+        }
+        Outcome::Rejected(error) => Err(CommandError::Rejected {
+            error,
+            replayed: true,
+        }),
+    }
+}
+
+/// Jittered, growing pause between conflicting attempts.
+fn backoff(attempt: u32) -> Duration {
+    let jitter = (Uuid::new_v4().as_u128() % 1000) as u64;
+    Duration::from_micros(u64::from(attempt) * 500 + jitter * u64::from(attempt))
+}
+
+fn wallet_receipt(_: &Command, decision: &Decision, request_id: &str) -> WalletReceipt {
+    let s = &decision.streams[0];
+    WalletReceipt {
+        wallet_id: s.wallet.clone(),
+        balance: s.balance,
+        request_id: request_id.to_owned(),
+        created: s.created,
+        position: 0,
+    }
+}
+
+fn transfer_receipt(command: &Command, decision: &Decision, request_id: &str) -> TransferReceipt {
+    let Command::Transfer {
+        from,
+        to,
+        amount,
+        transfer_id,
+    } = command
+    else {
+        unreachable!("transfer receipts are only built for transfers")
+    };
+    TransferReceipt {
+        transfer_id: *transfer_id,
+        from_wallet_id: from.clone(),
+        to_wallet_id: to.clone(),
+        amount: *amount,
+        status: "completed".to_owned(),
+        request_id: request_id.to_owned(),
+        from_balance: decision.streams[0].balance,
+        to_balance: decision.streams[1].balance,
+        position: 0,
+    }
+}

@@ -1,0 +1,14 @@
+//! Event-sourced wallet service.
+//!
+//! Layout, from the inside out:
+//! - [`aggregate`]: the pure wallet domain (`decide`, `evolve`, money, ids).
+//! - [`store`]: the append-only event log on PostgreSQL or SQLite.
+//! - [`ledger`]: the command path (idempotency, load, decide, append, retry).
+//! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands.
+
+pub mod aggregate;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod ledger;
+pub mod store;

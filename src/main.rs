@@ -1,0 +1,12 @@
+//! The `wallet` binary: parses the command line and runs it.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // A missing .env file is normal.
+    let _ = dotenvy::dotenv();
+    let cli = wallet::cli::Cli::parse();
+    wallet::config::init_logging();
+    wallet::cli::run(cli).await
+}

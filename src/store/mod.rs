@@ -1,0 +1,418 @@
+//! The event store: append to streams with optimistic version checks, read
+//! them back by stream or by global position.
+//!
+//! One `events` table, two backends with the same behaviour: PostgreSQL
+//! (`postgres.rs`) and the embedded SQLite default (`sqlite.rs`). The
+//! idempotency table lives here too because an idempotency record must commit
+//! in the same transaction as the events it answers for.
+//!
+//! Ordering guarantee: appends are serialised at commit (an advisory lock in
+//! PostgreSQL, the single writer in SQLite), so positions become visible in
+//! order and a reader of `read_all` never skips an event that commits late
+//! with a lower position. See DESIGN.md, "The late-commit problem".
+
+mod postgres;
+mod sqlite;
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::aggregate::{EventDecodeError, WalletEvent, WalletId};
+
+pub use postgres::PgEventStore;
+pub use sqlite::SqliteEventStore;
+
+/// A log position: the global order of committed events, starting at 1.
+pub type Position = i64;
+
+/// An event about to be appended.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event: WalletEvent,
+    pub metadata: Value,
+}
+
+/// New events for one stream and the version the stream must be at.
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    pub stream: WalletId,
+    pub expected_version: u64,
+    pub events: Vec<NewEvent>,
+}
+
+/// An idempotency record committed with (or instead of) an append.
+#[derive(Debug, Clone)]
+pub struct IdempotencyRecord {
+    pub wallet: WalletId,
+    pub key: String,
+    /// Operation and payload, canonicalised: a different one is a reused key.
+    pub fingerprint: String,
+    pub outcome: Value,
+}
+
+/// One atomic append across any number of streams.
+#[derive(Debug, Clone, Default)]
+pub struct AppendRequest {
+    pub streams: Vec<StreamAppend>,
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+/// A remembered outcome, as found by `find_idempotency`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredOutcome {
+    pub fingerprint: String,
+    pub outcome: Value,
+    pub position: Option<Position>,
+}
+
+/// An event as committed to the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    pub position: Position,
+    pub stream: WalletId,
+    pub version: u64,
+    pub event_id: Uuid,
+    pub schema_version: i32,
+    pub event: WalletEvent,
+    pub metadata: Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Where a time-travel read stops (inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cutoff {
+    Position(Position),
+    Time(DateTime<Utc>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("undecodable event at position {position}: {source}")]
+    Corrupt {
+        position: Position,
+        #[source]
+        source: EventDecodeError,
+    },
+    #[error("invalid database url: {0}")]
+    BadUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// A stream was not at its expected version: someone else appended first.
+    #[error("stream {stream} is at version {actual}, expected {expected}")]
+    Conflict {
+        stream: WalletId,
+        expected: u64,
+        actual: u64,
+    },
+    /// The idempotency key was taken by a concurrent request that committed first.
+    #[error("idempotency key already recorded")]
+    DuplicateRequest,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The store, on whichever backend the database URL selected.
+#[derive(Debug, Clone)]
+pub enum EventStore {
+    Postgres(PgEventStore),
+    Sqlite(SqliteEventStore),
+}
+
+/// An append whose transaction is still open. Committing makes it visible;
+/// dropping it rolls back. Tests use it to hold a transaction open.
+pub enum PendingAppend {
+    Postgres(postgres::PendingAppend),
+    Sqlite(sqlite::PendingAppend),
+}
+
+impl PendingAppend {
+    pub async fn commit(self) -> Result<Vec<RecordedEvent>, AppendError> {
+        match self {
+            PendingAppend::Postgres(p) => p.commit().await,
+            PendingAppend::Sqlite(p) => p.commit().await,
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            EventStore::Postgres($s) => $call,
+            EventStore::Sqlite($s) => $call,
+        }
+    };
+}
+
+impl EventStore {
+    /// Connects to `postgres://...` or `sqlite://...` (created if missing).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(EventStore::Postgres(PgEventStore::connect(url).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(EventStore::Sqlite(SqliteEventStore::connect(url).await?))
+        } else {
+            Err(StoreError::BadUrl(
+                "expected postgres://... or sqlite://...".to_owned(),
+            ))
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            EventStore::Postgres(_) => "postgres",
+            EventStore::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Applies the embedded migrations of this backend.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.migrate().await)
+    }
+
+    /// Appends atomically: every stream must be at its expected version, the
+    /// idempotency key (if any) must be new, or nothing is written.
+    pub async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, AppendError> {
+        self.begin_append(request).await?.commit().await
+    }
+
+    /// Does all of an append but the commit.
+    pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
+        assert!(
+            request.streams.iter().all(|s| !s.events.is_empty()),
+            "an append carries at least one event per stream"
+        );
+        match self {
+            EventStore::Postgres(s) => s.begin_append(request).await.map(PendingAppend::Postgres),
+            EventStore::Sqlite(s) => s.begin_append(request).await.map(PendingAppend::Sqlite),
+        }
+    }
+
+    /// Events of one stream with version > `after_version`, oldest first,
+    /// up to `cutoff` if given.
+    pub async fn read_stream(
+        &self,
+        stream: &WalletId,
+        after_version: u64,
+        cutoff: Option<Cutoff>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        dispatch!(self, s => s.read_stream(stream, after_version, cutoff).await)
+    }
+
+    /// Newest first: up to `limit` events with version < `before_version`.
+    pub async fn read_stream_backwards(
+        &self,
+        stream: &WalletId,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        dispatch!(self, s => s.read_stream_backwards(stream, before_version, limit).await)
+    }
+
+    /// The log in position order: up to `limit` events after `after`.
+    pub async fn read_all(
+        &self,
+        after: Position,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        dispatch!(self, s => s.read_all(after, limit).await)
+    }
+
+    /// The highest committed position, 0 for an empty log.
+    pub async fn head_position(&self) -> Result<Position, StoreError> {
+        dispatch!(self, s => s.head_position().await)
+    }
+
+    pub async fn find_idempotency(
+        &self,
+        wallet: &WalletId,
+        key: &str,
+    ) -> Result<Option<StoredOutcome>, StoreError> {
+        dispatch!(self, s => s.find_idempotency(wallet, key).await)
+    }
+
+    /// Remembers a decided rejection. `DuplicateRequest` if the key is taken.
+    pub async fn remember_rejection(&self, record: IdempotencyRecord) -> Result<(), AppendError> {
+        dispatch!(self, s => s.remember_rejection(record).await)
+    }
+
+    /// A cheap round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+}
+
+/// Checks every stream of `request` against the versions found in the store
+/// (streams absent from `current` are at version 0).
+fn check_expected_versions(
+    request: &AppendRequest,
+    current: &HashMap<String, u64>,
+) -> Result<(), AppendError> {
+    for s in &request.streams {
+        let actual = current.get(s.stream.as_str()).copied().unwrap_or(0);
+        if actual != s.expected_version {
+            return Err(AppendError::Conflict {
+                stream: s.stream.clone(),
+                expected: s.expected_version,
+                actual,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Rows to insert, in order, with their stream versions assigned.
+struct Row<'a> {
+    stream: &'a WalletId,
+    version: u64,
+    event: &'a NewEvent,
+}
+
+fn rows(request: &AppendRequest) -> Vec<Row<'_>> {
+    request
+        .streams
+        .iter()
+        .flat_map(|s| {
+            s.events.iter().enumerate().map(move |(i, event)| Row {
+                stream: &s.stream,
+                version: s.expected_version + 1 + i as u64,
+                event,
+            })
+        })
+        .collect()
+}
+
+/// Builds what the log now holds from what was inserted.
+fn recorded(
+    request: AppendRequest,
+    positions: &[Position],
+    recorded_at: DateTime<Utc>,
+) -> Vec<RecordedEvent> {
+    let mut out = Vec::with_capacity(positions.len());
+    let mut positions = positions.iter();
+    for s in request.streams {
+        for (i, e) in s.events.into_iter().enumerate() {
+            let position = *positions.next().expect("one position per inserted row");
+            out.push(RecordedEvent {
+                position,
+                stream: s.stream.clone(),
+                version: s.expected_version + 1 + i as u64,
+                event_id: e.event_id,
+                schema_version: crate::aggregate::EVENT_SCHEMA_VERSION,
+                event: e.event,
+                metadata: e.metadata,
+                recorded_at,
+            });
+        }
+    }
+    out
+}
+
+/// Stored timestamps have microsecond precision on both backends.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// A stored row, decoded the same way for both backends.
+struct RawEvent {
+    position: Position,
+    stream_id: String,
+    version: i64,
+    event_id: Uuid,
+    event_type: String,
+    schema_version: i32,
+    payload: Value,
+    metadata: Value,
+    recorded_at: DateTime<Utc>,
+}
+
+impl RawEvent {
+    fn decode(self) -> Result<RecordedEvent, StoreError> {
+        let corrupt = |source| StoreError::Corrupt {
+            position: self.position,
+            source,
+        };
+        let event = WalletEvent::decode(&self.event_type, self.schema_version, self.payload)
+            .map_err(corrupt)?;
+        // The stream id column must agree with the payload it carries.
+        let stream = event.wallet_id().clone();
+        if stream.as_str() != self.stream_id || self.version < 1 {
+            return Err(StoreError::Corrupt {
+                position: self.position,
+                source: EventDecodeError::UnknownType(format!(
+                    "row stream {} does not match payload wallet {}",
+                    self.stream_id, stream
+                )),
+            });
+        }
+        Ok(RecordedEvent {
+            position: self.position,
+            stream,
+            version: self.version as u64,
+            event_id: self.event_id,
+            schema_version: self.schema_version,
+            event,
+            metadata: self.metadata,
+            recorded_at: self.recorded_at,
+        })
+    }
+}
+
+/// Whether a database error is a unique violation on the idempotency table.
+fn is_idempotency_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            db.constraint() == Some("idempotency_pkey") || db.message().contains("idempotency.")
+        }
+        _ => false,
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Maps an insert error: a unique violation on (stream, version) means a
+/// concurrent append won the race.
+fn append_error(e: sqlx::Error, request: &AppendRequest) -> AppendError {
+    if is_idempotency_violation(&e) {
+        AppendError::DuplicateRequest
+    } else if is_unique_violation(&e) {
+        let stream = request.streams.first().map(|s| s.stream.clone());
+        match stream {
+            Some(stream) => AppendError::Conflict {
+                expected: request.streams[0].expected_version,
+                actual: request.streams[0].expected_version + 1,
+                stream,
+            },
+            None => AppendError::Store(e.into()),
+        }
+    } else {
+        AppendError::Store(e.into())
+    }
+}

@@ -1,0 +1,300 @@
+//! The embedded SQLite backend, the default when no `DATABASE_URL` is set.
+//!
+//! SQLite has one writer at a time; we make that explicit with a writer pool
+//! of one connection (WAL mode lets the reader pool carry on meanwhile). One
+//! writer means appends commit in position order, so `read_all` never skips.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row as _, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::{
+    append_error, check_expected_versions, now, recorded, rows, AppendError, AppendRequest, Cutoff,
+    IdempotencyRecord, Position, RawEvent, RecordedEvent, StoreError, StoredOutcome,
+};
+use crate::aggregate::WalletId;
+
+const EVENT_COLUMNS: &str =
+    "position, stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at";
+
+#[derive(Debug, Clone)]
+pub struct SqliteEventStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+pub struct PendingAppend {
+    tx: Transaction<'static, Sqlite>,
+    events: Vec<RecordedEvent>,
+}
+
+impl PendingAppend {
+    pub async fn commit(self) -> Result<Vec<RecordedEvent>, AppendError> {
+        self.tx
+            .commit()
+            .await
+            .map_err(|e| AppendError::Store(e.into()))?;
+        Ok(self.events)
+    }
+}
+
+/// Timestamps are stored as fixed-width RFC 3339 text, so text order is time order.
+fn time_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+impl SqliteEventStore {
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a write is acknowledged only once it is durable.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        let reader = if url.contains(":memory:") {
+            // Every connection to :memory: is its own database: share the writer.
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(options)
+                .await?
+        };
+        Ok(Self { writer, reader })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
+        let store = |e: sqlx::Error| AppendError::Store(e.into());
+        // The single writer connection serialises appends; the transaction
+        // holds it until commit or rollback.
+        let mut tx = self.writer.begin().await.map_err(store)?;
+
+        let mut select = QueryBuilder::<Sqlite>::new(
+            "SELECT stream_id, MAX(version) FROM events WHERE stream_id IN (",
+        );
+        let mut list = select.separated(", ");
+        for s in &request.streams {
+            list.push_bind(s.stream.as_str());
+        }
+        select.push(") GROUP BY stream_id");
+        let current: HashMap<String, u64> = select
+            .build()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(store)?
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
+            .collect();
+        check_expected_versions(&request, &current)?;
+
+        let recorded_at = now();
+        let at_text = time_text(recorded_at);
+        let rows = rows(&request);
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at) ",
+        );
+        insert.push_values(&rows, |mut b, row| {
+            b.push_bind(row.stream.as_str())
+                .push_bind(row.version as i64)
+                .push_bind(row.event.event_id.to_string())
+                .push_bind(row.event.event.event_type())
+                .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
+                .push_bind(row.event.event.payload().to_string())
+                .push_bind(row.event.metadata.to_string())
+                .push_bind(at_text.clone());
+        });
+        insert.push(" RETURNING position");
+        let mut positions: Vec<Position> = insert
+            .build_query_scalar()
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| append_error(e, &request))?;
+        // RETURNING order is unspecified in SQLite; rowids follow VALUES order.
+        positions.sort_unstable();
+        drop(rows);
+
+        if let Some(record) = &request.idempotency {
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) \
+                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(record.wallet.as_str())
+            .bind(&record.key)
+            .bind(&record.fingerprint)
+            .bind(record.outcome.to_string())
+            .bind(positions.last().copied())
+            .execute(&mut *tx)
+            .await
+            .map_err(store)?;
+            if inserted.rows_affected() == 0 {
+                return Err(AppendError::DuplicateRequest);
+            }
+        }
+        let events = recorded(request, &positions, recorded_at);
+        Ok(PendingAppend { tx, events })
+    }
+
+    pub async fn read_stream(
+        &self,
+        stream: &WalletId,
+        after_version: u64,
+        cutoff: Option<Cutoff>,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = "
+        ));
+        q.push_bind(stream.as_str())
+            .push(" AND version > ")
+            .push_bind(after_version as i64);
+        match cutoff {
+            Some(Cutoff::Position(p)) => {
+                q.push(" AND position <= ").push_bind(p);
+            }
+            Some(Cutoff::Time(t)) => {
+                q.push(" AND recorded_at <= ").push_bind(time_text(t));
+            }
+            None => {}
+        }
+        q.push(" ORDER BY version");
+        decode_all(q.build().fetch_all(&self.reader).await?)
+    }
+
+    pub async fn read_stream_backwards(
+        &self,
+        stream: &WalletId,
+        before_version: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let before = before_version.map_or(i64::MAX, |v| v as i64);
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND version < ? \
+             ORDER BY version DESC LIMIT ?"
+        ))
+        .bind(stream.as_str())
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        decode_all(rows)
+    }
+
+    pub async fn read_all(
+        &self,
+        after: Position,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        decode_all(rows)
+    }
+
+    pub async fn head_position(&self) -> Result<Position, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+                .fetch_one(&self.reader)
+                .await?,
+        )
+    }
+
+    pub async fn find_idempotency(
+        &self,
+        wallet: &WalletId,
+        key: &str,
+    ) -> Result<Option<StoredOutcome>, StoreError> {
+        let row = sqlx::query("SELECT fingerprint, outcome, position FROM idempotency WHERE wallet_id = ? AND key = ?")
+            .bind(wallet.as_str())
+            .bind(key)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| {
+            let outcome: String = r.try_get(1)?;
+            Ok(StoredOutcome {
+                fingerprint: r.try_get(0)?,
+                outcome: serde_json::from_str(&outcome)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                position: r.try_get(2)?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn remember_rejection(&self, record: IdempotencyRecord) -> Result<(), AppendError> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) \
+             VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING",
+        )
+        .bind(record.wallet.as_str())
+        .bind(&record.key)
+        .bind(&record.fingerprint)
+        .bind(record.outcome.to_string())
+        .execute(&self.writer)
+        .await
+        .map_err(|e| AppendError::Store(e.into()))?;
+        if inserted.rows_affected() == 0 {
+            return Err(AppendError::DuplicateRequest);
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+}
+
+fn decode_all(rows: Vec<SqliteRow>) -> Result<Vec<RecordedEvent>, StoreError> {
+    rows.into_iter().map(decode_row).collect()
+}
+
+fn decode_row(r: SqliteRow) -> Result<RecordedEvent, StoreError> {
+    let position: Position = r.try_get(0)?;
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Database(sqlx::Error::Decode(
+            format!("{what} at position {position}: {e}").into(),
+        ))
+    };
+    let event_id: String = r.try_get(3)?;
+    let payload: String = r.try_get(6)?;
+    let metadata: String = r.try_get(7)?;
+    let recorded_at: String = r.try_get(8)?;
+    RawEvent {
+        position,
+        stream_id: r.try_get(1)?,
+        version: r.try_get(2)?,
+        event_id: Uuid::parse_str(&event_id).map_err(|e| bad("event_id", &e))?,
+        event_type: r.try_get(4)?,
+        schema_version: r.try_get(5)?,
+        payload: serde_json::from_str(&payload).map_err(|e| bad("payload", &e))?,
+        metadata: serde_json::from_str(&metadata).map_err(|e| bad("metadata", &e))?,
+        recorded_at: DateTime::parse_from_rfc3339(&recorded_at)
+            .map_err(|e| bad("recorded_at", &e))?
+            .with_timezone(&Utc),
+    }
+    .decode()
+}

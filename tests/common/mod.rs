@@ -1,0 +1,112 @@
+//! Shared test support: a fresh database per test on each backend, and a real
+//! HTTP server listening on a random local port.
+#![allow(dead_code)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::Connection;
+use wallet::api::{self, AppState};
+use wallet::store::EventStore;
+
+/// Where the tests find PostgreSQL (a maintenance database to create test
+/// databases from).
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A migrated store on a fresh database of its own.
+pub struct TestDb {
+    pub store: EventStore,
+    pub url: String,
+}
+
+/// Drops test databases left behind by earlier runs (older than an hour).
+async fn drop_stale(admin: &mut sqlx::PgConnection, now: u64) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'wallet_test_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let created = name.split('_').nth(2).and_then(|s| s.parse::<u64>().ok());
+        if created.is_some_and(|t| t + 3600 < now) {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut *admin)
+                .await;
+        }
+    }
+}
+
+pub async fn postgres() -> TestDb {
+    let admin_url = admin_url();
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL is required for this test and is not reachable at {admin_url}: {e}\n\
+             start it (see README) or set TEST_DATABASE_URL"
+            )
+        });
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    drop_stale(&mut admin, now).await;
+    let name = format!("wallet_test_{now}_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(&admin_url);
+    let url = format!("{base}/{name}");
+    let store = wallet::config::open_store(&url)
+        .await
+        .expect("migrate test database");
+    TestDb { store, url }
+}
+
+pub async fn sqlite() -> TestDb {
+    let dir = std::env::temp_dir().join(format!("wallet-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("wallet.db").display());
+    let store = wallet::config::open_store(&url)
+        .await
+        .expect("migrate test database");
+    TestDb { store, url }
+}
+
+/// Runs the API on 127.0.0.1 with a random port; returns its base URL.
+pub async fn serve(store: EventStore) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(api::serve(
+        listener,
+        AppState::new(store),
+        std::future::pending(),
+    ));
+    format!("http://{addr}")
+}
+
+/// Generates `#[tokio::test]`s named `sqlite` and `postgres` in a module
+/// named after the test body, each on a fresh database.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($case:ident),+ $(,)?) => {
+        $(
+            mod $case {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    super::$case(crate::common::sqlite().await).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    super::$case(crate::common::postgres().await).await;
+                }
+            }
+        )+
+    };
+}

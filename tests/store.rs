@@ -1,0 +1,321 @@
+//! The event store on both backends: appends, version checks, atomicity,
+//! reads by stream and by position, and the late-commit guarantee.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestDb;
+use serde_json::json;
+use uuid::Uuid;
+use wallet::aggregate::{decide, Amount, Command, Wallet, WalletEvent, WalletId};
+use wallet::store::{
+    AppendError, AppendRequest, Cutoff, IdempotencyRecord, NewEvent, StreamAppend,
+};
+
+fn id(s: &str) -> WalletId {
+    WalletId::parse(s).unwrap()
+}
+
+/// The append a deposit of `amount` into `wallet` (currently `state`) makes.
+fn deposit(state: &Wallet, amount: &str) -> StreamAppend {
+    let cmd = Command::Deposit {
+        wallet: state.id.clone(),
+        amount: Amount::parse(amount).unwrap(),
+    };
+    let d = decide(&cmd, &[state]).unwrap().streams.remove(0);
+    to_append(d.wallet, d.expected_version, d.events)
+}
+
+fn to_append(stream: WalletId, expected_version: u64, events: Vec<WalletEvent>) -> StreamAppend {
+    StreamAppend {
+        stream,
+        expected_version,
+        events: events
+            .into_iter()
+            .map(|event| NewEvent {
+                event_id: Uuid::now_v7(),
+                event,
+                metadata: json!({"test": true}),
+            })
+            .collect(),
+    }
+}
+
+fn single(s: StreamAppend) -> AppendRequest {
+    AppendRequest {
+        streams: vec![s],
+        idempotency: None,
+    }
+}
+
+async fn fold(db: &TestDb, w: &str) -> Wallet {
+    let events = db.store.read_stream(&id(w), 0, None).await.unwrap();
+    Wallet::fold(id(w), events.iter().map(|e| &e.event))
+}
+
+async fn append_and_read_back(db: TestDb) {
+    let a = Wallet::empty(id("a"));
+    let recorded = db.store.append(single(deposit(&a, "10.5"))).await.unwrap();
+    assert_eq!(recorded.len(), 2, "WalletCreated + FundsDeposited");
+    assert_eq!(
+        recorded.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert!(recorded[0].position < recorded[1].position);
+
+    let stream = db.store.read_stream(&id("a"), 0, None).await.unwrap();
+    assert_eq!(stream, recorded, "what was appended is what is read");
+    let tail = db.store.read_stream(&id("a"), 1, None).await.unwrap();
+    assert_eq!(tail, recorded[1..]);
+
+    let a = fold(&db, "a").await;
+    assert_eq!((a.version, a.balance.to_string().as_str()), (2, "10.5000"));
+    db.store.append(single(deposit(&a, "1"))).await.unwrap();
+
+    let all = db.store.read_all(0, 100).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+    assert_eq!(
+        db.store.read_all(all[0].position, 1).await.unwrap(),
+        all[1..2]
+    );
+    assert_eq!(db.store.head_position().await.unwrap(), all[2].position);
+
+    let back = db
+        .store
+        .read_stream_backwards(&id("a"), None, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        back.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![3, 2]
+    );
+    let back = db
+        .store
+        .read_stream_backwards(&id("a"), Some(2), 10)
+        .await
+        .unwrap();
+    assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1]);
+
+    // Time travel by position: as of the second event.
+    let then = db
+        .store
+        .read_stream(&id("a"), 0, Some(Cutoff::Position(all[1].position)))
+        .await
+        .unwrap();
+    assert_eq!(then.len(), 2);
+    let then = db
+        .store
+        .read_stream(&id("a"), 0, Some(Cutoff::Time(all[0].recorded_at)))
+        .await
+        .unwrap();
+    assert!(!then.is_empty() && then.iter().all(|e| e.recorded_at <= all[0].recorded_at));
+}
+
+async fn stale_expected_version_is_a_conflict(db: TestDb) {
+    let empty = Wallet::empty(id("a"));
+    db.store.append(single(deposit(&empty, "5"))).await.unwrap();
+    // A second writer decided against the same (now stale) empty state.
+    let err = db
+        .store
+        .append(single(deposit(&empty, "7")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AppendError::Conflict {
+                expected: 0,
+                actual: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // An expected version ahead of the stream is a conflict too, not a gap.
+    let mut ahead = deposit(&fold(&db, "a").await, "1");
+    ahead.expected_version = 9;
+    assert!(matches!(
+        db.store.append(single(ahead)).await,
+        Err(AppendError::Conflict { .. })
+    ));
+    let a = fold(&db, "a").await;
+    assert_eq!((a.version, a.balance.to_string().as_str()), (2, "5.0000"));
+}
+
+async fn a_failed_transfer_changes_neither_stream(db: TestDb) {
+    db.store
+        .append(single(deposit(&Wallet::empty(id("a")), "10")))
+        .await
+        .unwrap();
+    db.store
+        .append(single(deposit(&Wallet::empty(id("b")), "10")))
+        .await
+        .unwrap();
+    let (a, b) = (fold(&db, "a").await, fold(&db, "b").await);
+    let cmd = Command::Transfer {
+        from: id("a"),
+        to: id("b"),
+        amount: Amount::parse("3").unwrap(),
+        transfer_id: Uuid::now_v7(),
+    };
+    let decision = decide(&cmd, &[&a, &b]).unwrap();
+    // Someone moves b first.
+    db.store.append(single(deposit(&b, "1"))).await.unwrap();
+    let head = db.store.head_position().await.unwrap();
+
+    let streams = decision
+        .streams
+        .into_iter()
+        .map(|s| to_append(s.wallet, s.expected_version, s.events))
+        .collect();
+    let err = db
+        .store
+        .append(AppendRequest {
+            streams,
+            idempotency: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AppendError::Conflict { stream, .. } if stream.as_str() == "b"),
+        "{err:?}"
+    );
+    assert_eq!(
+        db.store.head_position().await.unwrap(),
+        head,
+        "nothing was written"
+    );
+    assert_eq!(fold(&db, "a").await, a, "source untouched");
+    assert_eq!(fold(&db, "b").await.balance.to_string(), "11.0000");
+}
+
+async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
+    let record = |fp: &str| IdempotencyRecord {
+        wallet: id("a"),
+        key: "k1".into(),
+        fingerprint: fp.into(),
+        outcome: json!({"receipt": {}}),
+    };
+    let first = AppendRequest {
+        streams: vec![deposit(&Wallet::empty(id("a")), "5")],
+        idempotency: Some(record("deposit:5")),
+    };
+    let recorded = db.store.append(first).await.unwrap();
+    let found = db
+        .store
+        .find_idempotency(&id("a"), "k1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.fingerprint, "deposit:5");
+    assert_eq!(found.position, Some(recorded.last().unwrap().position));
+
+    let head = db.store.head_position().await.unwrap();
+    let again = AppendRequest {
+        streams: vec![deposit(&fold(&db, "a").await, "5")],
+        idempotency: Some(record("deposit:5")),
+    };
+    assert!(matches!(
+        db.store.append(again).await,
+        Err(AppendError::DuplicateRequest)
+    ));
+    assert_eq!(
+        db.store.head_position().await.unwrap(),
+        head,
+        "the duplicate wrote no events"
+    );
+    assert!(matches!(
+        db.store.remember_rejection(record("x")).await,
+        Err(AppendError::DuplicateRequest)
+    ));
+    // Keys are scoped to the wallet.
+    assert!(db
+        .store
+        .find_idempotency(&id("b"), "k1")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+/// One append's transaction is held open while others try to commit: a
+/// reader following the log by position must never pass over the held one.
+async fn a_reader_never_skips_a_late_commit(db: TestDb) {
+    let held = db
+        .store
+        .begin_append(single(deposit(&Wallet::empty(id("held")), "1")))
+        .await
+        .unwrap();
+
+    let mut writers = Vec::new();
+    for i in 0..5 {
+        let store = db.store.clone();
+        writers.push(tokio::spawn(async move {
+            let w = Wallet::empty(id(&format!("later{i}")));
+            store.append(single(deposit(&w, "2"))).await.unwrap()
+        }));
+    }
+
+    // Follow the log while the held append is open.
+    let mut checkpoint = 0;
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        for e in db.store.read_all(checkpoint, 100).await.unwrap() {
+            checkpoint = e.position;
+            seen.push(e);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        seen.is_empty(),
+        "nothing may be readable past an open append: {seen:?}"
+    );
+
+    let held = held.commit().await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    for e in db.store.read_all(checkpoint, 1000).await.unwrap() {
+        seen.push(e);
+    }
+    let all = db.store.read_all(0, 1000).await.unwrap();
+    assert_eq!(
+        all.len(),
+        12,
+        "6 wallets x (WalletCreated + FundsDeposited)"
+    );
+    assert_eq!(seen, all, "the reader saw every event, in position order");
+    assert_eq!(
+        all[0].event_id, held[0].event_id,
+        "the held append took the first positions"
+    );
+}
+
+async fn events_cannot_be_updated_or_deleted(db: TestDb) {
+    db.store
+        .append(single(deposit(&Wallet::empty(id("a")), "5")))
+        .await
+        .unwrap();
+    let update = "UPDATE events SET event_type = 'x'";
+    let delete = "DELETE FROM events";
+    if db.url.starts_with("postgres") {
+        let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+        assert!(sqlx::query(update).execute(&pool).await.is_err());
+        assert!(sqlx::query(delete).execute(&pool).await.is_err());
+    } else {
+        let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+        assert!(sqlx::query(update).execute(&pool).await.is_err());
+        assert!(sqlx::query(delete).execute(&pool).await.is_err());
+    }
+    assert_eq!(db.store.read_all(0, 10).await.unwrap().len(), 2);
+}
+
+on_both_backends!(
+    append_and_read_back,
+    stale_expected_version_is_a_conflict,
+    a_failed_transfer_changes_neither_stream,
+    an_idempotency_key_commits_with_its_events_exactly_once,
+    a_reader_never_skips_a_late_commit,
+    events_cannot_be_updated_or_deleted,
+);
