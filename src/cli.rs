@@ -1,14 +1,20 @@
 //! The command line: one binary, one subcommand per job.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use rust_decimal::Decimal;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config;
+use crate::projections::{FraudRules, Projections};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -19,6 +25,8 @@ use crate::config;
 pub struct Cli {
     #[command(flatten)]
     pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub fraud: FraudArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -33,12 +41,47 @@ pub struct DatabaseArgs {
     pub data_dir: PathBuf,
 }
 
+/// Fraud rule thresholds. Changing them changes what the stats and flags
+/// projections compute: rebuild both after a change.
+#[derive(Args, Debug)]
+pub struct FraudArgs {
+    /// Outflows inside the window that raise RAPID_OUTFLOWS.
+    #[arg(long, env = "FRAUD_RAPID_COUNT", default_value_t = 3, global = true,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub fraud_rapid_count: u32,
+    /// Length of the rapid-outflow window, in milliseconds of event time.
+    #[arg(long, env = "FRAUD_RAPID_WINDOW_MS", default_value_t = 60_000, global = true,
+          value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub fraud_rapid_window_ms: u64,
+    /// A single outflow of at least this amount raises LARGE_OUTFLOW.
+    #[arg(
+        long,
+        env = "FRAUD_LARGE_AMOUNT",
+        default_value = "10000",
+        global = true
+    )]
+    pub fraud_large_amount: Decimal,
+}
+
+impl FraudArgs {
+    pub fn rules(&self) -> FraudRules {
+        FraudRules {
+            rapid_count: self.fraud_rapid_count,
+            rapid_window: chrono::Duration::milliseconds(self.fraud_rapid_window_ms as i64),
+            large_amount: self.fraud_large_amount,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the HTTP API (applies migrations first).
+    /// Run the HTTP API and the in-process projections (applies migrations first).
     Serve(ServeArgs),
     /// Apply database migrations and exit.
     Migrate,
+    /// Inspect or rebuild the read models (history, stats, flags).
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
 }
 
 #[derive(Args, Debug)]
@@ -48,9 +91,30 @@ pub struct ServeArgs {
     pub bind: SocketAddr,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum ProjectionsCommand {
+    /// Each projection's checkpoint, lag behind the log head and current rate.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild read models from position 0 beside the live ones, then swap
+    /// them in atomically. The service keeps answering throughout. An
+    /// interrupted rebuild resumes where it stopped unless --restart.
+    Rebuild {
+        /// Projections to rebuild (default: all).
+        names: Vec<String>,
+        /// Discard an unfinished rebuild and start from position 0.
+        #[arg(long)]
+        restart: bool,
+    },
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let url = config::database_url(cli.database.database_url.as_deref(), &cli.database.data_dir)
         .context("creating the data directory")?;
+    let rules = cli.fraud.rules();
     match cli.command {
         Command::Migrate => {
             config::open_store(&url).await.context("migrating")?;
@@ -61,6 +125,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = config::open_store(&url)
                 .await
                 .context("opening the event store")?;
+            let projections = Arc::new(Projections::new(store.clone(), rules));
+            projections.ensure().await.context("creating read models")?;
+            let state = AppState::new(store.clone(), projections);
+            let runner = state.spawn_projection_runner();
             let listener = TcpListener::bind(args.bind)
                 .await
                 .with_context(|| format!("binding {}", args.bind))?;
@@ -70,11 +138,112 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 backend = store.backend(),
                 "serving; API docs at /docs"
             );
-            api::serve(listener, AppState::new(store), shutdown_signal()).await?;
+            api::serve(listener, state, shutdown_signal()).await?;
+            // Dropping mid-batch is safe: a batch is one transaction.
+            runner.abort();
             tracing::info!("stopped");
             Ok(())
         }
+        Command::Projections(command) => {
+            let store = config::open_store(&url)
+                .await
+                .context("opening the event store")?;
+            let projections = Projections::new(store, rules);
+            projections.ensure().await.context("creating read models")?;
+            match command {
+                ProjectionsCommand::Status { json } => status(&projections, json).await,
+                ProjectionsCommand::Rebuild { names, restart } => {
+                    rebuild(&projections, names, restart).await
+                }
+            }
+        }
     }
+}
+
+async fn status(projections: &Projections, json: bool) -> anyhow::Result<()> {
+    // Two samples a second apart give the current rate.
+    let before = projections.status().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = projections.status().await?;
+    if json {
+        let rows: Vec<serde_json::Value> = after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| {
+                let mut v = serde_json::to_value(a).expect("status serialises");
+                v["ratePerSec"] = (a.checkpoint - b.checkpoint).into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:>12} {:>12} {:>10} {:>10}  rebuild",
+        "projection", "checkpoint", "head", "lag", "events/s"
+    );
+    for (a, b) in after.iter().zip(&before) {
+        let rebuild = a
+            .rebuild_checkpoint
+            .map_or("-".to_owned(), |p| format!("unfinished at {p}"));
+        println!(
+            "{:<10} {:>12} {:>12} {:>10} {:>10}  {}",
+            a.name,
+            a.checkpoint,
+            a.head,
+            a.lag,
+            a.checkpoint - b.checkpoint,
+            rebuild
+        );
+    }
+    Ok(())
+}
+
+async fn rebuild(
+    projections: &Projections,
+    names: Vec<String>,
+    restart: bool,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = if names.is_empty() {
+        projections.names().into_iter().map(str::to_owned).collect()
+    } else {
+        names
+    };
+    let terminal = std::io::stderr().is_terminal();
+    for name in names {
+        let bar = if terminal {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:40}] {pos}/{len} events {per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(name.clone());
+        let mut last_logged = 0u64;
+        let done = projections
+            .rebuild(&name, restart, |p| {
+                bar.set_length(p.head.max(0) as u64);
+                bar.set_position(p.position.max(0) as u64);
+                // Off a terminal: a log line every ~100k events instead.
+                if !terminal && p.events >= last_logged + 100_000 {
+                    last_logged = p.events;
+                    tracing::info!(projection = %name, position = p.position, head = p.head, "rebuilding");
+                }
+            })
+            .await
+            .with_context(|| format!("rebuilding {name}"))?;
+        bar.finish();
+        println!(
+            "{name}: rebuilt {} events, swapped in at position {}",
+            done.events, done.position
+        );
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

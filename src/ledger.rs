@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, MutexGuard, Notify};
 use uuid::Uuid;
 
 use crate::aggregate::{decide, Amount, Balance, Command, Decision, DomainError, Wallet, WalletId};
@@ -113,6 +115,7 @@ impl Receipt for TransferReceipt {
 pub struct Ledger {
     store: EventStore,
     stripes: Box<[Mutex<()>]>,
+    appended: Arc<Notify>,
 }
 
 impl Ledger {
@@ -120,7 +123,14 @@ impl Ledger {
         Self {
             store,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            appended: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified after every successful append: wakes the in-process
+    /// projection runner without polling.
+    pub fn appended(&self) -> Arc<Notify> {
+        self.appended.clone()
     }
 
     pub fn store(&self) -> &EventStore {
@@ -272,6 +282,7 @@ impl Ledger {
             };
             match self.store.append(append).await {
                 Ok(recorded) => {
+                    self.appended.notify_one();
                     let last = recorded.last().expect("an append records events").position;
                     answer.set_position(last);
                     return Ok(Answer {

@@ -11,4 +11,5 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod ledger;
+pub mod projections;
 pub mod store;

@@ -264,8 +264,13 @@ async fn transfers(db: TestDb) {
     assert_eq!(api.balance("b").await, "25.2500");
 
     // Both halves are in the history of their wallets with the same transfer id.
-    let a = api.get_json("/wallet/a/history").await;
-    let b = api.get_json("/wallet/b/history").await;
+    let p = body["position"].as_i64().unwrap();
+    let a = api
+        .get_json(&format!("/wallet/a/history?minPosition={p}"))
+        .await;
+    let b = api
+        .get_json(&format!("/wallet/b/history?minPosition={p}"))
+        .await;
     assert_eq!(a[0]["type"], "TransferDebited");
     assert_eq!(b[0]["type"], "TransferCredited");
     assert_eq!(a[0]["transferId"], body["transferId"]);
@@ -275,10 +280,26 @@ async fn transfers(db: TestDb) {
 
 async fn history_pages(db: TestDb) {
     let api = Api::start(db).await;
+    let mut p = 0;
     for i in 1..=5 {
-        api.post("/wallet/h/deposit", json!({"amount": i})).await;
+        let r: Value = api
+            .post("/wallet/h/deposit", json!({"amount": i}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        p = r["position"].as_i64().unwrap();
     }
-    let all = api.get_json("/wallet/h/history").await;
+    let r = api.get(&format!("/wallet/h/history?minPosition={p}")).await;
+    assert!(
+        r.headers()["x-projection-position"]
+            .to_str()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+            >= p
+    );
+    let all: Value = r.json().await.unwrap();
     let items = all.as_array().unwrap();
     assert_eq!(items.len(), 6);
     let versions: Vec<u64> = items

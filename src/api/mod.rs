@@ -6,6 +6,7 @@
 
 mod input;
 mod problem;
+mod read_models;
 mod system;
 mod wallet;
 
@@ -19,13 +20,14 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use problem::{Problem, ProblemBody};
 
 use crate::ledger::Ledger;
+use crate::projections::Projections;
 use crate::store::EventStore;
 
 /// Largest request body accepted (bytes).
@@ -38,21 +40,30 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AppState {
     pub ledger: Arc<Ledger>,
     pub store: EventStore,
+    pub projections: Arc<Projections>,
 }
 
 impl AppState {
-    pub fn new(store: EventStore) -> Self {
+    pub fn new(store: EventStore, projections: Arc<Projections>) -> Self {
         Self {
             ledger: Arc::new(Ledger::new(store.clone())),
             store,
+            projections,
         }
+    }
+
+    /// Starts the in-process projection runner (the embedded default), woken
+    /// by this state's ledger after each append.
+    pub fn spawn_projection_runner(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.projections.clone().run(self.ledger.appended()))
     }
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log."),
-    paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance, wallet::history,
+    paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance,
+          read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
           system::health, system::ready),
     components(schemas(ProblemBody)),
     tags((name = "wallet", description = "Money movements and reads"), (name = "system", description = "Health"))
@@ -66,7 +77,10 @@ pub fn router(state: AppState) -> Router {
         .route("/wallet/{id}/deposit", post(wallet::deposit))
         .route("/wallet/{id}/withdraw", post(wallet::withdraw))
         .route("/wallet/{id}/transfer", post(wallet::transfer))
-        .route("/wallet/{id}/history", get(wallet::history))
+        .route("/wallet/{id}/history", get(read_models::history))
+        .route("/wallet/{id}/stats", get(read_models::stats))
+        .route("/wallet/{id}/flags", get(read_models::wallet_flags))
+        .route("/flags", get(read_models::flags))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
@@ -82,7 +96,8 @@ pub fn router(state: AppState) -> Router {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-        }))
+        })
+        .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         .with_state(state)
 }

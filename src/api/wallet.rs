@@ -8,17 +8,12 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use uuid::Uuid;
 
 use super::input::{idempotency_key, parse_amount, parse_wallet_id, JsonBody, WalletPath};
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
 use crate::ledger::{Answer, TransferReceipt, WalletReceipt};
-use crate::store::{Cutoff, Position, RecordedEvent};
-
-/// History page size when `limit` is not given, and the largest allowed.
-const DEFAULT_HISTORY_LIMIT: u32 = 50;
-const MAX_HISTORY_LIMIT: u32 = 200;
+use crate::store::{Cutoff, Position};
 
 /// Body of a deposit or withdrawal.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -165,102 +160,4 @@ fn parse_at(text: &str) -> Result<Cutoff, Problem> {
                 "at must be a log position (>= 0) or an RFC 3339 time",
             )
         })
-}
-
-#[derive(Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct HistoryQuery {
-    /// Page size, 1-200 (default 50).
-    limit: Option<String>,
-    /// Cursor: only events with a lower stream version (the last item's version).
-    before: Option<String>,
-}
-
-/// One event of a wallet's history.
-#[derive(Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct HistoryItem {
-    /// Event id.
-    id: Uuid,
-    wallet_id: String,
-    transfer_id: Option<Uuid>,
-    /// Event type, e.g. `FundsDeposited`.
-    #[serde(rename = "type")]
-    kind: &'static str,
-    occurred_at: DateTime<Utc>,
-    payload: serde_json::Value,
-    version: u64,
-    position: Position,
-    #[schema(example = "150.5000")]
-    balance_after: String,
-}
-
-impl From<RecordedEvent> for HistoryItem {
-    fn from(e: RecordedEvent) -> Self {
-        HistoryItem {
-            id: e.event_id,
-            wallet_id: e.stream.to_string(),
-            transfer_id: e.event.transfer_id(),
-            kind: e.event.event_type(),
-            occurred_at: e.recorded_at,
-            balance_after: e.event.balance_after().to_string(),
-            payload: e.event.payload(),
-            version: e.version,
-            position: e.position,
-        }
-    }
-}
-
-/// A wallet's events, newest first. The next page: `before` = the last
-/// item's version (also sent as the `X-Next-Before` header).
-#[utoipa::path(get, path = "/wallet/{id}/history", tag = "wallet",
-    params(("id" = String, Path, description = "wallet id"), HistoryQuery),
-    responses((status = 200, body = [HistoryItem]),
-              (status = 400, body = ProblemBody, description = "INVALID_LIMIT, INVALID_CURSOR")))]
-pub async fn history(
-    State(app): State<AppState>,
-    WalletPath(wallet): WalletPath,
-    query: Result<Query<HistoryQuery>, QueryRejection>,
-) -> Result<Response, Problem> {
-    let Query(query) = query.map_err(|e| Problem::bad_request("INVALID_QUERY", e.body_text()))?;
-    let limit = match query.limit.as_deref() {
-        None => DEFAULT_HISTORY_LIMIT,
-        Some(text) => text
-            .parse::<u32>()
-            .ok()
-            .filter(|l| (1..=MAX_HISTORY_LIMIT).contains(l))
-            .ok_or_else(|| {
-                Problem::bad_request("INVALID_LIMIT", "limit must be an integer from 1 to 200")
-            })?,
-    };
-    let before = match query.before.as_deref() {
-        None => None,
-        Some(text) => Some(
-            text.parse::<u64>()
-                .ok()
-                .filter(|v| (1..=i64::MAX as u64).contains(v))
-                .ok_or_else(|| {
-                    Problem::bad_request(
-                        "INVALID_CURSOR",
-                        "before must be a stream version (a positive integer)",
-                    )
-                })?,
-        ),
-    };
-    let events = app
-        .store
-        .read_stream_backwards(&wallet, before, limit)
-        .await?;
-    let next = (events.len() == limit as usize)
-        .then(|| events.last().map(|e| e.version))
-        .flatten()
-        .filter(|v| *v > 1);
-    let items: Vec<HistoryItem> = events.into_iter().map(HistoryItem::from).collect();
-    let mut response = Json(items).into_response();
-    if let Some(next) = next {
-        response
-            .headers_mut()
-            .insert("x-next-before", HeaderValue::from(next));
-    }
-    Ok(response)
 }

@@ -77,6 +77,15 @@ impl SqliteEventStore {
         Ok(Self { writer, reader })
     }
 
+    /// The single writing connection's pool.
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    pub fn reader(&self) -> &SqlitePool {
+        &self.reader
+    }
+
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.writer)
@@ -88,7 +97,13 @@ impl SqliteEventStore {
         let store = |e: sqlx::Error| AppendError::Store(e.into());
         // The single writer connection serialises appends; the transaction
         // holds it until commit or rollback.
-        let mut tx = self.writer.begin().await.map_err(store)?;
+        // IMMEDIATE takes the write lock up front: another process (the CLI)
+        // cannot slip in between our version check and our insert.
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(store)?;
 
         let mut select = QueryBuilder::<Sqlite>::new(
             "SELECT stream_id, MAX(version) FROM events WHERE stream_id IN (",

@@ -2,10 +2,12 @@
 //! HTTP server listening on a random local port.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::Connection;
 use wallet::api::{self, AppState};
+use wallet::projections::{FraudRules, Projections};
 use wallet::store::EventStore;
 
 /// Where the tests find PostgreSQL (a maintenance database to create test
@@ -79,15 +81,16 @@ pub async fn sqlite() -> TestDb {
     TestDb { store, url }
 }
 
-/// Runs the API on 127.0.0.1 with a random port; returns its base URL.
+/// Runs the API and its in-process projection runner on 127.0.0.1 with a
+/// random port; returns its base URL.
 pub async fn serve(store: EventStore) -> String {
+    let projections = Arc::new(Projections::new(store.clone(), FraudRules::default()));
+    projections.ensure().await.expect("create read models");
+    let state = AppState::new(store, projections);
+    state.spawn_projection_runner();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(api::serve(
-        listener,
-        AppState::new(store),
-        std::future::pending(),
-    ));
+    tokio::spawn(api::serve(listener, state, std::future::pending()));
     format!("http://{addr}")
 }
 

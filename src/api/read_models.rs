@@ -1,0 +1,283 @@
+//! Read-model routes: history, stats and fraud flags, served from the
+//! projections. `?minPosition=` waits briefly for the projection to reach a
+//! position the client wrote (read-your-writes); every answer carries the
+//! projection's position in `X-Projection-Position`.
+
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::input::{parse_wallet_id, WalletPath};
+use super::problem::{Problem, ProblemBody};
+use super::AppState;
+use crate::projections::flags::{Flag, FLAG_KIND, LARGE_OUTFLOW, RAPID_OUTFLOWS};
+use crate::projections::history::HistoryItem;
+use crate::projections::stats::{stats_key, WalletStats};
+use crate::projections::{flags, history, stats, DocQuery, ProjectionError};
+use crate::store::Position;
+
+/// Page size when `limit` is not given, and the largest allowed.
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 200;
+/// Longest a read waits for `minPosition`.
+const MAX_WAIT: Duration = Duration::from_secs(2);
+
+impl From<ProjectionError> for Problem {
+    fn from(e: ProjectionError) -> Self {
+        match e {
+            ProjectionError::Store(e) => e.into(),
+            other => {
+                tracing::error!(error = %other, "projection read failed");
+                Problem::unavailable("read models are unavailable, retry shortly")
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct PageQuery {
+    /// Page size, 1-200 (default 50).
+    limit: Option<String>,
+    /// Cursor: the last item's `version` (history) or `position` (flags).
+    before: Option<String>,
+    /// Wait (up to 2 s) until the read model has applied this log position.
+    min_position: Option<String>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct FlagsQuery {
+    /// Only this wallet's flags.
+    wallet_id: Option<String>,
+    /// Only this rule: `RAPID_OUTFLOWS` or `LARGE_OUTFLOW`.
+    rule: Option<String>,
+    limit: Option<String>,
+    before: Option<String>,
+    min_position: Option<String>,
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitQuery {
+    /// Wait (up to 2 s) until the read model has applied this log position.
+    min_position: Option<String>,
+}
+
+fn bad_query(e: QueryRejection) -> Problem {
+    Problem::bad_request("INVALID_QUERY", e.body_text())
+}
+
+fn parse_limit(text: Option<&str>) -> Result<u32, Problem> {
+    match text {
+        None => Ok(DEFAULT_LIMIT),
+        Some(t) => t
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_LIMIT).contains(l))
+            .ok_or_else(|| {
+                Problem::bad_request("INVALID_LIMIT", "limit must be an integer from 1 to 200")
+            }),
+    }
+}
+
+fn parse_cursor(text: Option<&str>) -> Result<Option<i64>, Problem> {
+    text.map(|t| {
+        t.parse::<i64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
+            Problem::bad_request("INVALID_CURSOR", "before must be a positive integer cursor")
+        })
+    })
+    .transpose()
+}
+
+/// Waits for `minPosition` if given; returns the projection's position.
+async fn settle(
+    app: &AppState,
+    projection: &str,
+    min_position: Option<&str>,
+) -> Result<Position, Problem> {
+    let min = min_position
+        .map(|t| {
+            t.parse::<Position>()
+                .ok()
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| {
+                    Problem::bad_request(
+                        "INVALID_MIN_POSITION",
+                        "minPosition must be a log position (>= 0)",
+                    )
+                })
+        })
+        .transpose()?;
+    Ok(match min {
+        Some(min) => app.projections.wait_for(projection, min, MAX_WAIT).await?,
+        None => app.projections.checkpoint(projection).await?,
+    })
+}
+
+/// A JSON response made of stored JSON bodies, without re-parsing them.
+fn json_response(body: String, position: Position, next_before: Option<i64>) -> Response {
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-projection-position", HeaderValue::from(position));
+    if let Some(next) = next_before {
+        headers.insert("x-next-before", HeaderValue::from(next));
+    }
+    response
+}
+
+/// A page as a JSON array, and the cursor of the next page if it may exist.
+fn page(rows: Vec<(i64, String)>, limit: u32, position: Position) -> Response {
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|(sort, _)| *sort))
+        .flatten();
+    let mut body = String::with_capacity(rows.iter().map(|(_, b)| b.len() + 1).sum::<usize>() + 2);
+    body.push('[');
+    for (i, (_, b)) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(b);
+    }
+    body.push(']');
+    json_response(body, position, next.filter(|n| *n > 1))
+}
+
+/// A wallet's events, newest first. Next page: `before` = the last item's
+/// version (also sent as `X-Next-Before`).
+#[utoipa::path(get, path = "/wallet/{id}/history", tag = "read models",
+    params(("id" = String, Path, description = "wallet id"), PageQuery),
+    responses((status = 200, body = [HistoryItem], headers(("X-Projection-Position" = i64), ("X-Next-Before" = i64))),
+              (status = 400, body = ProblemBody, description = "INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION")))]
+pub async fn history(
+    State(app): State<AppState>,
+    WalletPath(wallet): WalletPath,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = query.map_err(bad_query)?;
+    let limit = parse_limit(q.limit.as_deref())?;
+    let before = parse_cursor(q.before.as_deref())?;
+    let position = settle(&app, history::NAME, q.min_position.as_deref()).await?;
+    let query = DocQuery {
+        kind: history::KIND,
+        wallet_id: Some(wallet.as_str()),
+        tag: None,
+        before_sort: before,
+        limit,
+    };
+    let rows = app.projections.query(history::NAME, &query).await?;
+    Ok(page(rows, limit, position))
+}
+
+/// A wallet's totals, counts, last activity and fraud status.
+#[utoipa::path(get, path = "/wallet/{id}/stats", tag = "read models",
+    params(("id" = String, Path, description = "wallet id"), WaitQuery),
+    responses((status = 200, body = WalletStats, description = "all zero for a wallet with no events"),
+              (status = 400, body = ProblemBody)))]
+pub async fn stats(
+    State(app): State<AppState>,
+    WalletPath(wallet): WalletPath,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = query.map_err(bad_query)?;
+    let position = settle(&app, stats::NAME, q.min_position.as_deref()).await?;
+    let body = match app
+        .projections
+        .get(stats::NAME, &stats_key(wallet.as_str()))
+        .await?
+    {
+        Some(body) => body,
+        None => {
+            serde_json::to_string(&WalletStats::empty(wallet.as_str())).expect("stats serialise")
+        }
+    };
+    Ok(json_response(body, position, None))
+}
+
+async fn list_flags(
+    app: &AppState,
+    wallet: Option<&str>,
+    rule: Option<&str>,
+    limit: Option<&str>,
+    before: Option<&str>,
+    min_position: Option<&str>,
+) -> Result<Response, Problem> {
+    if let Some(rule) = rule {
+        if rule != RAPID_OUTFLOWS && rule != LARGE_OUTFLOW {
+            return Err(Problem::bad_request(
+                "INVALID_RULE",
+                "rule must be RAPID_OUTFLOWS or LARGE_OUTFLOW",
+            ));
+        }
+    }
+    let limit = parse_limit(limit)?;
+    let before = parse_cursor(before)?;
+    let position = settle(app, flags::NAME, min_position).await?;
+    let query = DocQuery {
+        kind: FLAG_KIND,
+        wallet_id: wallet,
+        tag: rule,
+        before_sort: before,
+        limit,
+    };
+    let rows = app.projections.query(flags::NAME, &query).await?;
+    Ok(page(rows, limit, position))
+}
+
+/// A wallet's fraud flags, newest first. Next page: `before` = the last
+/// flag's position.
+#[utoipa::path(get, path = "/wallet/{id}/flags", tag = "read models",
+    params(("id" = String, Path, description = "wallet id"), PageQuery),
+    responses((status = 200, body = [Flag]), (status = 400, body = ProblemBody)))]
+pub async fn wallet_flags(
+    State(app): State<AppState>,
+    WalletPath(wallet): WalletPath,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = query.map_err(bad_query)?;
+    list_flags(
+        &app,
+        Some(wallet.as_str()),
+        None,
+        q.limit.as_deref(),
+        q.before.as_deref(),
+        q.min_position.as_deref(),
+    )
+    .await
+}
+
+/// All fraud flags, newest first, optionally for one wallet or one rule.
+#[utoipa::path(get, path = "/flags", tag = "read models",
+    params(FlagsQuery),
+    responses((status = 200, body = [Flag]),
+              (status = 400, body = ProblemBody, description = "INVALID_RULE, INVALID_WALLET_ID, INVALID_LIMIT, INVALID_CURSOR")))]
+pub async fn flags(
+    State(app): State<AppState>,
+    query: Result<Query<FlagsQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = query.map_err(bad_query)?;
+    let wallet = q.wallet_id.as_deref().map(parse_wallet_id).transpose()?;
+    list_flags(
+        &app,
+        wallet.as_ref().map(|w| w.as_str()),
+        q.rule.as_deref(),
+        q.limit.as_deref(),
+        q.before.as_deref(),
+        q.min_position.as_deref(),
+    )
+    .await
+}
