@@ -82,6 +82,16 @@ pub enum Command {
     /// Inspect or rebuild the read models (history, stats, flags).
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Append a synthetic mixed history (new wallets) for benchmarks and
+    /// rebuild drills. Never touches existing wallets.
+    Seed {
+        /// Events to append (at least).
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+        events: u64,
+        /// Wallets to spread them over.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=10_000_000))]
+        wallets: u64,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +152,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // Dropping mid-batch is safe: a batch is one transaction.
             runner.abort();
             tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Seed { events, wallets } => {
+            let store = config::open_store(&url)
+                .await
+                .context("opening the event store")?;
+            let bar = progress_bar(events, "seed");
+            let started = std::time::Instant::now();
+            let done = crate::seed::seed(&store, wallets as usize, events, |n| bar.set_position(n))
+                .await?;
+            bar.finish();
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "appended {done} events over {wallets} wallets in {secs:.1} s ({:.0} events/s)",
+                done as f64 / secs
+            );
             Ok(())
         }
         Command::Projections(command) => {
@@ -229,7 +255,7 @@ async fn rebuild(
             .rebuild(&name, restart, |p| {
                 bar.set_length(p.head.max(0) as u64);
                 bar.set_position(p.position.max(0) as u64);
-                // Off a terminal: a log line every ~100k events instead.
+                // Off a terminal the bar is hidden: a log line every ~100k events instead.
                 if !terminal && p.events >= last_logged + 100_000 {
                     last_logged = p.events;
                     tracing::info!(projection = %name, position = p.position, head = p.head, "rebuilding");
@@ -244,6 +270,21 @@ async fn rebuild(
         );
     }
     Ok(())
+}
+
+/// A bar with rate and ETA on a terminal; hidden otherwise.
+fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {per_sec} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_owned());
+    bar
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -4,7 +4,9 @@
 //! - [`aggregate`]: the pure wallet domain (`decide`, `evolve`, money, ids).
 //! - [`store`]: the append-only event log on PostgreSQL or SQLite.
 //! - [`ledger`]: the command path (idempotency, load, decide, append, retry).
-//! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands.
+//! - [`projections`]: read models (history, stats, flags) built from the log.
+//! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands; [`seed`]:
+//!   synthetic history for benchmarks.
 
 pub mod aggregate;
 pub mod api;
@@ -12,4 +14,5 @@ pub mod cli;
 pub mod config;
 pub mod ledger;
 pub mod projections;
+pub mod seed;
 pub mod store;
