@@ -54,12 +54,7 @@ pub struct FraudArgs {
           value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub fraud_rapid_window_ms: u64,
     /// A single outflow of at least this amount raises LARGE_OUTFLOW.
-    #[arg(
-        long,
-        env = "FRAUD_LARGE_AMOUNT",
-        default_value = "10000",
-        global = true
-    )]
+    #[arg(long, env = "FRAUD_LARGE_AMOUNT", default_value = "10000", global = true)]
     pub fraud_large_amount: Decimal,
 }
 
@@ -132,9 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            let store = config::open_store(&url)
-                .await
-                .context("opening the event store")?;
+            let store = config::open_store(&url).await.context("opening the event store")?;
             let projections = Arc::new(Projections::new(store.clone(), rules));
             projections.ensure().await.context("creating read models")?;
             let state = AppState::new(store.clone(), projections);
@@ -155,13 +148,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Seed { events, wallets } => {
-            let store = config::open_store(&url)
-                .await
-                .context("opening the event store")?;
+            let store = config::open_store(&url).await.context("opening the event store")?;
             let bar = progress_bar(events, "seed");
             let started = std::time::Instant::now();
-            let done = crate::seed::seed(&store, wallets as usize, events, |n| bar.set_position(n))
-                .await?;
+            let done = crate::seed::seed(&store, wallets as usize, events, |n| bar.set_position(n)).await?;
             bar.finish();
             let secs = started.elapsed().as_secs_f64();
             println!(
@@ -171,16 +161,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Projections(command) => {
-            let store = config::open_store(&url)
-                .await
-                .context("opening the event store")?;
+            let store = config::open_store(&url).await.context("opening the event store")?;
             let projections = Projections::new(store, rules);
             projections.ensure().await.context("creating read models")?;
             match command {
                 ProjectionsCommand::Status { json } => status(&projections, json).await,
-                ProjectionsCommand::Rebuild { names, restart } => {
-                    rebuild(&projections, names, restart).await
-                }
+                ProjectionsCommand::Rebuild { names, restart } => rebuild(&projections, names, restart).await,
             }
         }
     }
@@ -225,11 +211,7 @@ async fn status(projections: &Projections, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rebuild(
-    projections: &Projections,
-    names: Vec<String>,
-    restart: bool,
-) -> anyhow::Result<()> {
+async fn rebuild(projections: &Projections, names: Vec<String>, restart: bool) -> anyhow::Result<()> {
     let names: Vec<String> = if names.is_empty() {
         projections.names().into_iter().map(str::to_owned).collect()
     } else {
@@ -243,11 +225,9 @@ async fn rebuild(
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>8} [{bar:40}] {pos}/{len} events {per_sec} ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} events {per_sec} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(name.clone());
         let mut last_logged = 0u64;

@@ -31,18 +31,14 @@ pub async fn open_store(url: &str) -> Result<EventStore, StoreError> {
 /// JSON lines when stdout is not a terminal (production, CI), readable text
 /// on a terminal. `RUST_LOG` filters (default `info`).
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.init();
     } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .init();
+        builder.json().flatten_event(true).with_current_span(true).init();
     }
 }
 
@@ -66,14 +62,8 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_the_log() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            redact_url("sqlite://data/wallet.db"),
-            "sqlite://data/wallet.db"
-        );
+        assert_eq!(redact_url("sqlite://data/wallet.db"), "sqlite://data/wallet.db");
     }
 }

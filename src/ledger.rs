@@ -21,9 +21,10 @@ use tokio::sync::{Mutex, MutexGuard, Notify};
 use uuid::Uuid;
 
 use crate::aggregate::{decide, Amount, Balance, Command, Decision, DomainError, Wallet, WalletId};
+use crate::snapshots;
 use crate::store::{
-    AppendError, AppendRequest, Cutoff, EventStore, IdempotencyRecord, NewEvent, Position,
-    StoreError, StoredOutcome, StreamAppend,
+    AppendError, AppendRequest, Cutoff, EventStore, IdempotencyRecord, NewEvent, Position, RecordedEvent, StoreError,
+    StoredOutcome, StreamAppend,
 };
 
 /// Appends attempted per command before answering `CONCURRENCY_CONFLICT`.
@@ -116,6 +117,7 @@ pub struct Ledger {
     store: EventStore,
     stripes: Box<[Mutex<()>]>,
     appended: Arc<Notify>,
+    snapshot_every: u64,
 }
 
 impl Ledger {
@@ -124,7 +126,14 @@ impl Ledger {
             store,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             appended: Arc::new(Notify::new()),
+            snapshot_every: snapshots::DEFAULT_SNAPSHOT_EVERY,
         }
+    }
+
+    /// Events between snapshots of a stream (0 disables snapshots).
+    pub fn with_snapshot_every(mut self, events: u64) -> Self {
+        self.snapshot_every = events;
+        self
     }
 
     /// Notified after every successful append: wakes the in-process
@@ -144,13 +153,8 @@ impl Ledger {
         key: Option<String>,
     ) -> Result<Answer<WalletReceipt>, CommandError> {
         let fingerprint = format!("deposit:{amount}");
-        self.execute(
-            Command::Deposit { wallet, amount },
-            key,
-            fingerprint,
-            wallet_receipt,
-        )
-        .await
+        self.execute(Command::Deposit { wallet, amount }, key, fingerprint, wallet_receipt)
+            .await
     }
 
     pub async fn withdraw(
@@ -160,13 +164,8 @@ impl Ledger {
         key: Option<String>,
     ) -> Result<Answer<WalletReceipt>, CommandError> {
         let fingerprint = format!("withdraw:{amount}");
-        self.execute(
-            Command::Withdraw { wallet, amount },
-            key,
-            fingerprint,
-            wallet_receipt,
-        )
-        .await
+        self.execute(Command::Withdraw { wallet, amount }, key, fingerprint, wallet_receipt)
+            .await
     }
 
     pub async fn transfer(
@@ -183,18 +182,37 @@ impl Ledger {
             amount,
             transfer_id: Uuid::now_v7(),
         };
-        self.execute(command, key, fingerprint, transfer_receipt)
-            .await
+        self.execute(command, key, fingerprint, transfer_receipt).await
     }
 
-    /// A wallet's state: the fold of its stream, up to `cutoff` if given.
-    pub async fn wallet(
-        &self,
-        id: &WalletId,
-        cutoff: Option<Cutoff>,
-    ) -> Result<Wallet, StoreError> {
-        let events = self.store.read_stream(id, 0, cutoff).await?;
-        Ok(Wallet::fold(id.clone(), events.iter().map(|e| &e.event)))
+    /// A wallet's state: the fold of its stream (from its newest snapshot),
+    /// up to `cutoff` if given.
+    pub async fn wallet(&self, id: &WalletId, cutoff: Option<Cutoff>) -> Result<Wallet, StoreError> {
+        snapshots::load(&self.store, id, cutoff).await
+    }
+
+    /// Writes snapshots of the streams this append moved past a multiple of
+    /// `snapshot_every`, in the background: never on the request's path, and
+    /// a failure only costs speed.
+    fn snapshot_if_due(&self, before: &[Wallet], recorded: &[RecordedEvent]) {
+        for state in before {
+            let Some(last) = recorded.iter().rev().find(|e| e.stream == state.id) else {
+                continue;
+            };
+            if !snapshots::due(self.snapshot_every, state.version, last.version) {
+                continue;
+            }
+            let after = recorded
+                .iter()
+                .filter(|e| e.stream == state.id)
+                .fold(state.clone(), |w, e| w.evolve(&e.event));
+            let (store, position) = (self.store.clone(), last.position);
+            tokio::spawn(async move {
+                if let Err(e) = snapshots::save(&store, &after, position).await {
+                    tracing::warn!(wallet = %after.id, error = %e, "snapshot not written");
+                }
+            });
+        }
     }
 
     async fn execute<R: Receipt>(
@@ -233,8 +251,8 @@ impl Ledger {
             let decision = match decide(&command, &refs) {
                 Ok(decision) => decision,
                 Err(error) => {
-                    let outcome = serde_json::to_value(Outcome::<R>::Rejected(error.clone()))
-                        .expect("outcomes serialise");
+                    let outcome =
+                        serde_json::to_value(Outcome::<R>::Rejected(error.clone())).expect("outcomes serialise");
                     if let Some(rec) = record(outcome) {
                         match self.store.remember_rejection(rec).await {
                             Ok(()) => {}
@@ -247,15 +265,11 @@ impl Ledger {
                             Err(AppendError::Store(e)) => return Err(e.into()),
                         }
                     }
-                    return Err(CommandError::Rejected {
-                        error,
-                        replayed: false,
-                    });
+                    return Err(CommandError::Rejected { error, replayed: false });
                 }
             };
             let mut answer = receipt(&command, &decision, &request_id);
-            let outcome =
-                serde_json::to_value(Outcome::Receipt(&answer)).expect("receipts serialise");
+            let outcome = serde_json::to_value(Outcome::Receipt(&answer)).expect("receipts serialise");
             let append = AppendRequest {
                 streams: decision
                     .streams
@@ -283,6 +297,7 @@ impl Ledger {
             match self.store.append(append).await {
                 Ok(recorded) => {
                     self.appended.notify_one();
+                    self.snapshot_if_due(&states, &recorded);
                     let last = recorded.last().expect("an append records events").position;
                     answer.set_position(last);
                     return Ok(Answer {
@@ -294,9 +309,7 @@ impl Ledger {
                     tracing::debug!(%stream, attempt, "version conflict, re-deciding");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
-                Err(AppendError::DuplicateRequest) => {
-                    return self.replay_stored(&scope, &key, &fingerprint).await
-                }
+                Err(AppendError::DuplicateRequest) => return self.replay_stored(&scope, &key, &fingerprint).await,
                 Err(AppendError::Store(e)) => return Err(e.into()),
             }
         }
@@ -310,9 +323,7 @@ impl Ledger {
         key: &Option<String>,
         fingerprint: &str,
     ) -> Result<Answer<R>, CommandError> {
-        let key = key
-            .as_deref()
-            .expect("only keyed requests can be duplicates");
+        let key = key.as_deref().expect("only keyed requests can be duplicates");
         match self.store.find_idempotency(scope, key).await? {
             Some(found) => replay(found, fingerprint),
             None => Err(CommandError::Conflict),
@@ -321,10 +332,7 @@ impl Ledger {
 
     async fn lock(&self, wallets: &[&WalletId]) -> Vec<MutexGuard<'_, ()>> {
         let hasher = BuildHasherDefault::<DefaultHasher>::default();
-        let mut stripes: Vec<usize> = wallets
-            .iter()
-            .map(|w| hasher.hash_one(w) as usize % STRIPES)
-            .collect();
+        let mut stripes: Vec<usize> = wallets.iter().map(|w| hasher.hash_one(w) as usize % STRIPES).collect();
         // A fixed order prevents deadlock between opposite transfers.
         stripes.sort_unstable();
         stripes.dedup();
@@ -340,11 +348,8 @@ fn replay<R: Receipt>(found: StoredOutcome, fingerprint: &str) -> Result<Answer<
     if found.fingerprint != fingerprint {
         return Err(CommandError::KeyReused);
     }
-    let outcome: Outcome<R> = serde_json::from_value(found.outcome).map_err(|e| {
-        StoreError::Database(sqlx::Error::Decode(
-            format!("stored idempotency outcome: {e}").into(),
-        ))
-    })?;
+    let outcome: Outcome<R> = serde_json::from_value(found.outcome)
+        .map_err(|e| StoreError::Database(sqlx::Error::Decode(format!("stored idempotency outcome: {e}").into())))?;
     match outcome {
         Outcome::Receipt(mut receipt) => {
             receipt.set_position(found.position.unwrap_or(0));
@@ -353,10 +358,7 @@ fn replay<R: Receipt>(found: StoredOutcome, fingerprint: &str) -> Result<Answer<
                 replayed: true,
             })
         }
-        Outcome::Rejected(error) => Err(CommandError::Rejected {
-            error,
-            replayed: true,
-        }),
+        Outcome::Rejected(error) => Err(CommandError::Rejected { error, replayed: true }),
     }
 }
 

@@ -15,4 +15,5 @@ pub mod config;
 pub mod ledger;
 pub mod projections;
 pub mod seed;
+pub mod snapshots;
 pub mod store;

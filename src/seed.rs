@@ -24,13 +24,11 @@ pub async fn seed(
     assert!(wallets >= 2, "transfers need two wallets");
     let run = Uuid::new_v4().simple().to_string();
     let mut states: Vec<Wallet> = (0..wallets)
-        .map(|i| {
-            Wallet::empty(WalletId::parse(&format!("seed-{}-{i}", &run[..8])).expect("valid id"))
-        })
+        .map(|i| Wallet::empty(WalletId::parse(&format!("seed-{}-{i}", &run[..8])).expect("valid id")))
         .collect();
-    let mut rng = run.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
-        h.rotate_left(5) ^ u64::from(b)
-    });
+    let mut rng = run
+        .bytes()
+        .fold(0x9E37_79B9_7F4A_7C15u64, |h, b| h.rotate_left(5) ^ u64::from(b));
     let mut next = |n: u64| {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -44,8 +42,7 @@ pub async fn seed(
         let mut batch: BTreeMap<usize, StreamAppend> = BTreeMap::new();
         for _ in 0..COMMANDS_PER_APPEND {
             let i = next(wallets as u64) as usize;
-            let amount = Amount::parse(&format!("{}.{:02}", 1 + next(500), next(100)))
-                .expect("valid amount");
+            let amount = Amount::parse(&format!("{}.{:02}", 1 + next(500), next(100))).expect("valid amount");
             let (command, touched) = match (states[i].exists(), next(10)) {
                 (false, _) | (true, 0..=3) => (
                     Command::Deposit {
@@ -99,9 +96,7 @@ pub async fn seed(
         };
         store.append(request).await.map_err(|e| match e {
             crate::store::AppendError::Store(e) => e,
-            other => StoreError::Database(sqlx::Error::Protocol(format!(
-                "seed append rejected: {other}"
-            ))),
+            other => StoreError::Database(sqlx::Error::Protocol(format!("seed append rejected: {other}"))),
         })?;
         appended += count;
         progress(appended);

@@ -24,12 +24,7 @@ fn dec(v: &Value) -> Decimal {
 }
 
 /// Served balance of `wallet` and the balance a fresh fold of its stream gives.
-async fn served_and_folded(
-    http: &Client,
-    base: &str,
-    store: &EventStore,
-    wallet: &str,
-) -> (Decimal, Decimal) {
+async fn served_and_folded(http: &Client, base: &str, store: &EventStore, wallet: &str) -> (Decimal, Decimal) {
     let view: Value = http
         .get(format!("{base}/wallet/{wallet}"))
         .send()
@@ -150,12 +145,7 @@ async fn concurrent_first_deposits_open_the_wallet_once(db: TestDb) {
         let http = http.clone();
         let url = format!("{base}/wallet/fresh/deposit");
         async move {
-            let r = http
-                .post(url)
-                .json(&json!({"amount": "2.5"}))
-                .send()
-                .await
-                .unwrap();
+            let r = http.post(url).json(&json!({"amount": "2.5"})).send().await.unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     }))
@@ -204,11 +194,7 @@ async fn concurrent_duplicates_take_effect_once(db: TestDb) {
                 .await
                 .unwrap();
             let replayed = r.headers().get("idempotent-replayed").is_some();
-            (
-                r.status().as_u16(),
-                replayed,
-                r.json::<Value>().await.unwrap(),
-            )
+            (r.status().as_u16(), replayed, r.json::<Value>().await.unwrap())
         }
     }))
     .await;

@@ -32,9 +32,7 @@ fn amt(s: &str) -> Amount {
 async fn workload(ledger: &Ledger, ops: usize, seed: u64) {
     let mut x = seed;
     let mut next = |n: u64| {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (x >> 33) % n
     };
     for _ in 0..ops {
@@ -171,16 +169,9 @@ async fn read_models_agree_with_the_log_under_concurrency(db: TestDb) {
                     json!({"toWalletId": format!("p{}", (w + 1) % 5), "amount": "2.5"}),
                 ),
             };
-            let r = http
-                .post(format!("{base}{path}"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
+            let r = http.post(format!("{base}{path}")).json(&body).send().await.unwrap();
             assert!(r.status().as_u16() < 500);
-            r.json::<Value>().await.unwrap()["position"]
-                .as_i64()
-                .unwrap_or(0)
+            r.json::<Value>().await.unwrap()["position"].as_i64().unwrap_or(0)
         }
     }))
     .await;
@@ -200,35 +191,21 @@ async fn read_models_agree_with_the_log_under_concurrency(db: TestDb) {
             .send()
             .await
             .unwrap();
-        let at: i64 = r.headers()["x-projection-position"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let at: i64 = r.headers()["x-projection-position"].to_str().unwrap().parse().unwrap();
         assert!(at >= head, "minPosition waited for the projection");
         assert_stats_match(&r.json().await.unwrap(), exp);
 
         let history: Value = http
-            .get(format!(
-                "{base}/wallet/{wallet}/history?limit=200&minPosition={head}"
-            ))
+            .get(format!("{base}/wallet/{wallet}/history?limit=200&minPosition={head}"))
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap();
-        let stream: Vec<&RecordedEvent> = log
-            .iter()
-            .filter(|e| e.stream.as_str() == wallet)
-            .rev()
-            .collect();
+        let stream: Vec<&RecordedEvent> = log.iter().filter(|e| e.stream.as_str() == wallet).rev().collect();
         let items = history.as_array().unwrap();
-        assert_eq!(
-            items.len(),
-            stream.len().min(200),
-            "{wallet}: one item per event"
-        );
+        assert_eq!(items.len(), stream.len().min(200), "{wallet}: one item per event");
         for (item, e) in items.iter().zip(&stream) {
             assert_eq!(item["position"], e.position);
             assert_eq!(item["balanceAfter"], e.event.balance_after().to_string());
@@ -244,10 +221,7 @@ async fn read_models_agree_with_the_log_under_concurrency(db: TestDb) {
         .await
         .unwrap();
     for f in flags.as_array().unwrap() {
-        assert!(
-            expected[f["walletId"].as_str().unwrap()]["flagged"] == true,
-            "{f}"
-        );
+        assert!(expected[f["walletId"].as_str().unwrap()]["flagged"] == true, "{f}");
         assert!(f["eventIds"].as_array().unwrap().len() >= 3 || f["rule"] == "LARGE_OUTFLOW");
     }
     let flagged_wallets: std::collections::HashSet<&str> = flags
@@ -257,19 +231,14 @@ async fn read_models_agree_with_the_log_under_concurrency(db: TestDb) {
         .map(|f| f["walletId"].as_str().unwrap())
         .collect();
     for (w, exp) in &expected {
-        assert_eq!(
-            exp["flagged"] == true,
-            flagged_wallets.contains(w.as_str()),
-            "{w}"
-        );
+        assert_eq!(exp["flagged"] == true, flagged_wallets.contains(w.as_str()), "{w}");
     }
 }
 
 async fn each_event_takes_effect_once_across_a_crash(db: TestDb) {
     let ledger = Ledger::new(db.store.clone());
     workload(&ledger, 60, 7).await;
-    let projections =
-        Projections::new(db.store.clone(), FraudRules::default()).with_batch_events(7);
+    let projections = Projections::new(db.store.clone(), FraudRules::default()).with_batch_events(7);
     projections.ensure().await.unwrap();
     projections.step("stats").await.unwrap();
     let before = projections.checkpoint("stats").await.unwrap();
@@ -286,11 +255,7 @@ async fn each_event_takes_effect_once_across_a_crash(db: TestDb) {
     let log = whole_log(&db.store).await;
     let expected = expected_stats(&log, &FraudRules::default());
     for (wallet, exp) in &expected {
-        let body = projections
-            .get("stats", &format!("s/{wallet}"))
-            .await
-            .unwrap()
-            .unwrap();
+        let body = projections.get("stats", &format!("s/{wallet}")).await.unwrap().unwrap();
         assert_stats_match(&serde_json::from_str(&body).unwrap(), exp);
     }
     assert_eq!(
@@ -325,9 +290,7 @@ async fn a_rebuild_equals_the_live_model_row_for_row(db: TestDb) {
     }
     let status = projections.status().await.unwrap();
     assert!(
-        status
-            .iter()
-            .all(|s| s.lag == 0 && s.rebuild_checkpoint.is_none()),
+        status.iter().all(|s| s.lag == 0 && s.rebuild_checkpoint.is_none()),
         "{status:?}"
     );
 }
@@ -335,8 +298,7 @@ async fn a_rebuild_equals_the_live_model_row_for_row(db: TestDb) {
 async fn an_interrupted_rebuild_resumes(db: TestDb) {
     let ledger = Ledger::new(db.store.clone());
     workload(&ledger, 50, 3).await;
-    let projections =
-        Projections::new(db.store.clone(), FraudRules::default()).with_batch_events(5);
+    let projections = Projections::new(db.store.clone(), FraudRules::default()).with_batch_events(5);
     projections.ensure().await.unwrap();
     projections.catch_up().await.unwrap();
     let live = projections.dump("history").await.unwrap();
@@ -350,10 +312,7 @@ async fn an_interrupted_rebuild_resumes(db: TestDb) {
             }
         })
         .await;
-    assert!(
-        result.is_err(),
-        "the injected fault interrupted the rebuild"
-    );
+    assert!(result.is_err(), "the injected fault interrupted the rebuild");
     let status = projections.status().await.unwrap();
     let history = status.iter().find(|s| s.name == "history").unwrap();
     let resumed_from = history
@@ -373,10 +332,7 @@ async fn an_interrupted_rebuild_resumes(db: TestDb) {
         })
         .await
         .unwrap();
-    assert!(
-        first.unwrap() > resumed_from,
-        "resumed instead of starting over"
-    );
+    assert!(first.unwrap() > resumed_from, "resumed instead of starting over");
     assert_eq!(projections.dump("history").await.unwrap(), live);
     // --restart works too.
     projections.rebuild("history", true, |_| {}).await.unwrap();
@@ -412,11 +368,7 @@ async fn rebuild_while_writes_and_reads_continue(db: TestDb) {
             let http = Client::new();
             let mut reads = 0;
             while !stop.load(Ordering::SeqCst) && reads < 20_000 {
-                for path in [
-                    "/wallet/w1/stats",
-                    "/wallet/w2/history?limit=5",
-                    "/flags?limit=5",
-                ] {
+                for path in ["/wallet/w1/stats", "/wallet/w2/history?limit=5", "/flags?limit=5"] {
                     let r = http.get(format!("{base}{path}")).send().await.unwrap();
                     assert_eq!(r.status().as_u16(), 200, "{path} failed during a rebuild");
                     reads += 1;
@@ -500,10 +452,7 @@ async fn flag_routes(db: TestDb) {
     let rules: Vec<&str> = flags.iter().map(|f| f["rule"].as_str().unwrap()).collect();
     assert_eq!(rules.len(), 2, "{flags:?}");
     assert!(rules.contains(&"RAPID_OUTFLOWS") && rules.contains(&"LARGE_OUTFLOW"));
-    let rapid = flags
-        .iter()
-        .find(|f| f["rule"] == "RAPID_OUTFLOWS")
-        .unwrap();
+    let rapid = flags.iter().find(|f| f["rule"] == "RAPID_OUTFLOWS").unwrap();
     assert_eq!(rapid["eventIds"].as_array().unwrap().len(), 3);
     // The transfer's debit (before the credit that opened g) triggered it.
     assert_eq!(rapid["position"].as_i64().unwrap(), p - 2);
@@ -538,14 +487,8 @@ async fn flag_routes(db: TestDb) {
         .unwrap();
     assert_eq!(stats["suspicious"], true);
     assert!(
-        stats["suspiciousReason"]
-            .as_str()
-            .unwrap()
-            .starts_with("LARGE_OUTFLOW")
-            || stats["suspiciousReason"]
-                .as_str()
-                .unwrap()
-                .starts_with("RAPID")
+        stats["suspiciousReason"].as_str().unwrap().starts_with("LARGE_OUTFLOW")
+            || stats["suspiciousReason"].as_str().unwrap().starts_with("RAPID")
     );
     assert_eq!(stats["withdrawalCount"], 2);
     assert_eq!(stats["transferOutCount"], 1);

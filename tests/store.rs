@@ -9,9 +9,7 @@ use common::TestDb;
 use serde_json::json;
 use uuid::Uuid;
 use wallet::aggregate::{decide, Amount, Command, Wallet, WalletEvent, WalletId};
-use wallet::store::{
-    AppendError, AppendRequest, Cutoff, IdempotencyRecord, NewEvent, StreamAppend,
-};
+use wallet::store::{AppendError, AppendRequest, Cutoff, IdempotencyRecord, NewEvent, StreamAppend};
 
 fn id(s: &str) -> WalletId {
     WalletId::parse(s).unwrap()
@@ -58,10 +56,7 @@ async fn append_and_read_back(db: TestDb) {
     let a = Wallet::empty(id("a"));
     let recorded = db.store.append(single(deposit(&a, "10.5"))).await.unwrap();
     assert_eq!(recorded.len(), 2, "WalletCreated + FundsDeposited");
-    assert_eq!(
-        recorded.iter().map(|e| e.version).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(recorded.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2]);
     assert!(recorded[0].position < recorded[1].position);
 
     let stream = db.store.read_stream(&id("a"), 0, None).await.unwrap();
@@ -76,26 +71,12 @@ async fn append_and_read_back(db: TestDb) {
     let all = db.store.read_all(0, 100).await.unwrap();
     assert_eq!(all.len(), 3);
     assert!(all.windows(2).all(|w| w[0].position < w[1].position));
-    assert_eq!(
-        db.store.read_all(all[0].position, 1).await.unwrap(),
-        all[1..2]
-    );
+    assert_eq!(db.store.read_all(all[0].position, 1).await.unwrap(), all[1..2]);
     assert_eq!(db.store.head_position().await.unwrap(), all[2].position);
 
-    let back = db
-        .store
-        .read_stream_backwards(&id("a"), None, 2)
-        .await
-        .unwrap();
-    assert_eq!(
-        back.iter().map(|e| e.version).collect::<Vec<_>>(),
-        vec![3, 2]
-    );
-    let back = db
-        .store
-        .read_stream_backwards(&id("a"), Some(2), 10)
-        .await
-        .unwrap();
+    let back = db.store.read_stream_backwards(&id("a"), None, 2).await.unwrap();
+    assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), vec![3, 2]);
+    let back = db.store.read_stream_backwards(&id("a"), Some(2), 10).await.unwrap();
     assert_eq!(back.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1]);
 
     // Time travel by position: as of the second event.
@@ -117,11 +98,7 @@ async fn stale_expected_version_is_a_conflict(db: TestDb) {
     let empty = Wallet::empty(id("a"));
     db.store.append(single(deposit(&empty, "5"))).await.unwrap();
     // A second writer decided against the same (now stale) empty state.
-    let err = db
-        .store
-        .append(single(deposit(&empty, "7")))
-        .await
-        .unwrap_err();
+    let err = db.store.append(single(deposit(&empty, "7"))).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -182,11 +159,7 @@ async fn a_failed_transfer_changes_neither_stream(db: TestDb) {
         matches!(&err, AppendError::Conflict { stream, .. } if stream.as_str() == "b"),
         "{err:?}"
     );
-    assert_eq!(
-        db.store.head_position().await.unwrap(),
-        head,
-        "nothing was written"
-    );
+    assert_eq!(db.store.head_position().await.unwrap(), head, "nothing was written");
     assert_eq!(fold(&db, "a").await, a, "source untouched");
     assert_eq!(fold(&db, "b").await.balance.to_string(), "11.0000");
 }
@@ -203,12 +176,7 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
         idempotency: Some(record("deposit:5")),
     };
     let recorded = db.store.append(first).await.unwrap();
-    let found = db
-        .store
-        .find_idempotency(&id("a"), "k1")
-        .await
-        .unwrap()
-        .unwrap();
+    let found = db.store.find_idempotency(&id("a"), "k1").await.unwrap().unwrap();
     assert_eq!(found.fingerprint, "deposit:5");
     assert_eq!(found.position, Some(recorded.last().unwrap().position));
 
@@ -231,12 +199,7 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
         Err(AppendError::DuplicateRequest)
     ));
     // Keys are scoped to the wallet.
-    assert!(db
-        .store
-        .find_idempotency(&id("b"), "k1")
-        .await
-        .unwrap()
-        .is_none());
+    assert!(db.store.find_idempotency(&id("b"), "k1").await.unwrap().is_none());
 }
 
 /// One append's transaction is held open while others try to commit: a
@@ -267,10 +230,7 @@ async fn a_reader_never_skips_a_late_commit(db: TestDb) {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        seen.is_empty(),
-        "nothing may be readable past an open append: {seen:?}"
-    );
+    assert!(seen.is_empty(), "nothing may be readable past an open append: {seen:?}");
 
     let held = held.commit().await.unwrap();
     for w in writers {
@@ -280,11 +240,7 @@ async fn a_reader_never_skips_a_late_commit(db: TestDb) {
         seen.push(e);
     }
     let all = db.store.read_all(0, 1000).await.unwrap();
-    assert_eq!(
-        all.len(),
-        12,
-        "6 wallets x (WalletCreated + FundsDeposited)"
-    );
+    assert_eq!(all.len(), 12, "6 wallets x (WalletCreated + FundsDeposited)");
     assert_eq!(seen, all, "the reader saw every event, in position order");
     assert_eq!(
         all[0].event_id, held[0].event_id,

@@ -89,9 +89,7 @@ pub fn decide(command: &Command, wallets: &[&Wallet]) -> Result<Decision, Domain
                     new_balance,
                 })
             })?;
-            Ok(Decision {
-                streams: vec![credit],
-            })
+            Ok(Decision { streams: vec![credit] })
         }
         Command::Withdraw { wallet, amount } => {
             let state = state_of(wallets, 0, wallet);
@@ -102,9 +100,7 @@ pub fn decide(command: &Command, wallets: &[&Wallet]) -> Result<Decision, Domain
                     new_balance,
                 })
             })?;
-            Ok(Decision {
-                streams: vec![debit],
-            })
+            Ok(Decision { streams: vec![debit] })
         }
         Command::Transfer {
             from,
@@ -124,12 +120,8 @@ pub fn decide(command: &Command, wallets: &[&Wallet]) -> Result<Decision, Domain
                 amount: *amount,
                 new_balance,
             };
-            let debit = debit(source, *amount, |w, b| {
-                WalletEvent::TransferDebited(half(w, b))
-            })?;
-            let credit = credit(target, *amount, |w, b| {
-                WalletEvent::TransferCredited(half(w, b))
-            })?;
+            let debit = debit(source, *amount, |w, b| WalletEvent::TransferDebited(half(w, b)))?;
+            let credit = credit(target, *amount, |w, b| WalletEvent::TransferCredited(half(w, b)))?;
             Ok(Decision {
                 streams: vec![debit, credit],
             })
@@ -181,15 +173,14 @@ fn debit(
             wallet: state.id.clone(),
         });
     }
-    let balance =
-        state
-            .balance
-            .checked_sub(amount)
-            .ok_or_else(|| DomainError::InsufficientFunds {
-                wallet: state.id.clone(),
-                balance: state.balance,
-                requested: amount,
-            })?;
+    let balance = state
+        .balance
+        .checked_sub(amount)
+        .ok_or_else(|| DomainError::InsufficientFunds {
+            wallet: state.id.clone(),
+            balance: state.balance,
+            requested: amount,
+        })?;
     Ok(StreamEvents {
         wallet: state.id.clone(),
         expected_version: state.version,
@@ -319,10 +310,7 @@ mod tests {
             amount: amt("1"),
             transfer_id: Uuid::nil(),
         };
-        assert!(matches!(
-            decide(&t, &[&a, &b]),
-            Err(DomainError::WalletNotFound { .. })
-        ));
+        assert!(matches!(decide(&t, &[&a, &b]), Err(DomainError::WalletNotFound { .. })));
     }
 
     #[test]

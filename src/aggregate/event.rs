@@ -93,9 +93,7 @@ impl WalletEvent {
 
     pub fn transfer_id(&self) -> Option<Uuid> {
         match self {
-            WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => {
-                Some(p.transfer_id)
-            }
+            WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => Some(p.transfer_id),
             _ => None,
         }
     }
@@ -103,23 +101,15 @@ impl WalletEvent {
     pub fn payload(&self) -> serde_json::Value {
         let value = match self {
             WalletEvent::WalletCreated(p) => serde_json::to_value(p),
-            WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => {
-                serde_json::to_value(p)
-            }
-            WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => {
-                serde_json::to_value(p)
-            }
+            WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => serde_json::to_value(p),
+            WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => serde_json::to_value(p),
         };
         // Plain structs of strings: serialisation cannot fail.
         value.expect("event payloads always serialise")
     }
 
     /// Decodes a stored event, upcasting older schema versions.
-    pub fn decode(
-        event_type: &str,
-        schema_version: i32,
-        payload: serde_json::Value,
-    ) -> Result<Self, EventDecodeError> {
+    pub fn decode(event_type: &str, schema_version: i32, payload: serde_json::Value) -> Result<Self, EventDecodeError> {
         if schema_version != EVENT_SCHEMA_VERSION {
             // Version 1 is the only one so far; a future v2 adds an upcast
             // step here that rewrites `payload` from the old shape.
@@ -133,21 +123,11 @@ impl WalletEvent {
             source,
         };
         Ok(match event_type {
-            "WalletCreated" => {
-                WalletEvent::WalletCreated(serde_json::from_value(payload).map_err(bad)?)
-            }
-            "FundsDeposited" => {
-                WalletEvent::FundsDeposited(serde_json::from_value(payload).map_err(bad)?)
-            }
-            "FundsWithdrawn" => {
-                WalletEvent::FundsWithdrawn(serde_json::from_value(payload).map_err(bad)?)
-            }
-            "TransferDebited" => {
-                WalletEvent::TransferDebited(serde_json::from_value(payload).map_err(bad)?)
-            }
-            "TransferCredited" => {
-                WalletEvent::TransferCredited(serde_json::from_value(payload).map_err(bad)?)
-            }
+            "WalletCreated" => WalletEvent::WalletCreated(serde_json::from_value(payload).map_err(bad)?),
+            "FundsDeposited" => WalletEvent::FundsDeposited(serde_json::from_value(payload).map_err(bad)?),
+            "FundsWithdrawn" => WalletEvent::FundsWithdrawn(serde_json::from_value(payload).map_err(bad)?),
+            "TransferDebited" => WalletEvent::TransferDebited(serde_json::from_value(payload).map_err(bad)?),
+            "TransferCredited" => WalletEvent::TransferCredited(serde_json::from_value(payload).map_err(bad)?),
             other => return Err(EventDecodeError::UnknownType(other.to_owned())),
         })
     }
@@ -164,9 +144,7 @@ mod tests {
         let amount = Amount::parse("12.5").unwrap();
         let bal = Balance::ZERO.checked_add(amount).unwrap();
         let events = [
-            WalletEvent::WalletCreated(CreatedPayload {
-                wallet_id: w.clone(),
-            }),
+            WalletEvent::WalletCreated(CreatedPayload { wallet_id: w.clone() }),
             WalletEvent::FundsDeposited(FundsPayload {
                 wallet_id: w.clone(),
                 amount,
@@ -195,8 +173,7 @@ mod tests {
             }),
         ];
         for e in events {
-            let back =
-                WalletEvent::decode(e.event_type(), EVENT_SCHEMA_VERSION, e.payload()).unwrap();
+            let back = WalletEvent::decode(e.event_type(), EVENT_SCHEMA_VERSION, e.payload()).unwrap();
             assert_eq!(back, e);
         }
     }
@@ -206,9 +183,7 @@ mod tests {
         let e = WalletEvent::FundsDeposited(FundsPayload {
             wallet_id: WalletId::parse("w").unwrap(),
             amount: Amount::parse("150.5").unwrap(),
-            new_balance: Balance::ZERO
-                .checked_add(Amount::parse("150.5").unwrap())
-                .unwrap(),
+            new_balance: Balance::ZERO.checked_add(Amount::parse("150.5").unwrap()).unwrap(),
         });
         assert_eq!(
             e.payload(),
@@ -219,11 +194,7 @@ mod tests {
     #[test]
     fn unknown_types_and_versions_are_errors_not_panics() {
         assert!(WalletEvent::decode("Nope", 1, serde_json::json!({})).is_err());
-        assert!(
-            WalletEvent::decode("WalletCreated", 99, serde_json::json!({"walletId": "w"})).is_err()
-        );
-        assert!(
-            WalletEvent::decode("FundsDeposited", 1, serde_json::json!({"walletId": "w"})).is_err()
-        );
+        assert!(WalletEvent::decode("WalletCreated", 99, serde_json::json!({"walletId": "w"})).is_err());
+        assert!(WalletEvent::decode("FundsDeposited", 1, serde_json::json!({"walletId": "w"})).is_err());
     }
 }

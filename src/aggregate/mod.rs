@@ -13,10 +13,7 @@ mod state;
 mod wallet_id;
 
 pub use decide::{decide, Command, Decision, DomainError, StreamEvents};
-pub use event::{
-    CreatedPayload, EventDecodeError, FundsPayload, TransferPayload, WalletEvent,
-    EVENT_SCHEMA_VERSION,
-};
+pub use event::{CreatedPayload, EventDecodeError, FundsPayload, TransferPayload, WalletEvent, EVENT_SCHEMA_VERSION};
 pub use money::{Amount, AmountError, Balance, MAX_AMOUNT_EXCLUSIVE, MONEY_SCALE};
 pub use state::Wallet;
 pub use wallet_id::{WalletId, WalletIdError, MAX_WALLET_ID_LEN};

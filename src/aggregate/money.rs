@@ -125,9 +125,7 @@ impl Balance {
     }
 
     pub fn checked_add(self, amount: Amount) -> Option<Balance> {
-        self.0
-            .checked_add(amount.0)
-            .map(|v| Balance(with_money_scale(v)))
+        self.0.checked_add(amount.0).map(|v| Balance(with_money_scale(v)))
     }
 
     /// `None` when the result would be negative.
@@ -137,8 +135,7 @@ impl Balance {
     }
 
     pub fn from_decimal(value: Decimal) -> Option<Balance> {
-        (value >= Decimal::ZERO && value.normalize().scale() <= MONEY_SCALE)
-            .then(|| Balance(with_money_scale(value)))
+        (value >= Decimal::ZERO && value.normalize().scale() <= MONEY_SCALE).then(|| Balance(with_money_scale(value)))
     }
 }
 
@@ -184,10 +181,7 @@ mod tests {
         assert_eq!(Amount::parse("0"), Err(AmountError::NotPositive));
         assert_eq!(Amount::parse("-0"), Err(AmountError::NotPositive));
         assert_eq!(Amount::parse("-5"), Err(AmountError::NotPositive));
-        assert_eq!(
-            Amount::parse("1000000000000000"),
-            Err(AmountError::TooLarge)
-        );
+        assert_eq!(Amount::parse("1000000000000000"), Err(AmountError::TooLarge));
         assert_eq!(
             Amount::parse("99999999999999999999999999999999"),
             Err(AmountError::TooLarge)
@@ -197,21 +191,13 @@ mod tests {
         ] {
             assert_eq!(Amount::parse(bad), Err(AmountError::NotANumber), "{bad:?}");
         }
-        assert_eq!(
-            Amount::parse(&"9".repeat(10_000)),
-            Err(AmountError::NotANumber)
-        );
+        assert_eq!(Amount::parse(&"9".repeat(10_000)), Err(AmountError::NotANumber));
     }
 
     #[test]
     fn balance_never_goes_negative() {
-        let b = Balance::ZERO
-            .checked_add(Amount::parse("10").unwrap())
-            .unwrap();
+        let b = Balance::ZERO.checked_add(Amount::parse("10").unwrap()).unwrap();
         assert_eq!(b.checked_sub(Amount::parse("10.0001").unwrap()), None);
-        assert_eq!(
-            b.checked_sub(Amount::parse("10").unwrap()).unwrap(),
-            Balance::ZERO
-        );
+        assert_eq!(b.checked_sub(Amount::parse("10").unwrap()).unwrap(), Balance::ZERO);
     }
 }

@@ -34,9 +34,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(body_rejection)?;
+        let bytes = Bytes::from_request(req, state).await.map_err(body_rejection)?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| Problem::bad_request("INVALID_REQUEST", format!("invalid JSON body: {e}")))
@@ -51,10 +49,7 @@ fn body_rejection(e: BytesRejection) -> Problem {
             "request body is too large",
         )
     } else {
-        Problem::bad_request(
-            "INVALID_REQUEST",
-            format!("could not read the request body: {e}"),
-        )
+        Problem::bad_request("INVALID_REQUEST", format!("could not read the request body: {e}"))
     }
 }
 
@@ -95,10 +90,7 @@ pub fn parse_amount(raw: &RawValue) -> Result<Amount, Problem> {
 
 /// The idempotency key: `requestId` in the body or the `Idempotency-Key`
 /// header (they must agree if both are sent).
-pub fn idempotency_key(
-    body: Option<String>,
-    headers: &HeaderMap,
-) -> Result<Option<String>, Problem> {
+pub fn idempotency_key(body: Option<String>, headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let header = match headers.get("idempotency-key") {
         Some(v) => Some(
             v.to_str()
@@ -115,8 +107,7 @@ pub fn idempotency_key(
         (None, None) => None,
     };
     if let Some(k) = &key {
-        let ok =
-            (1..=MAX_REQUEST_ID_LEN).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic());
+        let ok = (1..=MAX_REQUEST_ID_LEN).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic());
         if !ok {
             return Err(bad_key("requestId must be 1-128 visible ASCII characters"));
         }
@@ -139,20 +130,10 @@ mod tests {
     #[test]
     fn amounts_are_read_from_their_exact_text() {
         assert_eq!(parse_amount(&raw("0.0001")).unwrap().to_string(), "0.0001");
-        assert_eq!(
-            parse_amount(&raw("\"150.5\"")).unwrap().to_string(),
-            "150.5000"
-        );
-        assert_eq!(
-            parse_amount(&raw("0.00005")).unwrap_err().code,
-            "INVALID_AMOUNT"
-        );
+        assert_eq!(parse_amount(&raw("\"150.5\"")).unwrap().to_string(), "150.5000");
+        assert_eq!(parse_amount(&raw("0.00005")).unwrap_err().code, "INVALID_AMOUNT");
         for bad in ["1e3", "true", "null", "{}", "[]", "\"NaN\"", "-0", "\"\""] {
-            assert_eq!(
-                parse_amount(&raw(bad)).unwrap_err().code,
-                "INVALID_AMOUNT",
-                "{bad}"
-            );
+            assert_eq!(parse_amount(&raw(bad)).unwrap_err().code, "INVALID_AMOUNT", "{bad}");
         }
     }
 
@@ -162,10 +143,7 @@ mod tests {
         assert_eq!(idempotency_key(None, &h).unwrap(), None);
         h.insert("idempotency-key", "k1".parse().unwrap());
         assert_eq!(idempotency_key(None, &h).unwrap().as_deref(), Some("k1"));
-        assert_eq!(
-            idempotency_key(Some("k1".into()), &h).unwrap().as_deref(),
-            Some("k1")
-        );
+        assert_eq!(idempotency_key(Some("k1".into()), &h).unwrap().as_deref(), Some("k1"));
         assert!(idempotency_key(Some("k2".into()), &h).is_err());
         assert!(idempotency_key(Some("x".repeat(129)), &HeaderMap::new()).is_err());
         assert!(idempotency_key(Some(String::new()), &HeaderMap::new()).is_err());

@@ -98,9 +98,7 @@ impl IntoResponse for Problem {
 impl From<DomainError> for Problem {
     fn from(e: DomainError) -> Self {
         let (status, code) = match &e {
-            DomainError::InsufficientFunds { .. } => {
-                (StatusCode::BAD_REQUEST, "INSUFFICIENT_FUNDS")
-            }
+            DomainError::InsufficientFunds { .. } => (StatusCode::BAD_REQUEST, "INSUFFICIENT_FUNDS"),
             DomainError::WalletNotFound { .. } => (StatusCode::NOT_FOUND, "WALLET_NOT_FOUND"),
             DomainError::SameWallet => (StatusCode::BAD_REQUEST, "SAME_WALLET"),
             DomainError::BalanceLimit { .. } => (StatusCode::BAD_REQUEST, "BALANCE_LIMIT"),

@@ -82,38 +82,27 @@ fn parse_limit(text: Option<&str>) -> Result<u32, Problem> {
             .parse::<u32>()
             .ok()
             .filter(|l| (1..=MAX_LIMIT).contains(l))
-            .ok_or_else(|| {
-                Problem::bad_request("INVALID_LIMIT", "limit must be an integer from 1 to 200")
-            }),
+            .ok_or_else(|| Problem::bad_request("INVALID_LIMIT", "limit must be an integer from 1 to 200")),
     }
 }
 
 fn parse_cursor(text: Option<&str>) -> Result<Option<i64>, Problem> {
     text.map(|t| {
-        t.parse::<i64>().ok().filter(|v| *v >= 1).ok_or_else(|| {
-            Problem::bad_request("INVALID_CURSOR", "before must be a positive integer cursor")
-        })
+        t.parse::<i64>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| Problem::bad_request("INVALID_CURSOR", "before must be a positive integer cursor"))
     })
     .transpose()
 }
 
 /// Waits for `minPosition` if given; returns the projection's position.
-async fn settle(
-    app: &AppState,
-    projection: &str,
-    min_position: Option<&str>,
-) -> Result<Position, Problem> {
+async fn settle(app: &AppState, projection: &str, min_position: Option<&str>) -> Result<Position, Problem> {
     let min = min_position
         .map(|t| {
-            t.parse::<Position>()
-                .ok()
-                .filter(|p| *p >= 0)
-                .ok_or_else(|| {
-                    Problem::bad_request(
-                        "INVALID_MIN_POSITION",
-                        "minPosition must be a log position (>= 0)",
-                    )
-                })
+            t.parse::<Position>().ok().filter(|p| *p >= 0).ok_or_else(|| {
+                Problem::bad_request("INVALID_MIN_POSITION", "minPosition must be a log position (>= 0)")
+            })
         })
         .transpose()?;
     Ok(match min {
@@ -125,10 +114,7 @@ async fn settle(
 /// A JSON response made of stored JSON bodies, without re-parsing them.
 fn json_response(body: String, position: Position, next_before: Option<i64>) -> Response {
     let mut response = (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         body,
     )
         .into_response();
@@ -195,15 +181,9 @@ pub async fn stats(
 ) -> Result<Response, Problem> {
     let Query(q) = query.map_err(bad_query)?;
     let position = settle(&app, stats::NAME, q.min_position.as_deref()).await?;
-    let body = match app
-        .projections
-        .get(stats::NAME, &stats_key(wallet.as_str()))
-        .await?
-    {
+    let body = match app.projections.get(stats::NAME, &stats_key(wallet.as_str())).await? {
         Some(body) => body,
-        None => {
-            serde_json::to_string(&WalletStats::empty(wallet.as_str())).expect("stats serialise")
-        }
+        None => serde_json::to_string(&WalletStats::empty(wallet.as_str())).expect("stats serialise"),
     };
     Ok(json_response(body, position, None))
 }

@@ -19,9 +19,7 @@ pub async fn health() -> Json<Value> {
     responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, description = "database unreachable")))]
 pub async fn ready(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
     app.store.ping().await?;
-    Ok(Json(
-        json!({"status": "ready", "database": app.store.backend()}),
-    ))
+    Ok(Json(json!({"status": "ready", "database": app.store.backend()})))
 }
 
 pub async fn not_found() -> Problem {

@@ -154,10 +154,5 @@ fn parse_at(text: &str) -> Result<Cutoff, Problem> {
     }
     DateTime::parse_from_rfc3339(text)
         .map(|t| Cutoff::Time(t.with_timezone(&Utc)))
-        .map_err(|_| {
-            Problem::bad_request(
-                "INVALID_AT",
-                "at must be a log position (>= 0) or an RFC 3339 time",
-            )
-        })
+        .map_err(|_| Problem::bad_request("INVALID_AT", "at must be a log position (>= 0) or an RFC 3339 time"))
 }

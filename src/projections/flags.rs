@@ -109,10 +109,7 @@ pub fn detect(rules: &FraudRules, window: &mut OutflowWindow, e: &RecordedEvent)
         flags.push(flag(RAPID_OUTFLOWS, reason, in_window));
     }
     if amount >= rules.large_amount {
-        let reason = format!(
-            "single outflow of {:.4} (threshold {})",
-            amount, rules.large_amount
-        );
+        let reason = format!("single outflow of {:.4} (threshold {})", amount, rules.large_amount);
         flags.push(flag(LARGE_OUTFLOW, reason, vec![e.event_id]));
     }
 
@@ -206,6 +203,7 @@ mod tests {
             }),
             metadata: serde_json::json!({}),
             recorded_at: DateTime::from_timestamp_millis(1_700_000_000_000 + ms).unwrap(),
+            hash: String::new(),
         }
     }
 
@@ -226,10 +224,7 @@ mod tests {
 
     #[test]
     fn two_outflows_in_a_minute_are_fine_three_are_flagged() {
-        assert_eq!(
-            rules_fired(&[0, 1_000], "1"),
-            vec![Vec::<String>::new(), vec![]]
-        );
+        assert_eq!(rules_fired(&[0, 1_000], "1"), vec![Vec::<String>::new(), vec![]]);
         let fired = rules_fired(&[0, 1_000, 2_000], "1");
         assert_eq!(fired[2], vec![RAPID_OUTFLOWS.to_owned()]);
     }
@@ -248,19 +243,13 @@ mod tests {
         // Sliding: the 4th outflow counts only those still inside its window.
         let fired = rules_fired(&[0, 10_000, 70_001, 80_000], "1");
         assert!(fired[2].is_empty(), "{fired:?}");
-        assert!(
-            fired[3].is_empty(),
-            "only 2 outflows within [20 s, 80 s]: {fired:?}"
-        );
+        assert!(fired[3].is_empty(), "only 2 outflows within [20 s, 80 s]: {fired:?}");
     }
 
     #[test]
     fn large_outflow_threshold_is_inclusive() {
         assert!(rules_fired(&[0], "9999.9999")[0].is_empty());
-        assert_eq!(
-            rules_fired(&[0], "10000")[0],
-            vec![LARGE_OUTFLOW.to_owned()]
-        );
+        assert_eq!(rules_fired(&[0], "10000")[0], vec![LARGE_OUTFLOW.to_owned()]);
     }
 
     #[test]

@@ -60,9 +60,6 @@ impl Batch {
     /// The documents changed by this batch, in key order.
     pub fn into_changes(mut self) -> Vec<Doc> {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty
-            .into_iter()
-            .filter_map(|k| self.docs.remove(&k))
-            .collect()
+        dirty.into_iter().filter_map(|k| self.docs.remove(&k)).collect()
     }
 }

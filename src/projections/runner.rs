@@ -101,9 +101,7 @@ impl Projections {
             store,
             list: vec![
                 Box::new(History),
-                Box::new(Stats {
-                    rules: rules.clone(),
-                }),
+                Box::new(Stats { rules: rules.clone() }),
                 Box::new(Flags { rules }),
             ],
             batch_events: BATCH_EVENTS,
@@ -164,11 +162,7 @@ impl Projections {
         }
         let changes: Vec<Doc> = batch.into_changes();
         tx.upsert(table, &changes).await?;
-        if self
-            .fault
-            .fail_before_checkpoint
-            .swap(false, Ordering::SeqCst)
-        {
+        if self.fault.fail_before_checkpoint.swap(false, Ordering::SeqCst) {
             return Err(ProjectionError::Injected);
         }
         tx.set_checkpoint(checkpoint_name, last).await?;
@@ -185,9 +179,7 @@ impl Projections {
         }
         let mut tx = Tx::begin(&self.store).await?;
         let from = tx.checkpoint(name).await?.unwrap_or(0);
-        let (applied, _) = self
-            .apply_batch(&mut tx, projection, &table(name), name, from)
-            .await?;
+        let (applied, _) = self.apply_batch(&mut tx, projection, &table(name), name, from).await?;
         tx.commit().await?;
         Ok(applied)
     }
@@ -252,11 +244,7 @@ impl Projections {
         Ok(storage::get(&self.store, &table(name), key).await?)
     }
 
-    pub async fn query(
-        &self,
-        name: &str,
-        query: &DocQuery<'_>,
-    ) -> Result<Vec<(i64, String)>, ProjectionError> {
+    pub async fn query(&self, name: &str, query: &DocQuery<'_>) -> Result<Vec<(i64, String)>, ProjectionError> {
         self.find(name)?;
         Ok(storage::query(&self.store, &table(name), query).await?)
     }
@@ -319,11 +307,7 @@ impl Projections {
             tx.commit().await?;
             events += n as u64;
             let head = self.store.head_position().await?;
-            progress(RebuildProgress {
-                position,
-                head,
-                events,
-            });
+            progress(RebuildProgress { position, head, events });
             if n == 0 || head - position < i64::from(self.batch_events) {
                 break;
             }
@@ -355,12 +339,7 @@ impl Projections {
             events,
         };
         progress(done);
-        tracing::info!(
-            projection = name,
-            position,
-            events,
-            "rebuilt and swapped in"
-        );
+        tracing::info!(projection = name, position, events, "rebuilt and swapped in");
         Ok(done)
     }
 }

@@ -140,11 +140,7 @@ impl Tx {
         })
     }
 
-    pub async fn set_checkpoint(
-        &mut self,
-        name: &str,
-        position: Position,
-    ) -> Result<(), StoreError> {
+    pub async fn set_checkpoint(&mut self, name: &str, position: Position) -> Result<(), StoreError> {
         on_tx!(self, conn, Db, FOR_UPDATE => {
             let mut q = QueryBuilder::<Db>::new(
                 "INSERT INTO projection_checkpoints (name, position, updated_at) VALUES (",
@@ -237,12 +233,10 @@ impl Tx {
                     .await?
             }
             Tx::Sqlite(conn) => {
-                sqlx::query_scalar::<_, i64>(
-                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-                )
-                .bind(table)
-                .fetch_one(&mut **conn)
-                .await?
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?")
+                    .bind(table)
+                    .fetch_one(&mut **conn)
+                    .await?
                     > 0
             }
         })
@@ -265,10 +259,8 @@ impl Tx {
             "CREATE INDEX {table}_by_wallet_{g} ON {table} (kind, wallet_id, sort)"
         ))
         .await?;
-        self.execute(&format!(
-            "CREATE INDEX {table}_by_sort_{g} ON {table} (kind, sort)"
-        ))
-        .await
+        self.execute(&format!("CREATE INDEX {table}_by_sort_{g} ON {table} (kind, sort)"))
+            .await
     }
 
     pub async fn drop_table(&mut self, table: &str) -> Result<(), StoreError> {
@@ -279,8 +271,7 @@ impl Tx {
     pub async fn rename_table(&mut self, from: &str, to: &str) -> Result<(), StoreError> {
         check_table_name(from);
         check_table_name(to);
-        self.execute(&format!("ALTER TABLE {from} RENAME TO {to}"))
-            .await
+        self.execute(&format!("ALTER TABLE {from} RENAME TO {to}")).await
     }
 
     async fn execute(&mut self, sql: &str) -> Result<(), StoreError> {
@@ -306,9 +297,7 @@ pub async fn checkpoint(store: &EventStore, name: &str) -> Result<Option<Positio
 }
 
 /// Every checkpoint: (name, position, updated_at).
-pub async fn checkpoints(
-    store: &EventStore,
-) -> Result<Vec<(String, Position, String)>, StoreError> {
+pub async fn checkpoints(store: &EventStore) -> Result<Vec<(String, Position, String)>, StoreError> {
     on_reader!(store, pool, Db => {
         let rows = QueryBuilder::<Db>::new("SELECT name, position, updated_at FROM projection_checkpoints ORDER BY name")
             .build()
@@ -331,11 +320,7 @@ pub async fn get(store: &EventStore, table: &str, key: &str) -> Result<Option<St
 }
 
 /// Bodies of a page of documents, highest `sort` first.
-pub async fn query(
-    store: &EventStore,
-    table: &str,
-    query: &DocQuery<'_>,
-) -> Result<Vec<(i64, String)>, StoreError> {
+pub async fn query(store: &EventStore, table: &str, query: &DocQuery<'_>) -> Result<Vec<(i64, String)>, StoreError> {
     check_table_name(table);
     on_reader!(store, pool, Db => {
         let mut q = QueryBuilder::<Db>::new(format!("SELECT sort, body FROM {table} WHERE kind = "));

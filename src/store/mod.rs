@@ -11,6 +11,7 @@
 //! order and a reader of `read_all` never skips an event that commits late
 //! with a lower position. See DESIGN.md, "The late-commit problem".
 
+pub mod chain;
 mod postgres;
 mod sqlite;
 
@@ -80,6 +81,9 @@ pub struct RecordedEvent {
     pub event: WalletEvent,
     pub metadata: Value,
     pub recorded_at: DateTime<Utc>,
+    /// Link in the stream's hash chain (`chain.rs`); empty for rows written
+    /// before the chain existed.
+    pub hash: String,
 }
 
 /// Where a time-travel read stops (inclusive).
@@ -87,6 +91,18 @@ pub struct RecordedEvent {
 pub enum Cutoff {
     Position(Position),
     Time(DateTime<Utc>),
+    /// A version of the stream being read.
+    Version(u64),
+}
+
+/// A stored snapshot: a wallet's encoded state at `version` (log `position`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    pub stream: WalletId,
+    pub version: u64,
+    pub position: Position,
+    pub schema_version: i32,
+    pub state: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,9 +193,7 @@ impl EventStore {
         } else if url.starts_with("sqlite:") {
             Ok(EventStore::Sqlite(SqliteEventStore::connect(url).await?))
         } else {
-            Err(StoreError::BadUrl(
-                "expected postgres://... or sqlite://...".to_owned(),
-            ))
+            Err(StoreError::BadUrl("expected postgres://... or sqlite://...".to_owned()))
         }
     }
 
@@ -235,11 +249,7 @@ impl EventStore {
     }
 
     /// The log in position order: up to `limit` events after `after`.
-    pub async fn read_all(
-        &self,
-        after: Position,
-        limit: u32,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
+    pub async fn read_all(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
         dispatch!(self, s => s.read_all(after, limit).await)
     }
 
@@ -248,11 +258,7 @@ impl EventStore {
         dispatch!(self, s => s.head_position().await)
     }
 
-    pub async fn find_idempotency(
-        &self,
-        wallet: &WalletId,
-        key: &str,
-    ) -> Result<Option<StoredOutcome>, StoreError> {
+    pub async fn find_idempotency(&self, wallet: &WalletId, key: &str) -> Result<Option<StoredOutcome>, StoreError> {
         dispatch!(self, s => s.find_idempotency(wallet, key).await)
     }
 
@@ -261,20 +267,39 @@ impl EventStore {
         dispatch!(self, s => s.remember_rejection(record).await)
     }
 
+    pub async fn save_snapshot(&self, snapshot: &SnapshotRecord) -> Result<(), StoreError> {
+        dispatch!(self, s => s.save_snapshot(snapshot).await)
+    }
+
+    /// The newest snapshot of `stream` in `schema_version` that lies within `cutoff`.
+    pub async fn latest_snapshot(
+        &self,
+        stream: &WalletId,
+        schema_version: i32,
+        cutoff: Option<Cutoff>,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        dispatch!(self, s => s.latest_snapshot(stream, schema_version, cutoff).await)
+    }
+
+    /// Every snapshot (for `verify`), in (stream, version) order.
+    pub async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        dispatch!(self, s => s.all_snapshots().await)
+    }
+
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)
     }
 }
 
+/// Each stream's last version and hash, as found under the append lock.
+pub(crate) type StreamHeads = HashMap<String, (u64, String)>;
+
 /// Checks every stream of `request` against the versions found in the store
 /// (streams absent from `current` are at version 0).
-fn check_expected_versions(
-    request: &AppendRequest,
-    current: &HashMap<String, u64>,
-) -> Result<(), AppendError> {
+fn check_expected_versions(request: &AppendRequest, current: &StreamHeads) -> Result<(), AppendError> {
     for s in &request.streams {
-        let actual = current.get(s.stream.as_str()).copied().unwrap_or(0);
+        let actual = current.get(s.stream.as_str()).map_or(0, |(v, _)| *v);
         if actual != s.expected_version {
             return Err(AppendError::Conflict {
                 stream: s.stream.clone(),
@@ -286,38 +311,62 @@ fn check_expected_versions(
     Ok(())
 }
 
-/// Rows to insert, in order, with their stream versions assigned.
+/// Rows to insert, in order, with their stream versions and chain links.
 struct Row<'a> {
     stream: &'a WalletId,
     version: u64,
     event: &'a NewEvent,
+    payload: Value,
+    hash: String,
 }
 
-fn rows(request: &AppendRequest) -> Vec<Row<'_>> {
-    request
-        .streams
-        .iter()
-        .flat_map(|s| {
-            s.events.iter().enumerate().map(move |(i, event)| Row {
+fn rows<'a>(request: &'a AppendRequest, heads: &StreamHeads, recorded_at: DateTime<Utc>) -> Vec<Row<'a>> {
+    let mut out = Vec::with_capacity(request.streams.iter().map(|s| s.events.len()).sum());
+    for s in &request.streams {
+        let mut previous = heads.get(s.stream.as_str()).map(|(_, h)| h.clone()).unwrap_or_default();
+        for (i, event) in s.events.iter().enumerate() {
+            let version = s.expected_version + 1 + i as u64;
+            let payload = event.event.payload();
+            let hash = chain::link(
+                &previous,
+                &chain::Canonical {
+                    stream: s.stream.as_str(),
+                    version,
+                    event_id: event.event_id,
+                    event_type: event.event.event_type(),
+                    schema_version: crate::aggregate::EVENT_SCHEMA_VERSION,
+                    payload: &payload,
+                    metadata: &event.metadata,
+                    recorded_at,
+                },
+            );
+            previous.clone_from(&hash);
+            out.push(Row {
                 stream: &s.stream,
-                version: s.expected_version + 1 + i as u64,
+                version,
                 event,
-            })
-        })
-        .collect()
+                payload,
+                hash,
+            });
+        }
+    }
+    out
 }
 
 /// Builds what the log now holds from what was inserted.
 fn recorded(
     request: AppendRequest,
     positions: &[Position],
+    hashes: Vec<String>,
     recorded_at: DateTime<Utc>,
 ) -> Vec<RecordedEvent> {
     let mut out = Vec::with_capacity(positions.len());
     let mut positions = positions.iter();
+    let mut hashes = hashes.into_iter();
     for s in request.streams {
         for (i, e) in s.events.into_iter().enumerate() {
             let position = *positions.next().expect("one position per inserted row");
+            let hash = hashes.next().expect("one hash per inserted row");
             out.push(RecordedEvent {
                 position,
                 stream: s.stream.clone(),
@@ -327,6 +376,7 @@ fn recorded(
                 event: e.event,
                 metadata: e.metadata,
                 recorded_at,
+                hash,
             });
         }
     }
@@ -349,6 +399,7 @@ struct RawEvent {
     payload: Value,
     metadata: Value,
     recorded_at: DateTime<Utc>,
+    hash: Option<String>,
 }
 
 impl RawEvent {
@@ -357,8 +408,7 @@ impl RawEvent {
             position: self.position,
             source,
         };
-        let event = WalletEvent::decode(&self.event_type, self.schema_version, self.payload)
-            .map_err(corrupt)?;
+        let event = WalletEvent::decode(&self.event_type, self.schema_version, self.payload).map_err(corrupt)?;
         // The stream id column must agree with the payload it carries.
         let stream = event.wallet_id().clone();
         if stream.as_str() != self.stream_id || self.version < 1 {
@@ -379,6 +429,7 @@ impl RawEvent {
             event,
             metadata: self.metadata,
             recorded_at: self.recorded_at,
+            hash: self.hash.unwrap_or_default(),
         })
     }
 }

@@ -4,7 +4,6 @@
 //! appends commit one after another and positions become visible in order
 //! (PostgreSQL releases the lock only after the commit is visible).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
@@ -12,8 +11,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Row as _, Transaction};
 
 use super::{
-    append_error, check_expected_versions, now, recorded, rows, AppendError, AppendRequest, Cutoff,
-    IdempotencyRecord, Position, RawEvent, RecordedEvent, StoreError, StoredOutcome,
+    append_error, check_expected_versions, now, recorded, rows, AppendError, AppendRequest, Cutoff, IdempotencyRecord,
+    Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, StreamHeads,
 };
 use crate::aggregate::WalletId;
 
@@ -21,7 +20,7 @@ use crate::aggregate::WalletId;
 const APPEND_LOCK: i64 = 0x7761_6c6c_6574; // "wallet"
 
 const EVENT_COLUMNS: &str =
-    "position, stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at";
+    "position, stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash";
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
@@ -35,10 +34,7 @@ pub struct PendingAppend {
 
 impl PendingAppend {
     pub async fn commit(self) -> Result<Vec<RecordedEvent>, AppendError> {
-        self.tx
-            .commit()
-            .await
-            .map_err(|e| AppendError::Store(e.into()))?;
+        self.tx.commit().await.map_err(|e| AppendError::Store(e.into()))?;
         Ok(self.events)
     }
 }
@@ -58,18 +54,12 @@ impl PgEventStore {
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/postgres")
-            .run(&self.pool)
-            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&self.pool).await?;
         Ok(())
     }
 
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| AppendError::Store(e.into()))?;
+        let mut tx = self.pool.begin().await.map_err(|e| AppendError::Store(e.into()))?;
         let store = |e: sqlx::Error| AppendError::Store(e.into());
 
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -80,22 +70,31 @@ impl PgEventStore {
 
         // Under the lock no other append can move these streams.
         let names: Vec<&str> = request.streams.iter().map(|s| s.stream.as_str()).collect();
-        let current: HashMap<String, u64> = sqlx::query(
-            "SELECT stream_id, MAX(version) FROM events WHERE stream_id = ANY($1) GROUP BY stream_id",
+        // One index probe per stream (newest version first), however long the stream.
+        let heads: StreamHeads = sqlx::query(
+            "SELECT s.stream_id, e.version, COALESCE(e.hash, '') FROM unnest($1::text[]) AS s(stream_id) \
+             CROSS JOIN LATERAL (SELECT version, hash FROM events WHERE stream_id = s.stream_id \
+             ORDER BY version DESC LIMIT 1) e",
         )
         .bind(&names)
         .fetch_all(&mut *tx)
         .await
         .map_err(store)?
         .into_iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
+        .map(|r| {
+            (
+                r.get::<String, _>(0),
+                (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
+            )
+        })
         .collect();
-        check_expected_versions(&request, &current)?;
+        check_expected_versions(&request, &heads)?;
 
+        // Taken under the lock: event time never decreases along the log.
         let recorded_at = now();
-        let rows = rows(&request);
+        let rows = rows(&request, &heads, recorded_at);
         let mut insert = QueryBuilder::<Postgres>::new(
-            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at) ",
+            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
         );
         insert.push_values(&rows, |mut b, row| {
             b.push_bind(row.stream.as_str())
@@ -103,9 +102,10 @@ impl PgEventStore {
                 .push_bind(row.event.event_id)
                 .push_bind(row.event.event.event_type())
                 .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
-                .push_bind(Json(row.event.event.payload()))
+                .push_bind(Json(&row.payload))
                 .push_bind(Json(&row.event.metadata))
-                .push_bind(recorded_at);
+                .push_bind(recorded_at)
+                .push_bind(row.hash.as_str());
         });
         insert.push(" RETURNING position");
         let mut positions: Vec<Position> = insert
@@ -115,7 +115,7 @@ impl PgEventStore {
             .map_err(|e| append_error(e, &request))?;
         // Identity values are drawn in VALUES order.
         positions.sort_unstable();
-        drop(rows);
+        let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
 
         if let Some(record) = &request.idempotency {
             let last = positions.last().copied();
@@ -135,7 +135,7 @@ impl PgEventStore {
                 return Err(AppendError::DuplicateRequest);
             }
         }
-        let events = recorded(request, &positions, recorded_at);
+        let events = recorded(request, &positions, hashes, recorded_at);
         Ok(PendingAppend { tx, events })
     }
 
@@ -145,9 +145,7 @@ impl PgEventStore {
         after_version: u64,
         cutoff: Option<Cutoff>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut q = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = "
-        ));
+        let mut q = QueryBuilder::<Postgres>::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = "));
         q.push_bind(stream.as_str())
             .push(" AND version > ")
             .push_bind(after_version as i64);
@@ -157,6 +155,9 @@ impl PgEventStore {
             }
             Some(Cutoff::Time(t)) => {
                 q.push(" AND recorded_at <= ").push_bind(t);
+            }
+            Some(Cutoff::Version(v)) => {
+                q.push(" AND version <= ").push_bind(v as i64);
             }
             None => {}
         }
@@ -183,11 +184,7 @@ impl PgEventStore {
         decode_all(rows)
     }
 
-    pub async fn read_all(
-        &self,
-        after: Position,
-        limit: u32,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
+    pub async fn read_all(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
         ))
@@ -199,25 +196,18 @@ impl PgEventStore {
     }
 
     pub async fn head_position(&self) -> Result<Position, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
-    pub async fn find_idempotency(
-        &self,
-        wallet: &WalletId,
-        key: &str,
-    ) -> Result<Option<StoredOutcome>, StoreError> {
-        let row = sqlx::query(
-            "SELECT fingerprint, outcome, position FROM idempotency WHERE wallet_id = $1 AND key = $2",
-        )
-        .bind(wallet.as_str())
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
+    pub async fn find_idempotency(&self, wallet: &WalletId, key: &str) -> Result<Option<StoredOutcome>, StoreError> {
+        let row =
+            sqlx::query("SELECT fingerprint, outcome, position FROM idempotency WHERE wallet_id = $1 AND key = $2")
+                .bind(wallet.as_str())
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.map(|r| StoredOutcome {
             fingerprint: r.get(0),
             outcome: r.get::<Json<serde_json::Value>, _>(1).0,
@@ -243,6 +233,66 @@ impl PgEventStore {
         Ok(())
     }
 
+    pub async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO snapshots (stream_id, version, position, schema_version, state, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (stream_id, version) DO UPDATE \
+             SET position = excluded.position, schema_version = excluded.schema_version, \
+                 state = excluded.state, created_at = excluded.created_at",
+        )
+        .bind(s.stream.as_str())
+        .bind(s.version as i64)
+        .bind(s.position)
+        .bind(s.schema_version)
+        .bind(&s.state)
+        .bind(chrono::Utc::now().to_rfc3339())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn latest_snapshot(
+        &self,
+        stream: &WalletId,
+        schema_version: i32,
+        cutoff: Option<Cutoff>,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        let mut q = QueryBuilder::<Postgres>::new(
+            "SELECT stream_id, version, position, schema_version, state FROM snapshots WHERE stream_id = ",
+        );
+        q.push_bind(stream.as_str())
+            .push(" AND schema_version = ")
+            .push_bind(schema_version);
+        match cutoff {
+            Some(Cutoff::Position(p)) => {
+                q.push(" AND position <= ").push_bind(p);
+            }
+            Some(Cutoff::Version(v)) => {
+                q.push(" AND version <= ").push_bind(v as i64);
+            }
+            // Snapshots do not record event time: time travel folds from the start.
+            Some(Cutoff::Time(_)) => return Ok(None),
+            None => {}
+        }
+        q.push(" ORDER BY version DESC LIMIT 1");
+        q.build()
+            .fetch_optional(&self.pool)
+            .await?
+            .map(snapshot_row)
+            .transpose()
+    }
+
+    pub async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        sqlx::query(
+            "SELECT stream_id, version, position, schema_version, state FROM snapshots ORDER BY stream_id, version",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .into_iter()
+        .map(snapshot_row)
+        .collect()
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
@@ -264,6 +314,18 @@ fn decode_row(r: PgRow) -> Result<RecordedEvent, StoreError> {
         payload: r.try_get::<Json<serde_json::Value>, _>(6)?.0,
         metadata: r.try_get::<Json<serde_json::Value>, _>(7)?.0,
         recorded_at: r.try_get(8)?,
+        hash: r.try_get(9)?,
     }
     .decode()
+}
+
+fn snapshot_row(r: PgRow) -> Result<SnapshotRecord, StoreError> {
+    let stream: String = r.try_get(0)?;
+    Ok(SnapshotRecord {
+        stream: WalletId::parse(&stream).map_err(|e| E::Database(sqlx::Error::Decode(Box::new(e))))?,
+        version: r.try_get::<i64, _>(1)? as u64,
+        position: r.try_get(2)?,
+        schema_version: r.try_get(3)?,
+        state: r.try_get(4)?,
+    })
 }

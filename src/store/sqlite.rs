@@ -4,26 +4,24 @@
 //! of one connection (WAL mode lets the reader pool carry on meanwhile). One
 //! writer means appends commit in position order, so `read_all` never skips.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row as _, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    append_error, check_expected_versions, now, recorded, rows, AppendError, AppendRequest, Cutoff,
-    IdempotencyRecord, Position, RawEvent, RecordedEvent, StoreError, StoredOutcome,
+    append_error, check_expected_versions, now, recorded, rows, AppendError, AppendRequest, Cutoff, IdempotencyRecord,
+    Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamHeads,
 };
 use crate::aggregate::WalletId;
 
 const EVENT_COLUMNS: &str =
-    "position, stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at";
+    "position, stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash";
 
 #[derive(Debug, Clone)]
 pub struct SqliteEventStore {
@@ -38,10 +36,7 @@ pub struct PendingAppend {
 
 impl PendingAppend {
     pub async fn commit(self) -> Result<Vec<RecordedEvent>, AppendError> {
-        self.tx
-            .commit()
-            .await
-            .map_err(|e| AppendError::Store(e.into()))?;
+        self.tx.commit().await.map_err(|e| AppendError::Store(e.into()))?;
         Ok(self.events)
     }
 }
@@ -87,9 +82,7 @@ impl SqliteEventStore {
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&self.writer)
-            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&self.writer).await?;
         Ok(())
     }
 
@@ -99,35 +92,36 @@ impl SqliteEventStore {
         // holds it until commit or rollback.
         // IMMEDIATE takes the write lock up front: another process (the CLI)
         // cannot slip in between our version check and our insert.
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(store)?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(store)?;
 
-        let mut select = QueryBuilder::<Sqlite>::new(
-            "SELECT stream_id, MAX(version) FROM events WHERE stream_id IN (",
-        );
-        let mut list = select.separated(", ");
-        for s in &request.streams {
-            list.push_bind(s.stream.as_str());
+        // One index probe per stream (newest version first), however long the
+        // stream; chunked to stay under SQLite's compound-select limit.
+        let mut heads = StreamHeads::new();
+        for chunk in request.streams.chunks(100) {
+            let mut select = QueryBuilder::<Sqlite>::new("");
+            for (i, s) in chunk.iter().enumerate() {
+                if i > 0 {
+                    select.push(" UNION ALL ");
+                }
+                select
+                    .push("SELECT * FROM (SELECT stream_id, version, COALESCE(hash, '') FROM events WHERE stream_id = ")
+                    .push_bind(s.stream.as_str())
+                    .push(" ORDER BY version DESC LIMIT 1)");
+            }
+            for r in select.build().fetch_all(&mut *tx).await.map_err(store)? {
+                heads.insert(
+                    r.get::<String, _>(0),
+                    (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
+                );
+            }
         }
-        select.push(") GROUP BY stream_id");
-        let current: HashMap<String, u64> = select
-            .build()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(store)?
-            .into_iter()
-            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1) as u64))
-            .collect();
-        check_expected_versions(&request, &current)?;
+        check_expected_versions(&request, &heads)?;
 
         let recorded_at = now();
         let at_text = time_text(recorded_at);
-        let rows = rows(&request);
+        let rows = rows(&request, &heads, recorded_at);
         let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at) ",
+            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
         );
         insert.push_values(&rows, |mut b, row| {
             b.push_bind(row.stream.as_str())
@@ -135,9 +129,10 @@ impl SqliteEventStore {
                 .push_bind(row.event.event_id.to_string())
                 .push_bind(row.event.event.event_type())
                 .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
-                .push_bind(row.event.event.payload().to_string())
+                .push_bind(row.payload.to_string())
                 .push_bind(row.event.metadata.to_string())
-                .push_bind(at_text.clone());
+                .push_bind(at_text.clone())
+                .push_bind(row.hash.as_str());
         });
         insert.push(" RETURNING position");
         let mut positions: Vec<Position> = insert
@@ -147,7 +142,7 @@ impl SqliteEventStore {
             .map_err(|e| append_error(e, &request))?;
         // RETURNING order is unspecified in SQLite; rowids follow VALUES order.
         positions.sort_unstable();
-        drop(rows);
+        let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
 
         if let Some(record) = &request.idempotency {
             let inserted = sqlx::query(
@@ -166,7 +161,7 @@ impl SqliteEventStore {
                 return Err(AppendError::DuplicateRequest);
             }
         }
-        let events = recorded(request, &positions, recorded_at);
+        let events = recorded(request, &positions, hashes, recorded_at);
         Ok(PendingAppend { tx, events })
     }
 
@@ -176,9 +171,7 @@ impl SqliteEventStore {
         after_version: u64,
         cutoff: Option<Cutoff>,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut q = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = "
-        ));
+        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = "));
         q.push_bind(stream.as_str())
             .push(" AND version > ")
             .push_bind(after_version as i64);
@@ -188,6 +181,9 @@ impl SqliteEventStore {
             }
             Some(Cutoff::Time(t)) => {
                 q.push(" AND recorded_at <= ").push_bind(time_text(t));
+            }
+            Some(Cutoff::Version(v)) => {
+                q.push(" AND version <= ").push_bind(v as i64);
             }
             None => {}
         }
@@ -214,11 +210,7 @@ impl SqliteEventStore {
         decode_all(rows)
     }
 
-    pub async fn read_all(
-        &self,
-        after: Position,
-        limit: u32,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
+    pub async fn read_all(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
         ))
@@ -230,18 +222,12 @@ impl SqliteEventStore {
     }
 
     pub async fn head_position(&self) -> Result<Position, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-                .fetch_one(&self.reader)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&self.reader)
+            .await?)
     }
 
-    pub async fn find_idempotency(
-        &self,
-        wallet: &WalletId,
-        key: &str,
-    ) -> Result<Option<StoredOutcome>, StoreError> {
+    pub async fn find_idempotency(&self, wallet: &WalletId, key: &str) -> Result<Option<StoredOutcome>, StoreError> {
         let row = sqlx::query("SELECT fingerprint, outcome, position FROM idempotency WHERE wallet_id = ? AND key = ?")
             .bind(wallet.as_str())
             .bind(key)
@@ -251,8 +237,7 @@ impl SqliteEventStore {
             let outcome: String = r.try_get(1)?;
             Ok(StoredOutcome {
                 fingerprint: r.try_get(0)?,
-                outcome: serde_json::from_str(&outcome)
-                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                outcome: serde_json::from_str(&outcome).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
                 position: r.try_get(2)?,
             })
         })
@@ -277,6 +262,66 @@ impl SqliteEventStore {
         Ok(())
     }
 
+    pub async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO snapshots (stream_id, version, position, schema_version, state, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (stream_id, version) DO UPDATE \
+             SET position = excluded.position, schema_version = excluded.schema_version, \
+                 state = excluded.state, created_at = excluded.created_at",
+        )
+        .bind(s.stream.as_str())
+        .bind(s.version as i64)
+        .bind(s.position)
+        .bind(s.schema_version)
+        .bind(&s.state)
+        .bind(time_text(Utc::now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn latest_snapshot(
+        &self,
+        stream: &WalletId,
+        schema_version: i32,
+        cutoff: Option<Cutoff>,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT stream_id, version, position, schema_version, state FROM snapshots WHERE stream_id = ",
+        );
+        q.push_bind(stream.as_str())
+            .push(" AND schema_version = ")
+            .push_bind(schema_version);
+        match cutoff {
+            Some(Cutoff::Position(p)) => {
+                q.push(" AND position <= ").push_bind(p);
+            }
+            Some(Cutoff::Version(v)) => {
+                q.push(" AND version <= ").push_bind(v as i64);
+            }
+            // Snapshots do not record event time: time travel folds from the start.
+            Some(Cutoff::Time(_)) => return Ok(None),
+            None => {}
+        }
+        q.push(" ORDER BY version DESC LIMIT 1");
+        q.build()
+            .fetch_optional(&self.reader)
+            .await?
+            .map(snapshot_row)
+            .transpose()
+    }
+
+    pub async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        sqlx::query(
+            "SELECT stream_id, version, position, schema_version, state FROM snapshots ORDER BY stream_id, version",
+        )
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .map(snapshot_row)
+        .collect()
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
@@ -298,6 +343,7 @@ fn decode_row(r: SqliteRow) -> Result<RecordedEvent, StoreError> {
     let payload: String = r.try_get(6)?;
     let metadata: String = r.try_get(7)?;
     let recorded_at: String = r.try_get(8)?;
+    let hash: Option<String> = r.try_get(9)?;
     RawEvent {
         position,
         stream_id: r.try_get(1)?,
@@ -310,6 +356,18 @@ fn decode_row(r: SqliteRow) -> Result<RecordedEvent, StoreError> {
         recorded_at: DateTime::parse_from_rfc3339(&recorded_at)
             .map_err(|e| bad("recorded_at", &e))?
             .with_timezone(&Utc),
+        hash,
     }
     .decode()
+}
+
+fn snapshot_row(r: SqliteRow) -> Result<SnapshotRecord, StoreError> {
+    let stream: String = r.try_get(0)?;
+    Ok(SnapshotRecord {
+        stream: WalletId::parse(&stream).map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))?,
+        version: r.try_get::<i64, _>(1)? as u64,
+        position: r.try_get(2)?,
+        schema_version: r.try_get(3)?,
+        state: r.try_get(4)?,
+    })
 }

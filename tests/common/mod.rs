@@ -13,8 +13,7 @@ use wallet::store::EventStore;
 /// Where the tests find PostgreSQL (a maintenance database to create test
 /// databases from).
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A migrated store on a fresh database of its own.
@@ -25,11 +24,10 @@ pub struct TestDb {
 
 /// Drops test databases left behind by earlier runs (older than an hour).
 async fn drop_stale(admin: &mut sqlx::PgConnection, now: u64) {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'wallet_test_%'")
-            .fetch_all(&mut *admin)
-            .await
-            .unwrap_or_default();
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'wallet_test_%'")
+        .fetch_all(&mut *admin)
+        .await
+        .unwrap_or_default();
     for name in names {
         let created = name.split('_').nth(2).and_then(|s| s.parse::<u64>().ok());
         if created.is_some_and(|t| t + 3600 < now) {
@@ -42,32 +40,22 @@ async fn drop_stale(admin: &mut sqlx::PgConnection, now: u64) {
 
 pub async fn postgres() -> TestDb {
     let admin_url = admin_url();
-    let mut admin = sqlx::PgConnection::connect(&admin_url)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "PostgreSQL is required for this test and is not reachable at {admin_url}: {e}\n\
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is required for this test and is not reachable at {admin_url}: {e}\n\
              start it (see README) or set TEST_DATABASE_URL"
-            )
-        });
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+        )
+    });
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     drop_stale(&mut admin, now).await;
     let name = format!("wallet_test_{now}_{}", uuid::Uuid::new_v4().simple());
     sqlx::query(&format!("CREATE DATABASE \"{name}\""))
         .execute(&mut admin)
         .await
         .expect("create test database");
-    let base = admin_url
-        .rsplit_once('/')
-        .map(|(b, _)| b)
-        .unwrap_or(&admin_url);
+    let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
     let url = format!("{base}/{name}");
-    let store = wallet::config::open_store(&url)
-        .await
-        .expect("migrate test database");
+    let store = wallet::config::open_store(&url).await.expect("migrate test database");
     TestDb { store, url }
 }
 
@@ -75,9 +63,7 @@ pub async fn sqlite() -> TestDb {
     let dir = std::env::temp_dir().join(format!("wallet-test-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("wallet.db").display());
-    let store = wallet::config::open_store(&url)
-        .await
-        .expect("migrate test database");
+    let store = wallet::config::open_store(&url).await.expect("migrate test database");
     TestDb { store, url }
 }
 
