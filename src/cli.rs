@@ -77,6 +77,18 @@ pub enum Command {
     /// Inspect or rebuild the read models (history, stats, flags).
     #[command(subcommand)]
     Projections(ProjectionsCommand),
+    /// Time travel: a wallet's state (or every wallet's balance and the
+    /// total) as of a log position, an event time or a stream version.
+    /// Read-only.
+    Replay(ReplayArgs),
+    /// Re-fold every stream and check versions, the hash chain, balances,
+    /// transfer pairs, snapshots and read models. Exits non-zero on any
+    /// discrepancy.
+    Verify {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Append a synthetic mixed history (new wallets) for benchmarks and
     /// rebuild drills. Never touches existing wallets.
     Seed {
@@ -94,6 +106,26 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:3000")]
     pub bind: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("point").required(true).args(["at", "version"])))]
+pub struct ReplayArgs {
+    /// One wallet (default: every wallet and the system total).
+    #[arg(long)]
+    pub wallet: Option<String>,
+    /// A log position (integer) or an RFC 3339 time.
+    #[arg(long)]
+    pub at: Option<String>,
+    /// A version of the wallet's stream.
+    #[arg(long, requires = "wallet")]
+    pub version: Option<u64>,
+    /// Also list each event with its running balance.
+    #[arg(long, requires = "wallet")]
+    pub trail: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -146,6 +178,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             runner.abort();
             tracing::info!("stopped");
             Ok(())
+        }
+        Command::Replay(args) => {
+            let store = config::open_store(&url).await.context("opening the event store")?;
+            replay(&store, args).await
+        }
+        Command::Verify { json } => {
+            let store = config::open_store(&url).await.context("opening the event store")?;
+            let projections = Projections::new(store.clone(), rules);
+            projections.ensure().await.context("creating read models")?;
+            verify(&store, &projections, json).await
         }
         Command::Seed { events, wallets } => {
             let store = config::open_store(&url).await.context("opening the event store")?;
@@ -248,6 +290,102 @@ async fn rebuild(projections: &Projections, names: Vec<String>, restart: bool) -
             "{name}: rebuilt {} events, swapped in at position {}",
             done.events, done.position
         );
+    }
+    Ok(())
+}
+
+async fn replay(store: &crate::store::EventStore, args: ReplayArgs) -> anyhow::Result<()> {
+    use crate::store::Cutoff;
+    let cutoff = match (&args.at, args.version) {
+        (Some(at), _) => Cutoff::parse_point(at)
+            .ok_or_else(|| anyhow::anyhow!("--at must be a log position (>= 0) or an RFC 3339 time"))?,
+        (None, Some(v)) => Cutoff::Version(v),
+        (None, None) => unreachable!("clap requires --at or --version"),
+    };
+    if let Some(wallet) = &args.wallet {
+        let id = crate::aggregate::WalletId::parse(wallet)?;
+        let r = crate::replay::wallet(store, &id, cutoff, args.trail).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!(
+            "wallet {}  balance {}  version {}  exists {}",
+            r.wallet_id, r.balance, r.version, r.exists
+        );
+        if let Some(trail) = &r.trail {
+            println!(
+                "{:>10} {:>8}  {:<17} {:>24} {:>24}  occurred at",
+                "position", "version", "type", "amount", "balance after"
+            );
+            for t in trail {
+                println!(
+                    "{:>10} {:>8}  {:<17} {:>24} {:>24}  {}",
+                    t.position,
+                    t.version,
+                    t.kind,
+                    t.amount.as_deref().unwrap_or("-"),
+                    t.balance_after,
+                    t.occurred_at.to_rfc3339()
+                );
+            }
+        }
+        return Ok(());
+    }
+    let bar = progress_bar(store.head_position().await?.max(0) as u64, "replay");
+    let r = crate::replay::all(store, cutoff, |p| bar.set_position(p.max(0) as u64)).await?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("{:<40} {:>24}", "wallet", "balance");
+    for (w, b) in &r.wallets {
+        println!("{:<40} {:>24}", w.as_str(), b.to_string());
+    }
+    println!(
+        "{} wallets as of position {}; total {:.4}",
+        r.wallets.len(),
+        r.position,
+        r.total
+    );
+    Ok(())
+}
+
+async fn verify(store: &crate::store::EventStore, projections: &Projections, json: bool) -> anyhow::Result<()> {
+    let bar = progress_bar(store.head_position().await?.max(0) as u64, "verify");
+    let report = crate::verify::verify(store, projections, |p, head| {
+        bar.set_length(head.max(0) as u64);
+        bar.set_position(p.max(0) as u64);
+    })
+    .await?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "checked {} events in {} streams, {} snapshots, {} read models",
+            report.events,
+            report.streams,
+            report.snapshots,
+            projections.names().len()
+        );
+        for d in &report.discrepancies {
+            println!(
+                "  {} @ {}: {}",
+                d.stream.as_deref().unwrap_or("-"),
+                d.position.map_or("-".to_owned(), |p| p.to_string()),
+                d.problem
+            );
+        }
+    }
+    anyhow::ensure!(
+        report.discrepancies.is_empty(),
+        "{} discrepancies found",
+        report.discrepancies.len()
+    );
+    if !json {
+        println!("no discrepancies");
     }
     Ok(())
 }

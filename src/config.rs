@@ -31,7 +31,8 @@ pub async fn open_store(url: &str) -> Result<EventStore, StoreError> {
 /// JSON lines when stdout is not a terminal (production, CI), readable text
 /// on a terminal. `RUST_LOG` filters (default `info`).
 pub fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

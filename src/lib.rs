@@ -14,6 +14,8 @@ pub mod cli;
 pub mod config;
 pub mod ledger;
 pub mod projections;
+pub mod replay;
 pub mod seed;
 pub mod snapshots;
 pub mod store;
+pub mod verify;

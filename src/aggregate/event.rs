@@ -91,6 +91,20 @@ impl WalletEvent {
         }
     }
 
+    /// The money this event moves (none for `WalletCreated`).
+    pub fn amount(&self) -> Option<Amount> {
+        match self {
+            WalletEvent::WalletCreated(_) => None,
+            WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => Some(p.amount),
+            WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => Some(p.amount),
+        }
+    }
+
+    /// Whether this event takes money out of its wallet.
+    pub fn is_debit(&self) -> bool {
+        matches!(self, WalletEvent::FundsWithdrawn(_) | WalletEvent::TransferDebited(_))
+    }
+
     pub fn transfer_id(&self) -> Option<Uuid> {
         match self {
             WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => Some(p.transfer_id),

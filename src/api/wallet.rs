@@ -5,7 +5,6 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -13,7 +12,7 @@ use super::input::{idempotency_key, parse_amount, parse_wallet_id, JsonBody, Wal
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
 use crate::ledger::{Answer, TransferReceipt, WalletReceipt};
-use crate::store::{Cutoff, Position};
+use crate::store::Cutoff;
 
 /// Body of a deposit or withdrawal.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -147,12 +146,6 @@ pub async fn balance(
 }
 
 fn parse_at(text: &str) -> Result<Cutoff, Problem> {
-    if let Ok(position) = text.parse::<Position>() {
-        if position >= 0 {
-            return Ok(Cutoff::Position(position));
-        }
-    }
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| Cutoff::Time(t.with_timezone(&Utc)))
-        .map_err(|_| Problem::bad_request("INVALID_AT", "at must be a log position (>= 0) or an RFC 3339 time"))
+    Cutoff::parse_point(text)
+        .ok_or_else(|| Problem::bad_request("INVALID_AT", "at must be a log position (>= 0) or an RFC 3339 time"))
 }

@@ -223,6 +223,20 @@ impl Tx {
         Ok(())
     }
 
+    /// Every document of a table in key order, as this transaction sees it.
+    pub async fn dump(&mut self, table: &str) -> Result<Vec<Doc>, StoreError> {
+        check_table_name(table);
+        on_tx!(self, conn, Db, FOR_UPDATE => {
+            let rows = QueryBuilder::<Db>::new(format!(
+                "SELECT key, kind, wallet_id, sort, tag, body FROM {table} ORDER BY key"
+            ))
+            .build()
+            .fetch_all(&mut **conn)
+            .await?;
+            rows.into_iter().map(row_to_doc).collect::<Result<_, _>>().map_err(Into::into)
+        })
+    }
+
     pub async fn table_exists(&mut self, table: &str) -> Result<bool, StoreError> {
         check_table_name(table);
         Ok(match self {

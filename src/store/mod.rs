@@ -95,6 +95,20 @@ pub enum Cutoff {
     Version(u64),
 }
 
+impl Cutoff {
+    /// Reads a point of the log given as a position (an integer >= 0) or an
+    /// RFC 3339 time.
+    pub fn parse_point(text: &str) -> Option<Cutoff> {
+        match text.parse::<Position>() {
+            Ok(p) if p >= 0 => Some(Cutoff::Position(p)),
+            Ok(_) => None,
+            Err(_) => DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|t| Cutoff::Time(t.with_timezone(&Utc))),
+        }
+    }
+}
+
 /// A stored snapshot: a wallet's encoded state at `version` (log `position`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRecord {
