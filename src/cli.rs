@@ -89,6 +89,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load generator: drives a running server (any implementation of these
+    /// routes) with a mixed write workload or balance reads, then checks
+    /// conservation and that no balance is negative (exit 1 if not).
+    Load(LoadArgs),
     /// Append a synthetic mixed history (new wallets) for benchmarks and
     /// rebuild drills. Never touches existing wallets.
     Seed {
@@ -106,6 +110,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "BIND_ADDR", default_value = "0.0.0.0:3000")]
     pub bind: SocketAddr,
+    /// Events between snapshots of a wallet (0 disables snapshots).
+    #[arg(long, env = "SNAPSHOT_EVERY", default_value_t = crate::snapshots::DEFAULT_SNAPSHOT_EVERY)]
+    pub snapshot_every: u64,
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +130,34 @@ pub struct ReplayArgs {
     /// Also list each event with its running balance.
     #[arg(long, requires = "wallet")]
     pub trail: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// Base URL of the server under load.
+    #[arg(long, default_value = "http://127.0.0.1:3000")]
+    pub url: String,
+    /// Wallets the workload spreads over (created by the run).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=100_000))]
+    pub wallets: u64,
+    /// Requests in flight at once (keep-alive connections).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub concurrency: u64,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub seconds: u64,
+    /// Stop after this many requests (at most 10,000,000).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub requests: u64,
+    /// Percent deposits,withdrawals,transfers.
+    #[arg(long, default_value = "40,30,30", value_delimiter = ',', num_args = 3)]
+    pub mix: Vec<u8>,
+    /// Balance reads (GET /wallet/{id}) instead of writes.
+    #[arg(long)]
+    pub reads: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -162,7 +197,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = config::open_store(&url).await.context("opening the event store")?;
             let projections = Arc::new(Projections::new(store.clone(), rules));
             projections.ensure().await.context("creating read models")?;
-            let state = AppState::new(store.clone(), projections);
+            let ledger = crate::ledger::Ledger::new(store.clone()).with_snapshot_every(args.snapshot_every);
+            let state = AppState::with_ledger(ledger, store.clone(), projections);
             let runner = state.spawn_projection_runner();
             let listener = TcpListener::bind(args.bind)
                 .await
@@ -189,6 +225,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             projections.ensure().await.context("creating read models")?;
             verify(&store, &projections, json).await
         }
+        Command::Load(args) => load(args).await,
         Command::Seed { events, wallets } => {
             let store = config::open_store(&url).await.context("opening the event store")?;
             let bar = progress_bar(events, "seed");
@@ -387,6 +424,43 @@ async fn verify(store: &crate::store::EventStore, projections: &Projections, jso
     if !json {
         println!("no discrepancies");
     }
+    Ok(())
+}
+
+async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let cfg = crate::load::LoadConfig {
+        base_url: args.url,
+        wallets: args.wallets as usize,
+        concurrency: args.concurrency as usize,
+        duration: Duration::from_secs(args.seconds),
+        max_requests: args.requests,
+        mix: [args.mix[0], args.mix[1], args.mix[2]],
+        reads: args.reads,
+    };
+    let r = crate::load::run(cfg).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{} requests in {:.1} s: {:.0} requests/s", r.requests, r.seconds, r.requests_per_sec);
+        println!("{:<9} {:>9} {:>9} {:>9} {:>9} {:>9}", "op", "count", "p50 ms", "p90 ms", "p99 ms", "max ms");
+        for (op, s) in &r.by_op {
+            let op = serde_json::to_value(op)?.as_str().unwrap_or("?").to_owned();
+            println!(
+                "{:<9} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+                op, s.count, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
+            );
+        }
+        let statuses: Vec<String> = r.by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        println!("statuses {}; transport errors {}", statuses.join(", "), r.transport_errors);
+        println!(
+            "conservation {} (expected {}, found {}); negative balances: {}",
+            if r.conservation_ok { "ok" } else { "FAILED" },
+            r.expected_total,
+            r.actual_total,
+            if r.no_negative_balance { "none" } else { "FOUND" }
+        );
+    }
+    anyhow::ensure!(r.conservation_ok && r.no_negative_balance, "the server lost or invented money");
     Ok(())
 }
 

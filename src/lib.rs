@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod ledger;
+pub mod load;
 pub mod projections;
 pub mod replay;
 pub mod seed;

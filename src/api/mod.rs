@@ -45,8 +45,13 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(store: EventStore, projections: Arc<Projections>) -> Self {
+        Self::with_ledger(Ledger::new(store.clone()), store, projections)
+    }
+
+    /// With a ledger configured by the caller (e.g. its snapshot interval).
+    pub fn with_ledger(ledger: Ledger, store: EventStore, projections: Arc<Projections>) -> Self {
         Self {
-            ledger: Arc::new(Ledger::new(store.clone())),
+            ledger: Arc::new(ledger),
             store,
             projections,
         }
