@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use crate::aggregate::{decide, Amount, Command, Wallet, WalletId};
+use crate::snapshots;
 use crate::store::{AppendRequest, EventStore, NewEvent, StoreError, StreamAppend};
 
 /// Commands decided per append.
@@ -90,14 +91,34 @@ pub async fn seed(
             }
         }
         let count: u64 = batch.values().map(|s| s.events.len() as u64).sum();
+        // Streams that crossed a snapshot boundary in this append, as the ledger would snapshot them.
+        let due: Vec<usize> = batch
+            .iter()
+            .filter(|(k, s)| {
+                snapshots::due(
+                    snapshots::DEFAULT_SNAPSHOT_EVERY,
+                    s.expected_version,
+                    states[**k].version,
+                )
+            })
+            .map(|(k, _)| *k)
+            .collect();
         let request = AppendRequest {
             streams: batch.into_values().collect(),
             idempotency: None,
         };
-        store.append(request).await.map_err(|e| match e {
+        let recorded = store.append(request).await.map_err(|e| match e {
             crate::store::AppendError::Store(e) => e,
             other => StoreError::Database(sqlx::Error::Protocol(format!("seed append rejected: {other}"))),
         })?;
+        for k in due {
+            let position = recorded
+                .iter()
+                .rev()
+                .find(|e| e.stream == states[k].id)
+                .map_or(0, |e| e.position);
+            snapshots::save(store, &states[k], position).await?;
+        }
         appended += count;
         progress(appended);
     }
