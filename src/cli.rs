@@ -441,8 +441,14 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("{} requests in {:.1} s: {:.0} requests/s", r.requests, r.seconds, r.requests_per_sec);
-        println!("{:<9} {:>9} {:>9} {:>9} {:>9} {:>9}", "op", "count", "p50 ms", "p90 ms", "p99 ms", "max ms");
+        println!(
+            "{} requests in {:.1} s: {:.0} requests/s",
+            r.requests, r.seconds, r.requests_per_sec
+        );
+        println!(
+            "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "op", "count", "p50 ms", "p90 ms", "p99 ms", "max ms"
+        );
         for (op, s) in &r.by_op {
             let op = serde_json::to_value(op)?.as_str().unwrap_or("?").to_owned();
             println!(
@@ -451,7 +457,11 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             );
         }
         let statuses: Vec<String> = r.by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
-        println!("statuses {}; transport errors {}", statuses.join(", "), r.transport_errors);
+        println!(
+            "statuses {}; transport errors {}",
+            statuses.join(", "),
+            r.transport_errors
+        );
         println!(
             "conservation {} (expected {}, found {}); negative balances: {}",
             if r.conservation_ok { "ok" } else { "FAILED" },
@@ -460,7 +470,10 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             if r.no_negative_balance { "none" } else { "FOUND" }
         );
     }
-    anyhow::ensure!(r.conservation_ok && r.no_negative_balance, "the server lost or invented money");
+    anyhow::ensure!(
+        r.conservation_ok && r.no_negative_balance,
+        "the server lost or invented money"
+    );
     Ok(())
 }
 

@@ -84,7 +84,10 @@ fn pick(rng: &mut u64, n: u64) -> u64 {
 pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(cfg.wallets >= 2, "at least 2 wallets");
     anyhow::ensure!(cfg.concurrency >= 1, "at least 1 worker");
-    anyhow::ensure!(cfg.mix.iter().map(|m| u32::from(*m)).sum::<u32>() == 100, "the mix must sum to 100");
+    anyhow::ensure!(
+        cfg.mix.iter().map(|m| u32::from(*m)).sum::<u32>() == 100,
+        "the mix must sum to 100"
+    );
     let base = cfg.base_url.trim_end_matches('/').to_owned();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(cfg.concurrency)
@@ -129,14 +132,23 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                     (Op::Read, http.get(format!("{base}/wallet/{}", wallets[i])))
                 } else if roll < cfg.mix[0] {
                     let body = format!("{{\"amount\":{amount}}}");
-                    (Op::Deposit, http.post(format!("{base}/wallet/{}/deposit", wallets[i])).body(body))
+                    (
+                        Op::Deposit,
+                        http.post(format!("{base}/wallet/{}/deposit", wallets[i])).body(body),
+                    )
                 } else if roll < cfg.mix[0] + cfg.mix[1] {
                     let body = format!("{{\"amount\":{amount}}}");
-                    (Op::Withdraw, http.post(format!("{base}/wallet/{}/withdraw", wallets[i])).body(body))
+                    (
+                        Op::Withdraw,
+                        http.post(format!("{base}/wallet/{}/withdraw", wallets[i])).body(body),
+                    )
                 } else {
                     let j = (i + 1 + pick(&mut rng, wallets.len() as u64 - 1) as usize) % wallets.len();
                     let body = format!("{{\"toWalletId\":\"{}\",\"amount\":{amount}}}", wallets[j]);
-                    (Op::Transfer, http.post(format!("{base}/wallet/{}/transfer", wallets[i])).body(body))
+                    (
+                        Op::Transfer,
+                        http.post(format!("{base}/wallet/{}/transfer", wallets[i])).body(body),
+                    )
                 };
                 let t = Instant::now();
                 match request.header("content-type", "application/json").send().await {
@@ -144,7 +156,10 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                         let status = r.status().as_u16();
                         // Drain the body so the connection is reused.
                         let _ = r.bytes().await;
-                        w.samples.entry(op).or_default().push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        w.samples
+                            .entry(op)
+                            .or_default()
+                            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                         *w.statuses.entry(status).or_default() += 1;
                         if status == 201 {
                             let a = Decimal::from_str(&amount).unwrap_or_default();
