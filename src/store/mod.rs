@@ -15,7 +15,8 @@ pub mod chain;
 mod postgres;
 mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
@@ -135,6 +136,9 @@ pub enum StoreError {
     },
     #[error("invalid database url: {0}")]
     BadUrl(String),
+    /// The group commit this append was part of failed as a whole.
+    #[error("append batch failed: {0}")]
+    BatchFailed(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -224,9 +228,17 @@ impl EventStore {
     }
 
     /// Appends atomically: every stream must be at its expected version, the
-    /// idempotency key (if any) must be new, or nothing is written.
+    /// idempotency key (if any) must be new, or nothing is written. Goes
+    /// through the group committer; answers only after the commit.
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, AppendError> {
-        self.begin_append(request).await?.commit().await
+        assert!(
+            request.streams.iter().all(|s| !s.events.is_empty()),
+            "an append carries at least one event per stream"
+        );
+        match self {
+            EventStore::Postgres(s) => submit(s.committer(), request).await,
+            EventStore::Sqlite(s) => submit(s.committer(), request).await,
+        }
     }
 
     /// Does all of an append but the commit.
@@ -276,9 +288,17 @@ impl EventStore {
         dispatch!(self, s => s.find_idempotency(wallet, key).await)
     }
 
-    /// Remembers a decided rejection. `DuplicateRequest` if the key is taken.
+    /// Remembers a decided rejection (an append of no events with an
+    /// idempotency record). `DuplicateRequest` if the key is taken.
     pub async fn remember_rejection(&self, record: IdempotencyRecord) -> Result<(), AppendError> {
-        dispatch!(self, s => s.remember_rejection(record).await)
+        let request = AppendRequest {
+            streams: Vec::new(),
+            idempotency: Some(record),
+        };
+        match self {
+            EventStore::Postgres(s) => submit(s.committer(), request).await.map(drop),
+            EventStore::Sqlite(s) => submit(s.committer(), request).await.map(drop),
+        }
     }
 
     pub async fn save_snapshot(&self, snapshot: &SnapshotRecord) -> Result<(), StoreError> {
@@ -304,6 +324,167 @@ impl EventStore {
     pub async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)
     }
+}
+
+/// The result of one append.
+pub type AppendResult = Result<Vec<RecordedEvent>, AppendError>;
+
+/// Appends waiting for the next group commit, per transaction at most this
+/// many requests and this many events.
+const MAX_BATCH_REQUESTS: usize = 512;
+const MAX_BATCH_EVENTS: usize = 2048;
+
+/// One append handed to the committer, and where its answer goes.
+pub(crate) struct Job {
+    request: AppendRequest,
+    reply: tokio::sync::oneshot::Sender<AppendResult>,
+}
+
+/// Group commit: one task per store takes every append that is waiting,
+/// writes them in one transaction (each still checked against its own
+/// expected versions and idempotency key), and answers each only after the
+/// commit. Requests that arrive while a commit is in flight form the next
+/// batch, so batching costs no added latency when the store is idle.
+pub(crate) fn spawn_committer<F, Fut>(commit: F) -> tokio::sync::mpsc::Sender<Job>
+where
+    F: Fn(Vec<AppendRequest>) -> Fut + Send + 'static,
+    Fut: Future<Output = Vec<AppendResult>> + Send,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH_REQUESTS);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut events = first.request.streams.iter().map(|s| s.events.len()).sum::<usize>();
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH_REQUESTS && events < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        events += job.request.streams.iter().map(|s| s.events.len()).sum::<usize>();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.request, j.reply)).unzip();
+            let results = commit(requests).await;
+            debug_assert_eq!(results.len(), replies.len());
+            for (reply, result) in replies.into_iter().zip(results) {
+                // The requester may have gone away (client disconnected); the
+                // append stands either way.
+                let _ = reply.send(result);
+            }
+        }
+    });
+    tx
+}
+
+/// Sends `request` to the committer and waits for its commit.
+pub(crate) async fn submit(committer: &tokio::sync::mpsc::Sender<Job>, request: AppendRequest) -> AppendResult {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let stopped = || AppendError::Store(StoreError::BatchFailed("the committer has stopped".to_owned()));
+    committer.send(Job { request, reply }).await.map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())?
+}
+
+/// What a batch decided for one of its requests.
+enum Plan {
+    Rejected(AppendError),
+    /// Its rows are `rows[first..first + count]`.
+    Accepted {
+        first: usize,
+        count: usize,
+    },
+}
+
+/// A batch written but not yet committed.
+pub(crate) struct WrittenBatch {
+    plans: Vec<Plan>,
+    positions: Vec<Position>,
+    hashes: Vec<String>,
+    recorded_at: DateTime<Utc>,
+}
+
+impl WrittenBatch {
+    /// Each request's result, in order (call after the commit succeeded).
+    fn finish(self, requests: Vec<AppendRequest>) -> Vec<AppendResult> {
+        let mut hashes = self.hashes.into_iter();
+        requests
+            .into_iter()
+            .zip(self.plans)
+            .map(|(request, plan)| match plan {
+                Plan::Rejected(e) => Err(e),
+                Plan::Accepted { first, count } => {
+                    let mine: Vec<String> = hashes.by_ref().take(count).collect();
+                    Ok(recorded(
+                        request,
+                        &self.positions[first..first + count],
+                        mine,
+                        self.recorded_at,
+                    ))
+                }
+            })
+            .collect()
+    }
+}
+
+/// Decides, in order, which requests of a batch can be written: each must
+/// find its streams at their expected versions (after the batch's earlier
+/// requests) and its idempotency key unused.
+fn plan_batch<'a>(
+    requests: &'a [AppendRequest],
+    mut heads: StreamHeads,
+    mut taken: HashSet<(String, String)>,
+    recorded_at: DateTime<Utc>,
+) -> (Vec<Row<'a>>, Vec<Plan>) {
+    let mut all = Vec::new();
+    let mut plans = Vec::with_capacity(requests.len());
+    for request in requests {
+        if let Err(e) = check_expected_versions(request, &heads) {
+            plans.push(Plan::Rejected(e));
+            continue;
+        }
+        if let Some(rec) = &request.idempotency {
+            if !taken.insert((rec.wallet.to_string(), rec.key.clone())) {
+                plans.push(Plan::Rejected(AppendError::DuplicateRequest));
+                continue;
+            }
+        }
+        let rows = rows(request, &heads, recorded_at);
+        for row in &rows {
+            heads.insert(row.stream.to_string(), (row.version, row.hash.clone()));
+        }
+        plans.push(Plan::Accepted {
+            first: all.len(),
+            count: rows.len(),
+        });
+        all.extend(rows);
+    }
+    (all, plans)
+}
+
+/// The idempotency rows of the accepted requests: (record, last position).
+fn idempotency_rows<'a>(
+    requests: &'a [AppendRequest],
+    plans: &[Plan],
+    positions: &[Position],
+) -> Vec<(&'a IdempotencyRecord, Option<Position>)> {
+    requests
+        .iter()
+        .zip(plans)
+        .filter_map(|(r, plan)| match (plan, &r.idempotency) {
+            (Plan::Accepted { first, count }, Some(rec)) => {
+                Some((rec, (*count > 0).then(|| positions[first + count - 1])))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Fans a whole-batch failure out to every request of the batch.
+fn batch_failed(n: usize, e: &StoreError) -> Vec<AppendResult> {
+    tracing::error!(error = %e, requests = n, "append batch failed");
+    (0..n)
+        .map(|_| Err(AppendError::Store(StoreError::BatchFailed(e.to_string()))))
+        .collect()
 }
 
 /// Each stream's last version and hash, as found under the append lock.
@@ -445,39 +626,5 @@ impl RawEvent {
             recorded_at: self.recorded_at,
             hash: self.hash.unwrap_or_default(),
         })
-    }
-}
-
-/// Whether a database error is a unique violation on the idempotency table.
-fn is_idempotency_violation(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            db.constraint() == Some("idempotency_pkey") || db.message().contains("idempotency.")
-        }
-        _ => false,
-    }
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
-}
-
-/// Maps an insert error: a unique violation on (stream, version) means a
-/// concurrent append won the race.
-fn append_error(e: sqlx::Error, request: &AppendRequest) -> AppendError {
-    if is_idempotency_violation(&e) {
-        AppendError::DuplicateRequest
-    } else if is_unique_violation(&e) {
-        let stream = request.streams.first().map(|s| s.stream.clone());
-        match stream {
-            Some(stream) => AppendError::Conflict {
-                expected: request.streams[0].expected_version,
-                actual: request.streams[0].expected_version + 1,
-                stream,
-            },
-            None => AppendError::Store(e.into()),
-        }
-    } else {
-        AppendError::Store(e.into())
     }
 }

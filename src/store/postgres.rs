@@ -4,15 +4,19 @@
 //! appends commit one after another and positions become visible in order
 //! (PostgreSQL releases the lock only after the commit is visible).
 
+use std::collections::HashSet;
 use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Row as _, Transaction};
 
 use super::{
-    append_error, check_expected_versions, now, recorded, rows, AppendError, AppendRequest, Cutoff, IdempotencyRecord,
-    Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, StreamHeads,
+    batch_failed, idempotency_rows, now, plan_batch, spawn_committer, AppendError, AppendRequest, AppendResult, Cutoff,
+    Job, Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, StreamHeads,
+    WrittenBatch,
 };
 use crate::aggregate::WalletId;
 
@@ -25,6 +29,7 @@ const EVENT_COLUMNS: &str =
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
     pool: PgPool,
+    committer: mpsc::Sender<Job>,
 }
 
 pub struct PendingAppend {
@@ -46,7 +51,14 @@ impl PgEventStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        let committer = {
+            let pool = pool.clone();
+            spawn_committer(move |requests| {
+                let pool = pool.clone();
+                async move { commit_batch(&pool, requests).await }
+            })
+        };
+        Ok(Self { pool, committer })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -58,84 +70,15 @@ impl PgEventStore {
         Ok(())
     }
 
+    pub(crate) fn committer(&self) -> &mpsc::Sender<Job> {
+        &self.committer
+    }
+
+    /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
-        let mut tx = self.pool.begin().await.map_err(|e| AppendError::Store(e.into()))?;
-        let store = |e: sqlx::Error| AppendError::Store(e.into());
-
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(APPEND_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(store)?;
-
-        // Under the lock no other append can move these streams.
-        let names: Vec<&str> = request.streams.iter().map(|s| s.stream.as_str()).collect();
-        // One index probe per stream (newest version first), however long the stream.
-        let heads: StreamHeads = sqlx::query(
-            "SELECT s.stream_id, e.version, COALESCE(e.hash, '') FROM unnest($1::text[]) AS s(stream_id) \
-             CROSS JOIN LATERAL (SELECT version, hash FROM events WHERE stream_id = s.stream_id \
-             ORDER BY version DESC LIMIT 1) e",
-        )
-        .bind(&names)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(store)?
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<String, _>(0),
-                (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
-            )
-        })
-        .collect();
-        check_expected_versions(&request, &heads)?;
-
-        // Taken under the lock: event time never decreases along the log.
-        let recorded_at = now();
-        let rows = rows(&request, &heads, recorded_at);
-        let mut insert = QueryBuilder::<Postgres>::new(
-            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
-        );
-        insert.push_values(&rows, |mut b, row| {
-            b.push_bind(row.stream.as_str())
-                .push_bind(row.version as i64)
-                .push_bind(row.event.event_id)
-                .push_bind(row.event.event.event_type())
-                .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
-                .push_bind(Json(&row.payload))
-                .push_bind(Json(&row.event.metadata))
-                .push_bind(recorded_at)
-                .push_bind(row.hash.as_str());
-        });
-        insert.push(" RETURNING position");
-        let mut positions: Vec<Position> = insert
-            .build_query_scalar()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| append_error(e, &request))?;
-        // Identity values are drawn in VALUES order.
-        positions.sort_unstable();
-        let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
-
-        if let Some(record) = &request.idempotency {
-            let last = positions.last().copied();
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            )
-            .bind(record.wallet.as_str())
-            .bind(&record.key)
-            .bind(&record.fingerprint)
-            .bind(Json(&record.outcome))
-            .bind(last)
-            .execute(&mut *tx)
-            .await
-            .map_err(store)?;
-            if inserted.rows_affected() == 0 {
-                return Err(AppendError::DuplicateRequest);
-            }
-        }
-        let events = recorded(request, &positions, hashes, recorded_at);
+        let requests = vec![request];
+        let (tx, written) = write_batch(&self.pool, &requests).await?;
+        let events = written.finish(requests).pop().expect("one result per request")?;
         Ok(PendingAppend { tx, events })
     }
 
@@ -215,24 +158,6 @@ impl PgEventStore {
         }))
     }
 
-    pub async fn remember_rejection(&self, record: IdempotencyRecord) -> Result<(), AppendError> {
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) \
-             VALUES ($1, $2, $3, $4, NULL) ON CONFLICT DO NOTHING",
-        )
-        .bind(record.wallet.as_str())
-        .bind(&record.key)
-        .bind(&record.fingerprint)
-        .bind(Json(&record.outcome))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| AppendError::Store(e.into()))?;
-        if inserted.rows_affected() == 0 {
-            return Err(AppendError::DuplicateRequest);
-        }
-        Ok(())
-    }
-
     pub async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO snapshots (stream_id, version, position, schema_version, state, created_at) \
@@ -297,6 +222,126 @@ impl PgEventStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Writes and commits one group of appends.
+async fn commit_batch(pool: &PgPool, requests: Vec<AppendRequest>) -> Vec<AppendResult> {
+    let written = match write_batch(pool, &requests).await {
+        Ok((tx, written)) => tx.commit().await.map(|_| written).map_err(StoreError::from),
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(written) => written.finish(requests),
+        Err(e) => batch_failed(requests.len(), &e),
+    }
+}
+
+/// Everything of a group commit but the commit: under the append lock, reads
+/// the stream heads and the idempotency keys of the whole batch, decides
+/// each request in order, and inserts the accepted events and idempotency
+/// rows in one statement each.
+async fn write_batch(
+    pool: &PgPool,
+    requests: &[AppendRequest],
+) -> Result<(Transaction<'static, Postgres>, WrittenBatch), StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *tx)
+        .await?;
+
+    // Under the lock no other append can move these streams or take these keys.
+    let names: Vec<&str> = requests
+        .iter()
+        .flat_map(|r| r.streams.iter().map(|s| s.stream.as_str()))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    // One index probe per stream (newest version first), however long the stream.
+    let heads: StreamHeads = sqlx::query(
+        "SELECT s.stream_id, e.version, COALESCE(e.hash, '') FROM unnest($1::text[]) AS s(stream_id) \
+         CROSS JOIN LATERAL (SELECT version, hash FROM events WHERE stream_id = s.stream_id \
+         ORDER BY version DESC LIMIT 1) e",
+    )
+    .bind(&names)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| {
+        (
+            r.get::<String, _>(0),
+            (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
+        )
+    })
+    .collect();
+    let (key_wallets, keys): (Vec<&str>, Vec<&str>) = requests
+        .iter()
+        .filter_map(|r| r.idempotency.as_ref())
+        .map(|rec| (rec.wallet.as_str(), rec.key.as_str()))
+        .unzip();
+    let taken: HashSet<(String, String)> = if keys.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT wallet_id, key FROM idempotency WHERE (wallet_id, key) IN \
+             (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .bind(&key_wallets)
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+
+    // Taken under the lock: event time never decreases along the log.
+    let recorded_at = now();
+    let (rows, plans) = plan_batch(requests, heads, taken, recorded_at);
+    let mut positions: Vec<Position> = Vec::with_capacity(rows.len());
+    if !rows.is_empty() {
+        let mut insert = QueryBuilder::<Postgres>::new(
+            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
+        );
+        insert.push_values(&rows, |mut b, row| {
+            b.push_bind(row.stream.as_str())
+                .push_bind(row.version as i64)
+                .push_bind(row.event.event_id)
+                .push_bind(row.event.event.event_type())
+                .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
+                .push_bind(Json(&row.payload))
+                .push_bind(Json(&row.event.metadata))
+                .push_bind(recorded_at)
+                .push_bind(row.hash.as_str());
+        });
+        insert.push(" RETURNING position");
+        positions = insert.build_query_scalar().fetch_all(&mut *tx).await?;
+        // Identity values are drawn in VALUES order.
+        positions.sort_unstable();
+    }
+    let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
+
+    let records = idempotency_rows(requests, &plans, &positions);
+    if !records.is_empty() {
+        let mut insert =
+            QueryBuilder::<Postgres>::new("INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) ");
+        insert.push_values(&records, |mut b, (rec, position)| {
+            b.push_bind(rec.wallet.as_str())
+                .push_bind(rec.key.as_str())
+                .push_bind(rec.fingerprint.as_str())
+                .push_bind(Json(&rec.outcome))
+                .push_bind(*position);
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    Ok((
+        tx,
+        WrittenBatch {
+            plans,
+            positions,
+            hashes,
+            recorded_at,
+        },
+    ))
 }
 
 fn decode_all(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {

@@ -4,6 +4,7 @@
 //! of one connection (WAL mode lets the reader pool carry on meanwhile). One
 //! writer means appends commit in position order, so `read_all` never skips.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -12,11 +13,12 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row as _, Sqlite, Transaction};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::{
-    append_error, check_expected_versions, now, recorded, rows, AppendError, AppendRequest, Cutoff, IdempotencyRecord,
-    Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamHeads,
+    batch_failed, idempotency_rows, now, plan_batch, spawn_committer, AppendError, AppendRequest, AppendResult, Cutoff,
+    Job, Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamHeads, WrittenBatch,
 };
 use crate::aggregate::WalletId;
 
@@ -27,6 +29,7 @@ const EVENT_COLUMNS: &str =
 pub struct SqliteEventStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    committer: mpsc::Sender<Job>,
 }
 
 pub struct PendingAppend {
@@ -69,7 +72,18 @@ impl SqliteEventStore {
                 .connect_with(options)
                 .await?
         };
-        Ok(Self { writer, reader })
+        let committer = {
+            let writer = writer.clone();
+            spawn_committer(move |requests| {
+                let writer = writer.clone();
+                async move { commit_batch(&writer, requests).await }
+            })
+        };
+        Ok(Self {
+            writer,
+            reader,
+            committer,
+        })
     }
 
     /// The single writing connection's pool.
@@ -86,82 +100,15 @@ impl SqliteEventStore {
         Ok(())
     }
 
+    pub(crate) fn committer(&self) -> &mpsc::Sender<Job> {
+        &self.committer
+    }
+
+    /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
-        let store = |e: sqlx::Error| AppendError::Store(e.into());
-        // The single writer connection serialises appends; the transaction
-        // holds it until commit or rollback.
-        // IMMEDIATE takes the write lock up front: another process (the CLI)
-        // cannot slip in between our version check and our insert.
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await.map_err(store)?;
-
-        // One index probe per stream (newest version first), however long the
-        // stream; chunked to stay under SQLite's compound-select limit.
-        let mut heads = StreamHeads::new();
-        for chunk in request.streams.chunks(100) {
-            let mut select = QueryBuilder::<Sqlite>::new("");
-            for (i, s) in chunk.iter().enumerate() {
-                if i > 0 {
-                    select.push(" UNION ALL ");
-                }
-                select
-                    .push("SELECT * FROM (SELECT stream_id, version, COALESCE(hash, '') FROM events WHERE stream_id = ")
-                    .push_bind(s.stream.as_str())
-                    .push(" ORDER BY version DESC LIMIT 1)");
-            }
-            for r in select.build().fetch_all(&mut *tx).await.map_err(store)? {
-                heads.insert(
-                    r.get::<String, _>(0),
-                    (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
-                );
-            }
-        }
-        check_expected_versions(&request, &heads)?;
-
-        let recorded_at = now();
-        let at_text = time_text(recorded_at);
-        let rows = rows(&request, &heads, recorded_at);
-        let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
-        );
-        insert.push_values(&rows, |mut b, row| {
-            b.push_bind(row.stream.as_str())
-                .push_bind(row.version as i64)
-                .push_bind(row.event.event_id.to_string())
-                .push_bind(row.event.event.event_type())
-                .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
-                .push_bind(row.payload.to_string())
-                .push_bind(row.event.metadata.to_string())
-                .push_bind(at_text.clone())
-                .push_bind(row.hash.as_str());
-        });
-        insert.push(" RETURNING position");
-        let mut positions: Vec<Position> = insert
-            .build_query_scalar()
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(|e| append_error(e, &request))?;
-        // RETURNING order is unspecified in SQLite; rowids follow VALUES order.
-        positions.sort_unstable();
-        let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
-
-        if let Some(record) = &request.idempotency {
-            let inserted = sqlx::query(
-                "INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) \
-                 VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            )
-            .bind(record.wallet.as_str())
-            .bind(&record.key)
-            .bind(&record.fingerprint)
-            .bind(record.outcome.to_string())
-            .bind(positions.last().copied())
-            .execute(&mut *tx)
-            .await
-            .map_err(store)?;
-            if inserted.rows_affected() == 0 {
-                return Err(AppendError::DuplicateRequest);
-            }
-        }
-        let events = recorded(request, &positions, hashes, recorded_at);
+        let requests = vec![request];
+        let (tx, written) = write_batch(&self.writer, &requests).await?;
+        let events = written.finish(requests).pop().expect("one result per request")?;
         Ok(PendingAppend { tx, events })
     }
 
@@ -244,24 +191,6 @@ impl SqliteEventStore {
         .transpose()
     }
 
-    pub async fn remember_rejection(&self, record: IdempotencyRecord) -> Result<(), AppendError> {
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) \
-             VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING",
-        )
-        .bind(record.wallet.as_str())
-        .bind(&record.key)
-        .bind(&record.fingerprint)
-        .bind(record.outcome.to_string())
-        .execute(&self.writer)
-        .await
-        .map_err(|e| AppendError::Store(e.into()))?;
-        if inserted.rows_affected() == 0 {
-            return Err(AppendError::DuplicateRequest);
-        }
-        Ok(())
-    }
-
     pub async fn save_snapshot(&self, s: &SnapshotRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO snapshots (stream_id, version, position, schema_version, state, created_at) \
@@ -326,6 +255,127 @@ impl SqliteEventStore {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
+}
+
+/// Writes and commits one group of appends.
+async fn commit_batch(writer: &SqlitePool, requests: Vec<AppendRequest>) -> Vec<AppendResult> {
+    let written = match write_batch(writer, &requests).await {
+        Ok((tx, written)) => tx.commit().await.map(|_| written).map_err(StoreError::from),
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(written) => written.finish(requests),
+        Err(e) => batch_failed(requests.len(), &e),
+    }
+}
+
+/// Everything of a group commit but the commit, on the single writer
+/// connection (an IMMEDIATE transaction: another process, such as the CLI,
+/// cannot slip in between the checks and the inserts).
+async fn write_batch(
+    writer: &SqlitePool,
+    requests: &[AppendRequest],
+) -> Result<(Transaction<'static, Sqlite>, WrittenBatch), StoreError> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+
+    // One index probe per stream (newest version first), however long the
+    // stream; chunked to stay under SQLite's compound-select limit.
+    let names: Vec<&str> = requests
+        .iter()
+        .flat_map(|r| r.streams.iter().map(|s| s.stream.as_str()))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut heads = StreamHeads::new();
+    for chunk in names.chunks(100) {
+        let mut select = QueryBuilder::<Sqlite>::new("");
+        for (i, name) in chunk.iter().enumerate() {
+            if i > 0 {
+                select.push(" UNION ALL ");
+            }
+            select
+                .push("SELECT * FROM (SELECT stream_id, version, COALESCE(hash, '') FROM events WHERE stream_id = ")
+                .push_bind(*name)
+                .push(" ORDER BY version DESC LIMIT 1)");
+        }
+        for r in select.build().fetch_all(&mut *tx).await? {
+            heads.insert(
+                r.get::<String, _>(0),
+                (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
+            );
+        }
+    }
+    let keys: Vec<(&str, &str)> = requests
+        .iter()
+        .filter_map(|r| r.idempotency.as_ref())
+        .map(|rec| (rec.wallet.as_str(), rec.key.as_str()))
+        .collect();
+    let mut taken: HashSet<(String, String)> = HashSet::new();
+    for chunk in keys.chunks(200) {
+        let mut q =
+            QueryBuilder::<Sqlite>::new("SELECT wallet_id, key FROM idempotency WHERE (wallet_id, key) IN (VALUES ");
+        let mut list = q.separated(", ");
+        for (w, k) in chunk {
+            list.push("(")
+                .push_bind_unseparated(*w)
+                .push_unseparated(", ")
+                .push_bind_unseparated(*k)
+                .push_unseparated(")");
+        }
+        q.push(")");
+        for r in q.build().fetch_all(&mut *tx).await? {
+            taken.insert((r.get::<String, _>(0), r.get::<String, _>(1)));
+        }
+    }
+
+    let recorded_at = now();
+    let at_text = time_text(recorded_at);
+    let (rows, plans) = plan_batch(requests, heads, taken, recorded_at);
+    let mut positions: Vec<Position> = Vec::with_capacity(rows.len());
+    if !rows.is_empty() {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
+        );
+        insert.push_values(&rows, |mut b, row| {
+            b.push_bind(row.stream.as_str())
+                .push_bind(row.version as i64)
+                .push_bind(row.event.event_id.to_string())
+                .push_bind(row.event.event.event_type())
+                .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
+                .push_bind(row.payload.to_string())
+                .push_bind(row.event.metadata.to_string())
+                .push_bind(at_text.clone())
+                .push_bind(row.hash.as_str());
+        });
+        insert.push(" RETURNING position");
+        positions = insert.build_query_scalar().fetch_all(&mut *tx).await?;
+        // RETURNING order is unspecified in SQLite; rowids follow VALUES order.
+        positions.sort_unstable();
+    }
+    let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
+
+    let records = idempotency_rows(requests, &plans, &positions);
+    if !records.is_empty() {
+        let mut insert =
+            QueryBuilder::<Sqlite>::new("INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) ");
+        insert.push_values(&records, |mut b, (rec, position)| {
+            b.push_bind(rec.wallet.as_str())
+                .push_bind(rec.key.as_str())
+                .push_bind(rec.fingerprint.as_str())
+                .push_bind(rec.outcome.to_string())
+                .push_bind(*position);
+        });
+        insert.build().execute(&mut *tx).await?;
+    }
+    Ok((
+        tx,
+        WrittenBatch {
+            plans,
+            positions,
+            hashes,
+            recorded_at,
+        },
+    ))
 }
 
 fn decode_all(rows: Vec<SqliteRow>) -> Result<Vec<RecordedEvent>, StoreError> {
