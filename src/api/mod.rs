@@ -32,6 +32,8 @@ use crate::store::EventStore;
 
 /// Largest request body accepted (bytes).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Default longest wait of a read-model request for its `minPosition`.
+pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(2);
 /// A request taking longer than this is answered 408.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -41,6 +43,8 @@ pub struct AppState {
     pub ledger: Arc<Ledger>,
     pub store: EventStore,
     pub projections: Arc<Projections>,
+    /// Longest a read-model request waits for `minPosition`.
+    pub read_wait: Duration,
 }
 
 impl AppState {
@@ -54,6 +58,7 @@ impl AppState {
             ledger: Arc::new(ledger),
             store,
             projections,
+            read_wait: DEFAULT_READ_WAIT,
         }
     }
 

@@ -3,8 +3,6 @@
 //! position the client wrote (read-your-writes); every answer carries the
 //! projection's position in `X-Projection-Position`.
 
-use std::time::Duration;
-
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue};
@@ -23,8 +21,6 @@ use crate::store::Position;
 /// Page size when `limit` is not given, and the largest allowed.
 const DEFAULT_LIMIT: u32 = 50;
 const MAX_LIMIT: u32 = 200;
-/// Longest a read waits for `minPosition`.
-const MAX_WAIT: Duration = Duration::from_secs(2);
 
 impl From<ProjectionError> for Problem {
     fn from(e: ProjectionError) -> Self {
@@ -106,7 +102,7 @@ async fn settle(app: &AppState, projection: &str, min_position: Option<&str>) ->
         })
         .transpose()?;
     Ok(match min {
-        Some(min) => app.projections.wait_for(projection, min, MAX_WAIT).await?,
+        Some(min) => app.projections.wait_for(projection, min, app.read_wait).await?,
         None => app.projections.checkpoint(projection).await?,
     })
 }

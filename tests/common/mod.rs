@@ -72,7 +72,10 @@ pub async fn sqlite() -> TestDb {
 pub async fn serve(store: EventStore) -> String {
     let projections = Arc::new(Projections::new(store.clone(), FraudRules::default()));
     projections.ensure().await.expect("create read models");
-    let state = AppState::new(store, projections);
+    let mut state = AppState::new(store, projections);
+    // A loaded CI machine may need longer than the product's 2 s for a
+    // projection to catch up; tests assert the position, not the timing.
+    state.read_wait = std::time::Duration::from_secs(20);
     state.spawn_projection_runner();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
