@@ -4,9 +4,11 @@
 //! - [`aggregate`]: the pure wallet domain (`decide`, `evolve`, money, ids).
 //! - [`store`]: the append-only event log on PostgreSQL or SQLite.
 //! - [`ledger`]: the command path (idempotency, load, decide, append, retry).
+//! - [`snapshots`]: folded states stored every N events; loading = snapshot + tail.
 //! - [`projections`]: read models (history, stats, flags) built from the log.
-//! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands; [`seed`]:
-//!   synthetic history for benchmarks.
+//! - [`replay`] and [`verify`]: time travel and whole-log checks (read-only).
+//! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands; [`load`] and
+//!   [`seed`]: the load generator and synthetic history for benchmarks.
 
 pub mod aggregate;
 pub mod api;
