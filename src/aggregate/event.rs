@@ -122,6 +122,31 @@ impl WalletEvent {
         value.expect("event payloads always serialise")
     }
 
+    /// Decodes a stored event from its JSON text straight into the typed
+    /// payload (no intermediate `Value`: this is the hot path of every load).
+    pub fn decode_text(event_type: &str, schema_version: i32, payload: &str) -> Result<Self, EventDecodeError> {
+        if schema_version != EVENT_SCHEMA_VERSION {
+            // Older versions take the general path, which upcasts.
+            let value = serde_json::from_str(payload).map_err(|source| EventDecodeError::Payload {
+                event_type: event_type.to_owned(),
+                source,
+            })?;
+            return Self::decode(event_type, schema_version, value);
+        }
+        let bad = |source| EventDecodeError::Payload {
+            event_type: event_type.to_owned(),
+            source,
+        };
+        Ok(match event_type {
+            "WalletCreated" => WalletEvent::WalletCreated(serde_json::from_str(payload).map_err(bad)?),
+            "FundsDeposited" => WalletEvent::FundsDeposited(serde_json::from_str(payload).map_err(bad)?),
+            "FundsWithdrawn" => WalletEvent::FundsWithdrawn(serde_json::from_str(payload).map_err(bad)?),
+            "TransferDebited" => WalletEvent::TransferDebited(serde_json::from_str(payload).map_err(bad)?),
+            "TransferCredited" => WalletEvent::TransferCredited(serde_json::from_str(payload).map_err(bad)?),
+            other => return Err(EventDecodeError::UnknownType(other.to_owned())),
+        })
+    }
+
     /// Decodes a stored event, upcasting older schema versions.
     pub fn decode(event_type: &str, schema_version: i32, payload: serde_json::Value) -> Result<Self, EventDecodeError> {
         if schema_version != EVENT_SCHEMA_VERSION {
@@ -189,6 +214,11 @@ mod tests {
         for e in events {
             let back = WalletEvent::decode(e.event_type(), EVENT_SCHEMA_VERSION, e.payload()).unwrap();
             assert_eq!(back, e);
+            let text = e.payload().to_string();
+            assert_eq!(
+                WalletEvent::decode_text(e.event_type(), EVENT_SCHEMA_VERSION, &text).unwrap(),
+                e
+            );
         }
     }
 

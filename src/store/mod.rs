@@ -591,7 +591,8 @@ struct RawEvent {
     event_id: Uuid,
     event_type: String,
     schema_version: i32,
-    payload: Value,
+    /// JSON text.
+    payload: String,
     metadata: Value,
     recorded_at: DateTime<Utc>,
     hash: Option<String>,
@@ -603,7 +604,7 @@ impl RawEvent {
             position: self.position,
             source,
         };
-        let event = WalletEvent::decode(&self.event_type, self.schema_version, self.payload).map_err(corrupt)?;
+        let event = WalletEvent::decode_text(&self.event_type, self.schema_version, &self.payload).map_err(corrupt)?;
         // The stream id column must agree with the payload it carries.
         let stream = event.wallet_id().clone();
         if stream.as_str() != self.stream_id || self.version < 1 {

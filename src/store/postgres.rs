@@ -24,7 +24,7 @@ use crate::aggregate::WalletId;
 const APPEND_LOCK: i64 = 0x7761_6c6c_6574; // "wallet"
 
 const EVENT_COLUMNS: &str =
-    "position, stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash";
+    "position, stream_id, version, event_id, event_type, schema_version, payload::text, metadata, recorded_at, hash";
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
@@ -356,7 +356,7 @@ fn decode_row(r: PgRow) -> Result<RecordedEvent, StoreError> {
         event_id: r.try_get(3)?,
         event_type: r.try_get(4)?,
         schema_version: r.try_get(5)?,
-        payload: r.try_get::<Json<serde_json::Value>, _>(6)?.0,
+        payload: r.try_get(6)?,
         metadata: r.try_get::<Json<serde_json::Value>, _>(7)?.0,
         recorded_at: r.try_get(8)?,
         hash: r.try_get(9)?,

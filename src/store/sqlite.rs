@@ -401,7 +401,7 @@ fn decode_row(r: SqliteRow) -> Result<RecordedEvent, StoreError> {
         event_id: Uuid::parse_str(&event_id).map_err(|e| bad("event_id", &e))?,
         event_type: r.try_get(4)?,
         schema_version: r.try_get(5)?,
-        payload: serde_json::from_str(&payload).map_err(|e| bad("payload", &e))?,
+        payload,
         metadata: serde_json::from_str(&metadata).map_err(|e| bad("metadata", &e))?,
         recorded_at: DateTime::parse_from_rfc3339(&recorded_at)
             .map_err(|e| bad("recorded_at", &e))?
