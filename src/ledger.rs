@@ -243,10 +243,8 @@ impl Ledger {
         };
 
         for attempt in 1..=MAX_ATTEMPTS {
-            let mut states = Vec::with_capacity(wallets.len());
-            for id in &wallets {
-                states.push(self.wallet(id, None).await?);
-            }
+            // Both wallets of a transfer load concurrently: one round trip of latency, not two.
+            let states = futures_util::future::try_join_all(wallets.iter().map(|id| self.wallet(id, None))).await?;
             let refs: Vec<&Wallet> = states.iter().collect();
             let decision = match decide(&command, &refs) {
                 Ok(decision) => decision,
