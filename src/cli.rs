@@ -13,6 +13,9 @@ use rust_decimal::Decimal;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
+use crate::broker::relay::Relay;
+use crate::broker::worker::Worker;
+use crate::broker::Topology;
 use crate::config;
 use crate::projections::{FraudRules, Projections};
 
@@ -27,6 +30,8 @@ pub struct Cli {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub fraud: FraudArgs,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -39,6 +44,32 @@ pub struct DatabaseArgs {
     /// Directory of the embedded SQLite database.
     #[arg(long, env = "WALLET_DATA_DIR", default_value = "data", global = true)]
     pub data_dir: PathBuf,
+}
+
+/// RabbitMQ. Unset `AMQP_URL` means no broker: `serve` runs the
+/// projections in-process.
+#[derive(Args, Debug)]
+pub struct BrokerArgs {
+    /// amqp://user:pass@host:5672/%2f
+    #[arg(long, env = "AMQP_URL", global = true)]
+    pub amqp_url: Option<String>,
+    /// Name of the fanout exchange; the queues are named after it
+    /// (<exchange>.worker, <exchange>.dlx, <exchange>.dlq).
+    #[arg(long, env = "AMQP_EXCHANGE", default_value = "wallet.events", global = true)]
+    pub amqp_exchange: String,
+}
+
+impl BrokerArgs {
+    fn url(&self) -> anyhow::Result<&str> {
+        self.amqp_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .ok_or_else(|| anyhow::anyhow!("AMQP_URL (or --amqp-url) is required for this command"))
+    }
+
+    fn topology(&self) -> Topology {
+        Topology::named(&self.amqp_exchange)
+    }
 }
 
 /// Fraud rule thresholds. Changing them changes what the stats and flags
@@ -70,8 +101,19 @@ impl FraudArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the HTTP API and the in-process projections (applies migrations first).
+    /// Run the HTTP API (applies migrations first). Without AMQP_URL it also
+    /// runs the projections in-process; with it, it runs the relay and the
+    /// read models are the worker's job.
     Serve(ServeArgs),
+    /// Publish the committed log to RabbitMQ, in order, with publisher
+    /// confirms. Only one relay is active at a time; others stand by.
+    Relay,
+    /// Consume the fan-out queue into the read models; what cannot be
+    /// applied goes to the dead-letter queue.
+    Worker,
+    /// Inspect or replay the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Apply database migrations and exit.
     Migrate,
     /// Inspect or rebuild the read models (history, stats, flags).
@@ -164,6 +206,30 @@ pub struct LoadArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// Dead letters, oldest first, with the reason each was dead-lettered.
+    /// Leaves the queue unchanged.
+    List {
+        /// At most this many (at most 10,000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back through the worker, oldest first (after the
+    /// cause is fixed). A wallet's parked events apply in order.
+    Replay {
+        /// Only these message (event) ids; default: all.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// At most this many (at most 10,000).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ProjectionsCommand {
     /// Each projection's checkpoint, lag behind the log head and current rate.
     Status {
@@ -199,7 +265,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             projections.ensure().await.context("creating read models")?;
             let ledger = crate::ledger::Ledger::new(store.clone()).with_snapshot_every(args.snapshot_every);
             let state = AppState::with_ledger(ledger, store.clone(), projections);
-            let runner = state.spawn_projection_runner();
+            let background = match cli.broker.amqp_url.as_deref().filter(|u| !u.trim().is_empty()) {
+                // With a broker the worker owns the read models; this
+                // process relays its log (or stands by for another relay).
+                Some(amqp) => {
+                    let relay = Relay::new(store.clone(), amqp, cli.broker.topology()).with_wake(state.ledger.appended());
+                    tracing::info!(exchange = %cli.broker.amqp_exchange, "broker mode: relay on, in-process projections off");
+                    tokio::spawn(relay.run())
+                }
+                None => state.spawn_projection_runner(),
+            };
             let listener = TcpListener::bind(args.bind)
                 .await
                 .with_context(|| format!("binding {}", args.bind))?;
@@ -210,11 +285,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "serving; API docs at /docs"
             );
             api::serve(listener, state, shutdown_signal()).await?;
-            // Dropping mid-batch is safe: a batch is one transaction.
-            runner.abort();
+            // Dropping mid-batch is safe: a batch is one transaction, and an
+            // unconfirmed relay window is published again by the next relay.
+            background.abort();
             tracing::info!("stopped");
             Ok(())
         }
+        Command::Relay => {
+            let amqp = cli.broker.url()?;
+            let store = config::open_store(&url).await.context("opening the event store")?;
+            let relay = Relay::new(store, amqp, cli.broker.topology());
+            tokio::select! {
+                _ = relay.run() => {}
+                _ = shutdown_signal() => {}
+            }
+            Ok(())
+        }
+        Command::Worker => {
+            let amqp = cli.broker.url()?;
+            let store = config::open_store(&url).await.context("opening the event store")?;
+            let projections = Arc::new(Projections::new(store, rules));
+            projections.ensure().await.context("creating read models")?;
+            let worker = Worker::new(projections, amqp, cli.broker.topology());
+            tokio::select! {
+                _ = worker.run() => {}
+                _ = shutdown_signal() => {}
+            }
+            Ok(())
+        }
+        Command::Dlq(command) => dlq(cli.broker.url()?, &cli.broker.topology(), command).await,
         Command::Replay(args) => {
             let store = config::open_store(&url).await.context("opening the event store")?;
             replay(&store, args).await
@@ -244,7 +343,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let projections = Projections::new(store, rules);
             projections.ensure().await.context("creating read models")?;
             match command {
-                ProjectionsCommand::Status { json } => status(&projections, json).await,
+                ProjectionsCommand::Status { json } => {
+                    status(&projections, json).await?;
+                    if let Some(amqp) = cli.broker.amqp_url.as_deref().filter(|u| !u.trim().is_empty()) {
+                        let b = crate::broker::status(amqp, &cli.broker.topology(), projections.store())
+                            .await
+                            .context("reading the broker's state")?;
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(&b)?);
+                        } else {
+                            println!(
+                                "relay checkpoint {} (lag {}); worker queue {} ready; dead letters {}",
+                                b.relay_checkpoint, b.relay_lag, b.worker_queue_depth, b.dead_letter_depth
+                            );
+                        }
+                    }
+                    Ok(())
+                }
                 ProjectionsCommand::Rebuild { names, restart } => rebuild(&projections, names, restart).await,
             }
         }
@@ -288,6 +403,36 @@ async fn status(projections: &Projections, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn dlq(amqp: &str, topology: &Topology, command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List { limit, json } => {
+            let letters = crate::broker::dlq::list(amqp, topology, limit as usize).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+                return Ok(());
+            }
+            println!("{:<36} {:>10} {:<20} {:<17}  reason", "message id", "position", "wallet", "type");
+            for l in &letters {
+                println!(
+                    "{:<36} {:>10} {:<20} {:<17}  {}",
+                    l.message_id.as_deref().unwrap_or("-"),
+                    l.position.map_or("-".to_owned(), |p| p.to_string()),
+                    l.wallet_id.as_deref().unwrap_or("-"),
+                    l.kind.as_deref().unwrap_or("-"),
+                    l.reason.as_deref().unwrap_or("-")
+                );
+            }
+            println!("{} dead letters shown (limit {limit})", letters.len());
+            Ok(())
+        }
+        DlqCommand::Replay { ids, limit } => {
+            let replayed = crate::broker::dlq::replay(amqp, topology, &ids, limit as usize).await?;
+            println!("replayed {} dead letters to {}", replayed.len(), topology.worker_queue);
+            Ok(())
+        }
+    }
 }
 
 async fn rebuild(projections: &Projections, names: Vec<String>, restart: bool) -> anyhow::Result<()> {

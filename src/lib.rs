@@ -12,6 +12,7 @@
 
 pub mod aggregate;
 pub mod api;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod ledger;

@@ -7,8 +7,11 @@
 //! - `runner.rs` feeds events in log order and stores each projection's
 //!   checkpoint in the same transaction as its documents (exactly once),
 //!   and rebuilds a projection beside the live one, then swaps atomically.
+//! - `delivery.rs` applies events delivered by the broker worker, parking a
+//!   wallet's events behind one that failed.
 //! - `history.rs`, `stats.rs`, `flags.rs` are the three read models.
 
+mod delivery;
 pub mod flags;
 pub mod history;
 mod runner;
@@ -17,8 +20,9 @@ mod storage;
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::store::RecordedEvent;
+use crate::store::{Position, RecordedEvent, StoreError};
 
+pub use delivery::{Delivery, Incoming};
 pub use flags::FraudRules;
 pub use runner::{ProjectionError, ProjectionStatus, Projections, RebuildProgress, StepFault};
 pub use storage::{Doc, DocQuery};
@@ -62,4 +66,20 @@ impl Batch {
         let dirty = std::mem::take(&mut self.dirty);
         dirty.into_iter().filter_map(|k| self.docs.remove(&k)).collect()
     }
+}
+
+/// The checkpoint of a log reader that is not a projection (the relay).
+pub async fn load_checkpoint(store: &crate::store::EventStore, name: &str) -> Result<Position, StoreError> {
+    Ok(storage::checkpoint(store, name).await?.unwrap_or(0))
+}
+
+/// Moves such a checkpoint forward (never back: a relay that lost its
+/// leadership may still save a stale position).
+pub async fn advance_checkpoint(store: &crate::store::EventStore, name: &str, position: Position) -> Result<(), StoreError> {
+    let mut tx = storage::Tx::begin(store).await?;
+    let at = tx.checkpoint(name).await?.unwrap_or(0);
+    if position > at {
+        tx.set_checkpoint(name, position).await?;
+    }
+    tx.commit().await
 }

@@ -23,7 +23,7 @@ use super::history::History;
 use super::stats::Stats;
 use super::storage::{self, Doc, DocQuery, Tx};
 use super::{Batch, Projection};
-use crate::store::{EventStore, Position, StoreError};
+use crate::store::{EventStore, Position, RecordedEvent, StoreError};
 
 /// Events per transaction.
 const BATCH_EVENTS: u32 = 1000;
@@ -56,6 +56,8 @@ pub struct ProjectionStatus {
     pub updated_at: Option<String>,
     /// Checkpoint of an unfinished rebuild, if one exists.
     pub rebuild_checkpoint: Option<Position>,
+    /// Events the broker worker dead-lettered and holds back (see `delivery.rs`).
+    pub parked: i64,
 }
 
 /// Reported while a rebuild runs.
@@ -67,13 +69,13 @@ pub struct RebuildProgress {
 }
 
 pub struct Projections {
-    store: EventStore,
-    list: Vec<Box<dyn Projection>>,
+    pub(super) store: EventStore,
+    pub(super) list: Vec<Box<dyn Projection>>,
     batch_events: u32,
     pub fault: StepFault,
 }
 
-fn table(name: &str) -> String {
+pub(super) fn table(name: &str) -> String {
     format!("rm_{name}")
 }
 
@@ -117,6 +119,10 @@ impl Projections {
         self
     }
 
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
     pub fn names(&self) -> Vec<&'static str> {
         self.list.iter().map(|p| p.name()).collect()
     }
@@ -158,14 +164,7 @@ impl Projections {
         let Some(last) = events.last().map(|e| e.position) else {
             return Ok((0, from));
         };
-        let keys: BTreeSet<String> = events.iter().flat_map(|e| projection.reads(e)).collect();
-        let keys: Vec<String> = keys.into_iter().collect();
-        let mut batch = Batch::new(tx.load(table, &keys).await?);
-        for e in &events {
-            projection.apply(e, &mut batch);
-        }
-        let changes: Vec<Doc> = batch.into_changes();
-        tx.upsert(table, &changes).await?;
+        apply_events(tx, projection, table, events.iter()).await?;
         if self.fault.fail_before_checkpoint.swap(false, Ordering::SeqCst) {
             return Err(ProjectionError::Injected);
         }
@@ -264,6 +263,7 @@ impl Projections {
     pub async fn status(&self) -> Result<Vec<ProjectionStatus>, ProjectionError> {
         let head = self.store.head_position().await?;
         let all = storage::checkpoints(&self.store).await?;
+        let parked = storage::parked_counts(&self.store).await?;
         let find = |n: &str| all.iter().find(|(name, _, _)| name == n);
         Ok(self
             .names()
@@ -278,6 +278,7 @@ impl Projections {
                     lag: head - checkpoint,
                     updated_at: live.map(|(_, _, u)| u.clone()),
                     rebuild_checkpoint: find(&rebuild_checkpoint(name)).map(|(_, p, _)| *p),
+                    parked: parked.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c),
                 }
             })
             .collect())
@@ -385,6 +386,8 @@ impl Projections {
         tx.rename_table(&scratch, &live).await?;
         tx.set_checkpoint(name, position).await?;
         tx.delete_checkpoint(&scratch_checkpoint).await?;
+        // Events the broker worker parked are in the rebuilt model now.
+        tx.unpark_through(name, position).await?;
         tx.commit().await?;
         let done = RebuildProgress {
             position,
@@ -395,6 +398,25 @@ impl Projections {
         tracing::info!(projection = name, position, events, "rebuilt and swapped in");
         Ok(done)
     }
+}
+
+/// Applies `events`, in order, to the documents of `table` inside `tx`: one
+/// read of the documents they need, one write of those they changed.
+pub(super) async fn apply_events<'e>(
+    tx: &mut Tx,
+    projection: &dyn Projection,
+    table: &str,
+    events: impl Iterator<Item = &'e RecordedEvent> + Clone,
+) -> Result<(), ProjectionError> {
+    let keys: BTreeSet<String> = events.clone().flat_map(|e| projection.reads(e)).collect();
+    let keys: Vec<String> = keys.into_iter().collect();
+    let mut batch = Batch::new(tx.load(table, &keys).await?);
+    for e in events {
+        projection.apply(e, &mut batch);
+    }
+    let changes: Vec<Doc> = batch.into_changes();
+    tx.upsert(table, &changes).await?;
+    Ok(())
 }
 
 /// Differences between the live and the rebuilt documents. Compared by key

@@ -177,6 +177,69 @@ impl Tx {
         })
     }
 
+    /// Parked positions of `streams`, as (projection, stream, position).
+    pub async fn parked(&mut self, streams: &[&str]) -> Result<Vec<(String, String, Position)>, StoreError> {
+        let mut rows = Vec::new();
+        for chunk in streams.chunks(CHUNK) {
+            on_tx!(self, conn, Db, FOR_UPDATE => {
+                let mut q = QueryBuilder::<Db>::new(
+                    "SELECT projection, stream_id, position FROM worker_parked WHERE stream_id IN (",
+                );
+                let mut list = q.separated(", ");
+                for s in chunk {
+                    list.push_bind(*s);
+                }
+                q.push(")");
+                rows.extend(q.build_query_as::<(String, String, i64)>().fetch_all(&mut **conn).await?);
+            })
+        }
+        Ok(rows)
+    }
+
+    pub async fn park(&mut self, projection: &str, stream: &str, position: Position, reason: &str) -> Result<(), StoreError> {
+        on_tx!(self, conn, Db, FOR_UPDATE => {
+            let mut q = QueryBuilder::<Db>::new(
+                "INSERT INTO worker_parked (projection, stream_id, position, reason, parked_at) VALUES (",
+            );
+            q.push_bind(projection)
+                .push(", ")
+                .push_bind(stream)
+                .push(", ")
+                .push_bind(position)
+                .push(", ")
+                .push_bind(reason)
+                .push(", ")
+                .push_bind(now_text())
+                .push(") ON CONFLICT DO NOTHING");
+            q.build().execute(&mut **conn).await?;
+            Ok(())
+        })
+    }
+
+    pub async fn unpark(&mut self, projection: &str, stream: &str, position: Position) -> Result<(), StoreError> {
+        on_tx!(self, conn, Db, FOR_UPDATE => {
+            let mut q = QueryBuilder::<Db>::new("DELETE FROM worker_parked WHERE projection = ");
+            q.push_bind(projection)
+                .push(" AND stream_id = ")
+                .push_bind(stream)
+                .push(" AND position = ")
+                .push_bind(position);
+            q.build().execute(&mut **conn).await?;
+            Ok(())
+        })
+    }
+
+    /// Forgets the parked events of `projection` up to `position`: a
+    /// rebuild read them from the log.
+    pub async fn unpark_through(&mut self, projection: &str, position: Position) -> Result<(), StoreError> {
+        on_tx!(self, conn, Db, FOR_UPDATE => {
+            let mut q = QueryBuilder::<Db>::new("DELETE FROM worker_parked WHERE projection = ");
+            q.push_bind(projection).push(" AND position <= ").push_bind(position);
+            q.build().execute(&mut **conn).await?;
+            Ok(())
+        })
+    }
+
     pub async fn load(&mut self, table: &str, keys: &[String]) -> Result<Vec<Doc>, StoreError> {
         check_table_name(table);
         let mut docs = Vec::with_capacity(keys.len());
@@ -368,5 +431,16 @@ pub async fn dump(store: &EventStore, table: &str) -> Result<Vec<Doc>, StoreErro
         .fetch_all(pool)
         .await?;
         rows.into_iter().map(row_to_doc).collect::<Result<_, _>>().map_err(Into::into)
+    })
+}
+
+/// How many events are parked, per projection.
+pub async fn parked_counts(store: &EventStore) -> Result<Vec<(String, i64)>, StoreError> {
+    on_reader!(store, pool, Db => {
+        Ok(sqlx::query_as::<Db, (String, i64)>(
+            "SELECT projection, COUNT(*) FROM worker_parked GROUP BY projection ORDER BY projection",
+        )
+        .fetch_all(pool)
+        .await?)
     })
 }

@@ -12,6 +12,7 @@
 //! with a lower position. See DESIGN.md, "The late-commit problem".
 
 pub mod chain;
+mod leader;
 mod postgres;
 mod sqlite;
 
@@ -24,6 +25,7 @@ use uuid::Uuid;
 
 use crate::aggregate::{EventDecodeError, WalletEvent, WalletId};
 
+pub use leader::LeaderLock;
 pub use postgres::PgEventStore;
 pub use sqlite::SqliteEventStore;
 
@@ -136,6 +138,8 @@ pub enum StoreError {
     },
     #[error("invalid database url: {0}")]
     BadUrl(String),
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
     /// The group commit this append was part of failed as a whole.
     #[error("append batch failed: {0}")]
     BatchFailed(String),

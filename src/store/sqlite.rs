@@ -30,6 +30,8 @@ pub struct SqliteEventStore {
     writer: SqlitePool,
     reader: SqlitePool,
     committer: mpsc::Sender<Job>,
+    /// The database file, `None` for an in-memory database.
+    file: Option<std::path::PathBuf>,
 }
 
 pub struct PendingAppend {
@@ -83,6 +85,7 @@ impl SqliteEventStore {
             writer,
             reader,
             committer,
+            file: database_file(url),
         })
     }
 
@@ -93,6 +96,10 @@ impl SqliteEventStore {
 
     pub fn reader(&self) -> &SqlitePool {
         &self.reader
+    }
+
+    pub fn file(&self) -> Option<&std::path::Path> {
+        self.file.as_deref()
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -420,4 +427,11 @@ fn snapshot_row(r: SqliteRow) -> Result<SnapshotRecord, StoreError> {
         schema_version: r.try_get(3)?,
         state: r.try_get(4)?,
     })
+}
+
+/// The file behind an `sqlite:` URL, `None` for `:memory:`.
+fn database_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && !path.contains(":memory:")).then(|| std::path::PathBuf::from(path))
 }

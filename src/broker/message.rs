@@ -1,0 +1,110 @@
+//! One event as a RabbitMQ message: a persistent message whose
+//! `message_id` is the event id and `type` the event type, with the body
+//! `{id, type, occurredAt, payload, position, walletId, version,
+//! schemaVersion}`. Consumers deduplicate by `id` (or by position).
+
+use chrono::{DateTime, Utc};
+use lapin::BasicProperties;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::aggregate::{EventDecodeError, WalletEvent, WalletId};
+use crate::store::{Position, RecordedEvent};
+
+/// The message body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventMessage {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub occurred_at: DateTime<Utc>,
+    pub payload: serde_json::Value,
+    pub position: Position,
+    pub wallet_id: String,
+    pub version: u64,
+    #[serde(default = "first_schema")]
+    pub schema_version: i32,
+}
+
+fn first_schema() -> i32 {
+    1
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("body is not an event message: {0}")]
+    Body(#[from] serde_json::Error),
+    #[error("invalid wallet id {0:?}")]
+    WalletId(String),
+    #[error("undecodable {kind} payload: {source}")]
+    Payload {
+        kind: String,
+        #[source]
+        source: EventDecodeError,
+    },
+}
+
+/// Where a message belongs even when its event cannot be decoded: enough
+/// to park its stream.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageAddress {
+    pub position: Position,
+    pub wallet_id: String,
+}
+
+impl EventMessage {
+    pub fn of(e: &RecordedEvent) -> Self {
+        Self {
+            id: e.event_id,
+            kind: e.event.event_type().to_owned(),
+            occurred_at: e.recorded_at,
+            payload: e.event.payload(),
+            position: e.position,
+            wallet_id: e.stream.to_string(),
+            version: e.version,
+            schema_version: e.schema_version,
+        }
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("event messages serialise")
+    }
+
+    pub fn properties(&self) -> BasicProperties {
+        BasicProperties::default()
+            .with_message_id(self.id.to_string().into())
+            .with_type(self.kind.as_str().into())
+            .with_content_type("application/json".into())
+            .with_timestamp(self.occurred_at.timestamp().max(0) as u64)
+            // 2 = persistent: the broker writes it to disk before confirming.
+            .with_delivery_mode(2)
+    }
+
+    /// Decodes a body into the event it carries (upcasting old schemas).
+    pub fn decode(body: &[u8]) -> Result<RecordedEvent, MessageError> {
+        let m: EventMessage = serde_json::from_slice(body)?;
+        let stream = WalletId::parse(&m.wallet_id).map_err(|_| MessageError::WalletId(m.wallet_id.clone()))?;
+        let event = WalletEvent::decode(&m.kind, m.schema_version, m.payload).map_err(|source| MessageError::Payload {
+            kind: m.kind.clone(),
+            source,
+        })?;
+        Ok(RecordedEvent {
+            position: m.position,
+            stream,
+            version: m.version,
+            event_id: m.id,
+            schema_version: m.schema_version,
+            event,
+            metadata: serde_json::Value::Null,
+            recorded_at: m.occurred_at,
+            hash: String::new(),
+        })
+    }
+
+    /// The stream and position of a body, if it has them.
+    pub fn address(body: &[u8]) -> Option<MessageAddress> {
+        serde_json::from_slice(body).ok()
+    }
+}

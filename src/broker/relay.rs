@@ -1,0 +1,235 @@
+//! The relay: publishes the committed log, in position order, to the fanout
+//! exchange, and remembers how far the broker has confirmed.
+//!
+//! - Order: it reads the log by position, which never skips a late commit
+//!   (appends become visible in position order, see the store), and
+//!   publishes on one channel, which the broker keeps in order.
+//! - Pipelining: up to `window` messages are in flight; confirms are taken
+//!   in publish order, so the confirmed position is always one whose every
+//!   predecessor is confirmed too. Only that position is stored as the
+//!   checkpoint (`relay:<exchange>`), at most every 100 ms and when idle.
+//! - Crashes: a new session (after any error: broker, database, nack)
+//!   starts again from the stored checkpoint, so what was unconfirmed is
+//!   published again. At least once, in order; consumers deduplicate.
+//! - One active relay: a relay publishes only while it holds the `relay`
+//!   leadership lock (`store::LeaderLock`); the others wait on standby and
+//!   take over when the holder's process or connection dies.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use tokio::sync::Notify;
+
+use super::{connect, Backoff, BrokerError, EventMessage, Topology};
+use crate::projections::{advance_checkpoint, load_checkpoint};
+use crate::store::{EventStore, LeaderLock, Position};
+
+/// Messages in flight (published, not yet confirmed) at most, by default.
+pub const DEFAULT_WINDOW: usize = 512;
+/// Events read from the log per query, at most.
+const READ_BATCH: usize = 500;
+/// How often a standby tries to take over, and an idle relay polls the log.
+const STANDBY_POLL: Duration = Duration::from_millis(500);
+const IDLE_POLL: Duration = Duration::from_millis(50);
+const SAVE_EVERY: Duration = Duration::from_millis(100);
+const LEASE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Live figures of a relay, for status and metrics.
+#[derive(Debug, Default)]
+pub struct RelayGauges {
+    pub active: AtomicBool,
+    pub published: AtomicU64,
+    pub confirmed_position: AtomicI64,
+    pub in_flight: AtomicU64,
+}
+
+pub struct Relay {
+    store: EventStore,
+    url: String,
+    topology: Topology,
+    window: usize,
+    wake: Arc<Notify>,
+    pub gauges: Arc<RelayGauges>,
+}
+
+/// Name of the relay's checkpoint for an exchange.
+fn checkpoint_name(topology: &Topology) -> String {
+    format!("relay:{}", topology.exchange)
+}
+
+/// How far the broker has confirmed the log.
+pub async fn checkpoint(store: &EventStore, topology: &Topology) -> Result<Position, BrokerError> {
+    Ok(load_checkpoint(store, &checkpoint_name(topology)).await?)
+}
+
+impl Relay {
+    pub fn new(store: EventStore, url: &str, topology: Topology) -> Self {
+        Self {
+            store,
+            url: url.to_owned(),
+            topology,
+            window: DEFAULT_WINDOW,
+            wake: Arc::new(Notify::new()),
+            gauges: Arc::default(),
+        }
+    }
+
+    pub fn with_window(mut self, window: usize) -> Self {
+        assert!(window > 0, "at least one message in flight");
+        self.window = window;
+        self
+    }
+
+    /// Woken after local appends (inside `serve`); otherwise it polls.
+    pub fn with_wake(mut self, wake: Arc<Notify>) -> Self {
+        self.wake = wake;
+        self
+    }
+
+    /// Runs until the task is dropped: standby until it leads, then
+    /// publishes, reconnecting with backoff after any failure.
+    pub async fn run(self) {
+        let job = checkpoint_name(&self.topology);
+        let mut backoff = Backoff::new();
+        loop {
+            let mut lock = match self.store.try_lead(&job).await {
+                Ok(Some(lock)) => lock,
+                Ok(None) => {
+                    tokio::time::sleep(STANDBY_POLL).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay cannot reach the database; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            tracing::info!(exchange = %self.topology.exchange, "relay is the active one");
+            self.gauges.active.store(true, Ordering::SeqCst);
+            loop {
+                match self.session(&mut lock, &mut backoff).await {
+                    Err(BrokerError::LostLeadership) => break,
+                    Err(e) => tracing::warn!(error = %e, "relay session ended; reconnecting"),
+                    Ok(()) => {}
+                }
+                backoff.wait().await;
+                if !lock.still_held().await {
+                    break;
+                }
+            }
+            self.gauges.active.store(false, Ordering::SeqCst);
+            self.gauges.in_flight.store(0, Ordering::SeqCst);
+            tracing::warn!("relay lost its leadership; standing by");
+            drop(lock);
+        }
+    }
+
+    /// One broker connection: publish until something fails. Saves the
+    /// confirmed position on the way out when the database lets it.
+    async fn session(&self, lock: &mut LeaderLock, backoff: &mut Backoff) -> Result<(), BrokerError> {
+        let name = checkpoint_name(&self.topology);
+        let mut confirmed = load_checkpoint(&self.store, &name).await?;
+        let result = self.pump(lock, backoff, &mut confirmed).await;
+        if let Err(e) = advance_checkpoint(&self.store, &name, confirmed).await {
+            tracing::warn!(error = %e, confirmed, "could not save the relay checkpoint; its messages will be sent again");
+        }
+        result
+    }
+
+    async fn pump(&self, lock: &mut LeaderLock, backoff: &mut Backoff, confirmed: &mut Position) -> Result<(), BrokerError> {
+        let name = checkpoint_name(&self.topology);
+        let connection = connect(&self.url).await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.topology.declare(&channel).await?;
+        backoff.reset();
+        tracing::info!(from = *confirmed, "relay connected; publishing");
+
+        let mut saved = *confirmed;
+        let mut last_save = Instant::now();
+        let mut last_lease_check = Instant::now();
+        let mut published = *confirmed;
+        let mut in_flight = FuturesOrdered::new();
+        loop {
+            // Fill the window from the log.
+            let room = self.window - in_flight.len();
+            let mut more_waiting = false;
+            if room > 0 {
+                let want = room.min(READ_BATCH);
+                let events = self.store.read_all(published, want as u32).await?;
+                more_waiting = events.len() == want;
+                for e in &events {
+                    let message = EventMessage::of(e);
+                    let confirm = channel
+                        .basic_publish(
+                            &self.topology.exchange,
+                            "",
+                            BasicPublishOptions::default(),
+                            &message.body(),
+                            message.properties(),
+                        )
+                        .await?;
+                    in_flight.push_back(confirmation(e.position, confirm));
+                    published = e.position;
+                }
+                self.gauges.published.fetch_add(events.len() as u64, Ordering::Relaxed);
+            }
+
+            // Take confirms: block on the oldest only when there is nothing
+            // else to do (window full, or the log read dry).
+            let first = if in_flight.is_empty() {
+                None
+            } else if room == 0 || !more_waiting {
+                in_flight.next().await
+            } else {
+                in_flight.next().now_or_never().flatten()
+            };
+            if let Some(first) = first {
+                *confirmed = first?;
+                while let Some(Some(next)) = in_flight.next().now_or_never() {
+                    *confirmed = next?;
+                }
+            }
+            self.gauges.in_flight.store(in_flight.len() as u64, Ordering::Relaxed);
+            self.gauges.confirmed_position.store(*confirmed, Ordering::Relaxed);
+
+            let idle = in_flight.is_empty() && !more_waiting;
+            if *confirmed > saved && (idle || last_save.elapsed() >= SAVE_EVERY) {
+                advance_checkpoint(&self.store, &name, *confirmed).await?;
+                saved = *confirmed;
+                last_save = Instant::now();
+            }
+            if last_lease_check.elapsed() >= LEASE_CHECK_EVERY {
+                if !lock.still_held().await {
+                    return Err(BrokerError::LostLeadership);
+                }
+                last_lease_check = Instant::now();
+            }
+            if idle {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The confirm of the message at `position`: its position once acked.
+fn confirmation(
+    position: Position,
+    confirm: lapin::publisher_confirm::PublisherConfirm,
+) -> impl Future<Output = Result<Position, BrokerError>> {
+    async move {
+        match confirm.await? {
+            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(position),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked(position)),
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The worker: consumes `wallet.events.worker` into the read models, with
+//! the same projection code as the in-process runner.
+//!
+//! Deliveries are taken in batches (up to the prefetch) and applied in one
+//! database transaction together with the projections' checkpoints, so a
+//! redelivered message is a duplicate that the checkpoint skips: exactly
+//! once. A message that cannot be applied (undecodable, or failing
+//! `MAX_ATTEMPTS` times) is parked with its reason, published to the
+//! dead-letter exchange, and acknowledged; the worker moves on. Later
+//! events of the same wallet are parked behind it (`projections/delivery.rs`)
+//! until `dlq replay` brings them back in order. Nothing is acknowledged
+//! before its outcome is committed and its dead letter confirmed.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery as AmqpDelivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Channel;
+use uuid::Uuid;
+
+use super::{connect, Backoff, BrokerError, EventMessage, Topology, REASON_HEADER};
+use crate::projections::{Delivery, Incoming, Projections};
+use crate::store::RecordedEvent;
+
+/// Unacknowledged messages the broker sends ahead, and the largest batch.
+pub const DEFAULT_PREFETCH: u16 = 256;
+/// Tries to apply one message before it is dead-lettered.
+const MAX_ATTEMPTS: u32 = 5;
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Test hook: the application of these events fails until cleared, as a
+/// projection bug or a missing upcaster would.
+#[derive(Debug, Default)]
+pub struct WorkerFault {
+    failing: Mutex<HashSet<Uuid>>,
+}
+
+impl WorkerFault {
+    pub fn fail_event(&self, id: Uuid) {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+    }
+
+    pub fn clear(&self) {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn fails(&self, id: Uuid) -> bool {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    }
+}
+
+/// Live figures of a worker, for metrics.
+#[derive(Debug, Default)]
+pub struct WorkerGauges {
+    pub applied: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+pub struct Worker {
+    projections: Arc<Projections>,
+    url: String,
+    topology: Topology,
+    prefetch: u16,
+    pub fault: Arc<WorkerFault>,
+    pub gauges: Arc<WorkerGauges>,
+}
+
+/// What to do with one delivery once understood.
+enum Prepared {
+    Incoming(Incoming),
+    /// Not even a stream and position: straight to the dead letters.
+    Unaddressed(String),
+}
+
+impl Worker {
+    pub fn new(projections: Arc<Projections>, url: &str, topology: Topology) -> Self {
+        Self {
+            projections,
+            url: url.to_owned(),
+            topology,
+            prefetch: DEFAULT_PREFETCH,
+            fault: Arc::default(),
+            gauges: Arc::default(),
+        }
+    }
+
+    pub fn with_prefetch(mut self, prefetch: u16) -> Self {
+        assert!(prefetch > 0, "prefetch of at least one message");
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Runs until the task is dropped, reconnecting with backoff.
+    pub async fn run(self) {
+        let mut backoff = Backoff::new();
+        loop {
+            if let Err(e) = self.session(&mut backoff).await {
+                tracing::warn!(error = %e, "worker session ended; reconnecting");
+            }
+            backoff.wait().await;
+        }
+    }
+
+    async fn session(&self, backoff: &mut Backoff) -> Result<(), BrokerError> {
+        self.projections.ensure().await?;
+        let connection = connect(&self.url).await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.topology.declare(&channel).await?;
+        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                &self.topology.worker_queue,
+                &format!("wallet-worker-{}", Uuid::new_v4().simple()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        backoff.reset();
+        tracing::info!(queue = %self.topology.worker_queue, "worker consuming");
+        loop {
+            let Some(first) = consumer.next().await else {
+                return Ok(()); // cancelled by the broker: reconnect
+            };
+            let mut batch = vec![first?];
+            while batch.len() < usize::from(self.prefetch) {
+                match consumer.next().now_or_never() {
+                    Some(Some(delivery)) => batch.push(delivery?),
+                    Some(None) | None => break,
+                }
+            }
+            self.handle(&channel, batch, backoff).await?;
+        }
+    }
+
+    /// Applies a batch, dead-letters what could not be applied, then
+    /// acknowledges the whole batch.
+    async fn handle(&self, channel: &Channel, batch: Vec<AmqpDelivery>, backoff: &mut Backoff) -> Result<(), BrokerError> {
+        let mut prepared = Vec::with_capacity(batch.len());
+        for delivery in &batch {
+            prepared.push(self.prepare(&delivery.data).await);
+        }
+        let incoming: Vec<Incoming> = prepared
+            .iter()
+            .filter_map(|p| match p {
+                Prepared::Incoming(i) => Some(i.clone()),
+                Prepared::Unaddressed(_) => None,
+            })
+            .collect();
+        // The database may be away: keep the batch (unacknowledged) and retry.
+        let outcomes = loop {
+            match self.projections.apply_delivered(&incoming).await {
+                Ok(outcomes) => break outcomes,
+                Err(e) => {
+                    tracing::warn!(error = %e, "worker cannot write the read models; retrying");
+                    backoff.wait().await;
+                }
+            }
+        };
+        backoff.reset();
+
+        let mut outcomes = outcomes.into_iter();
+        let mut confirms = Vec::new();
+        for (delivery, prepared) in batch.iter().zip(&prepared) {
+            let dead_reason = match prepared {
+                Prepared::Unaddressed(reason) => Some(reason.clone()),
+                Prepared::Incoming(_) => match outcomes.next().expect("one outcome per incoming message") {
+                    Delivery::Applied => {
+                        self.gauges.applied.fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                    Delivery::Duplicate => {
+                        self.gauges.duplicates.fetch_add(1, Ordering::Relaxed);
+                        None
+                    }
+                    Delivery::Parked { reason } => Some(reason),
+                },
+            };
+            if let Some(reason) = dead_reason {
+                tracing::warn!(reason = %reason, message_id = ?delivery.properties.message_id(), "dead-lettering a message");
+                confirms.push(self.dead_letter(channel, delivery, &reason).await?);
+            }
+        }
+        for confirm in confirms {
+            if let Confirmation::Nack(_) = confirm.await? {
+                return Err(BrokerError::Nacked(-1));
+            }
+            self.gauges.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
+        let last = batch.last().expect("batches are not empty").delivery_tag;
+        channel.basic_ack(last, BasicAckOptions { multiple: true }).await?;
+        Ok(())
+    }
+
+    async fn prepare(&self, body: &[u8]) -> Prepared {
+        let reason = match EventMessage::decode(body) {
+            Ok(event) => match self.apply_check(&event).await {
+                Ok(()) => return Prepared::Incoming(Incoming::Event(event)),
+                Err(reason) => reason,
+            },
+            Err(e) => e.to_string(),
+        };
+        match EventMessage::address(body) {
+            Some(a) => Prepared::Incoming(Incoming::Failed {
+                stream: a.wallet_id,
+                position: a.position,
+                reason,
+            }),
+            None => Prepared::Unaddressed(reason),
+        }
+    }
+
+    /// Whether the event can be applied, with bounded retries.
+    async fn apply_check(&self, event: &RecordedEvent) -> Result<(), String> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            if !self.fault.fails(event.event_id) {
+                return Ok(());
+            }
+            if attempt < MAX_ATTEMPTS {
+                tokio::time::sleep(RETRY_PAUSE * attempt).await;
+            }
+        }
+        Err(format!("applying failed {MAX_ATTEMPTS} times: injected fault"))
+    }
+
+    async fn dead_letter(
+        &self,
+        channel: &Channel,
+        delivery: &AmqpDelivery,
+        reason: &str,
+    ) -> Result<lapin::publisher_confirm::PublisherConfirm, BrokerError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(
+            "x-wallet-failed-at".into(),
+            AMQPValue::LongString(chrono::Utc::now().to_rfc3339().as_str().into()),
+        );
+        let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        Ok(channel
+            .basic_publish(
+                &self.topology.dead_letter_exchange,
+                "",
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?)
+    }
+}

@@ -1,0 +1,191 @@
+//! The broker worker's side of the projections: applies events delivered by
+//! RabbitMQ exactly once and, per wallet, in order.
+//!
+//! The relay publishes in log order, so the normal case is the runner's: an
+//! event past a projection's checkpoint is applied and moves the checkpoint
+//! in the same transaction; one at or before it is a duplicate and skipped.
+//! The difference is failure. An event the worker cannot apply is *parked*
+//! (and dead-lettered) instead of stopping every wallet, and each later event
+//! of the same wallet is parked behind it: read models are per wallet and
+//! order-sensitive (the fraud windows), so a wallet must never see its events
+//! out of order. Replaying the dead letters in order applies the oldest
+//! parked event of each stream; the others wait behind it until their turn.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::runner::{apply_events, table};
+use super::storage::Tx;
+use super::{ProjectionError, Projections};
+use crate::store::{Position, RecordedEvent};
+
+/// One message as the worker understood it.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    Event(RecordedEvent),
+    /// A message naming its stream and position that could not be applied.
+    Failed {
+        stream: String,
+        position: Position,
+        reason: String,
+    },
+}
+
+impl Incoming {
+    fn stream(&self) -> &str {
+        match self {
+            Incoming::Event(e) => e.stream.as_str(),
+            Incoming::Failed { stream, .. } => stream,
+        }
+    }
+
+    fn position(&self) -> Position {
+        match self {
+            Incoming::Event(e) => e.position,
+            Incoming::Failed { position, .. } => *position,
+        }
+    }
+}
+
+/// What became of one incoming message, over all projections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Applied,
+    /// Every projection had it already.
+    Duplicate,
+    /// Held back: the message belongs in the dead-letter queue.
+    Parked { reason: String },
+}
+
+/// What one projection does with one incoming event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Apply,
+    /// Apply the oldest parked event of its stream and unpark it.
+    ApplyParked,
+    Skip,
+    /// Park it now (it failed, or its stream has an older parked event).
+    Park,
+    /// It is parked already and must keep waiting.
+    StayParked,
+}
+
+/// Pure: the step for an event at `position` given the projection's
+/// `checkpoint` and the parked positions of the event's stream (updated).
+fn step(checkpoint: Position, parked: &mut BTreeSet<Position>, position: Position, failed: bool) -> Step {
+    if parked.contains(&position) {
+        if !failed && parked.first() == Some(&position) {
+            parked.remove(&position);
+            return Step::ApplyParked;
+        }
+        return Step::StayParked;
+    }
+    if position <= checkpoint {
+        return Step::Skip;
+    }
+    if failed || !parked.is_empty() {
+        parked.insert(position);
+        return Step::Park;
+    }
+    Step::Apply
+}
+
+impl Projections {
+    /// Applies delivered messages (in delivery order) to every live read
+    /// model in one transaction, with their checkpoints and parked rows.
+    /// Returns one outcome per message; on error nothing was written.
+    pub async fn apply_delivered(&self, incoming: &[Incoming]) -> Result<Vec<Delivery>, ProjectionError> {
+        let mut tx = Tx::begin(&self.store).await?;
+        let streams: BTreeSet<&str> = incoming.iter().map(Incoming::stream).collect();
+        let streams: Vec<&str> = streams.into_iter().collect();
+        let mut parked: HashMap<(String, String), BTreeSet<Position>> = HashMap::new();
+        for (projection, stream, position) in tx.parked(&streams).await? {
+            parked.entry((projection, stream)).or_default().insert(position);
+        }
+
+        let mut outcomes = vec![Delivery::Duplicate; incoming.len()];
+        for projection in &self.list {
+            let name = projection.name();
+            let start = tx.checkpoint(name).await?.unwrap_or(0);
+            let mut checkpoint = start;
+            let mut to_apply: Vec<&RecordedEvent> = Vec::new();
+            for (i, message) in incoming.iter().enumerate() {
+                let (stream, position) = (message.stream(), message.position());
+                let set = parked.entry((name.to_owned(), stream.to_owned())).or_default();
+                let failure = match message {
+                    Incoming::Failed { reason, .. } => Some(reason.as_str()),
+                    Incoming::Event(_) => None,
+                };
+                let oldest = set.first().copied();
+                let parked_reason = || match (failure, oldest) {
+                    (Some(reason), _) => reason.to_owned(),
+                    (None, Some(behind)) => format!("{name}: wallet {stream} waits behind parked position {behind}"),
+                    (None, None) => format!("{name}: parked"),
+                };
+                match step(checkpoint, set, position, failure.is_some()) {
+                    step @ (Step::Apply | Step::ApplyParked) => {
+                        let Incoming::Event(event) = message else {
+                            unreachable!("a failed message is never applied")
+                        };
+                        to_apply.push(event);
+                        if step == Step::Apply {
+                            checkpoint = position;
+                        } else {
+                            tx.unpark(name, stream, position).await?;
+                        }
+                        if outcomes[i] == Delivery::Duplicate {
+                            outcomes[i] = Delivery::Applied;
+                        }
+                    }
+                    Step::Skip => {}
+                    Step::Park => {
+                        let reason = parked_reason();
+                        tx.park(name, stream, position, &reason).await?;
+                        checkpoint = checkpoint.max(position);
+                        outcomes[i] = Delivery::Parked { reason };
+                    }
+                    Step::StayParked => outcomes[i] = Delivery::Parked { reason: parked_reason() },
+                }
+            }
+            if !to_apply.is_empty() {
+                apply_events(&mut tx, projection.as_ref(), &table(name), to_apply.into_iter()).await?;
+            }
+            if checkpoint != start {
+                tx.set_checkpoint(name, checkpoint).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_events_apply_and_repeats_are_skipped() {
+        let mut parked = BTreeSet::new();
+        assert_eq!(step(4, &mut parked, 5, false), Step::Apply);
+        assert_eq!(step(5, &mut parked, 5, false), Step::Skip);
+        assert_eq!(step(5, &mut parked, 3, false), Step::Skip);
+        assert!(parked.is_empty());
+    }
+
+    #[test]
+    fn a_failure_parks_its_stream_until_replayed_in_order() {
+        let mut parked = BTreeSet::new();
+        assert_eq!(step(4, &mut parked, 5, true), Step::Park);
+        // Later events of the stream wait behind it, even once it is past the checkpoint.
+        assert_eq!(step(5, &mut parked, 8, false), Step::Park);
+        assert_eq!(parked, BTreeSet::from([5, 8]));
+        // A redelivery of the still-failing event keeps it parked.
+        assert_eq!(step(8, &mut parked, 5, true), Step::StayParked);
+        // Replayed out of order: the younger one keeps waiting.
+        assert_eq!(step(8, &mut parked, 8, false), Step::StayParked);
+        assert_eq!(step(8, &mut parked, 5, false), Step::ApplyParked);
+        assert_eq!(step(8, &mut parked, 8, false), Step::ApplyParked);
+        assert!(parked.is_empty());
+        // A second copy of a replayed event is a duplicate.
+        assert_eq!(step(8, &mut parked, 5, false), Step::Skip);
+    }
+}
