@@ -269,7 +269,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 // With a broker the worker owns the read models; this
                 // process relays its log (or stands by for another relay).
                 Some(amqp) => {
-                    let relay = Relay::new(store.clone(), amqp, cli.broker.topology()).with_wake(state.ledger.appended());
+                    let relay =
+                        Relay::new(store.clone(), amqp, cli.broker.topology()).with_wake(state.ledger.appended());
                     tracing::info!(exchange = %cli.broker.amqp_exchange, "broker mode: relay on, in-process projections off");
                     tokio::spawn(relay.run())
                 }
@@ -413,7 +414,10 @@ async fn dlq(amqp: &str, topology: &Topology, command: DlqCommand) -> anyhow::Re
                 println!("{}", serde_json::to_string_pretty(&letters)?);
                 return Ok(());
             }
-            println!("{:<36} {:>10} {:<20} {:<17}  reason", "message id", "position", "wallet", "type");
+            println!(
+                "{:<36} {:>10} {:<20} {:<17}  reason",
+                "message id", "position", "wallet", "type"
+            );
             for l in &letters {
                 println!(
                     "{:<36} {:>10} {:<20} {:<17}  {}",

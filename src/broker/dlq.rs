@@ -44,8 +44,18 @@ fn header(message: &BasicGetMessage, name: &str) -> Option<String> {
 fn describe(message: &BasicGetMessage) -> DeadLetter {
     let address = EventMessage::address(&message.delivery.data);
     DeadLetter {
-        message_id: message.delivery.properties.message_id().as_ref().map(|s| s.as_str().to_owned()),
-        kind: message.delivery.properties.kind().as_ref().map(|s| s.as_str().to_owned()),
+        message_id: message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned()),
+        kind: message
+            .delivery
+            .properties
+            .kind()
+            .as_ref()
+            .map(|s| s.as_str().to_owned()),
         position: address.as_ref().map(|a| a.position),
         wallet_id: address.map(|a| a.wallet_id),
         reason: header(message, REASON_HEADER),
@@ -111,7 +121,12 @@ pub async fn list(url: &str, topology: &Topology, limit: usize) -> Result<Vec<De
 
 /// Puts dead letters back on the worker's queue, oldest first: all of them,
 /// or those whose message id is in `ids`. Returns the replayed ones.
-pub async fn replay(url: &str, topology: &Topology, ids: &[String], limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+pub async fn replay(
+    url: &str,
+    topology: &Topology,
+    ids: &[String],
+    limit: usize,
+) -> Result<Vec<DeadLetter>, BrokerError> {
     let connection = connect(url).await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -132,7 +147,13 @@ pub async fn replay(url: &str, topology: &Topology, ids: &[String], limit: usize
         // Straight to the worker's queue (default exchange): other
         // subscribers of the fanout got this event already.
         let confirm = channel
-            .basic_publish("", &topology.worker_queue, BasicPublishOptions::default(), &message.delivery.data, properties)
+            .basic_publish(
+                "",
+                &topology.worker_queue,
+                BasicPublishOptions::default(),
+                &message.delivery.data,
+                properties,
+            )
             .await?
             .await?;
         if let Confirmation::Nack(_) = confirm {

@@ -86,10 +86,11 @@ impl EventMessage {
     pub fn decode(body: &[u8]) -> Result<RecordedEvent, MessageError> {
         let m: EventMessage = serde_json::from_slice(body)?;
         let stream = WalletId::parse(&m.wallet_id).map_err(|_| MessageError::WalletId(m.wallet_id.clone()))?;
-        let event = WalletEvent::decode(&m.kind, m.schema_version, m.payload).map_err(|source| MessageError::Payload {
-            kind: m.kind.clone(),
-            source,
-        })?;
+        let event =
+            WalletEvent::decode(&m.kind, m.schema_version, m.payload).map_err(|source| MessageError::Payload {
+                kind: m.kind.clone(),
+                source,
+            })?;
         Ok(RecordedEvent {
             position: m.position,
             stream,

@@ -97,13 +97,24 @@ impl Topology {
             .exchange_declare(&self.exchange, ExchangeKind::Fanout, durable, FieldTable::default())
             .await?;
         channel
-            .exchange_declare(&self.dead_letter_exchange, ExchangeKind::Fanout, durable, FieldTable::default())
+            .exchange_declare(
+                &self.dead_letter_exchange,
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
             .await?;
         channel
             .queue_declare(&self.dead_letter_queue, durable_queue, self.queue_arguments())
             .await?;
         channel
-            .queue_bind(&self.dead_letter_queue, &self.dead_letter_exchange, "", QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                &self.dead_letter_queue,
+                &self.dead_letter_exchange,
+                "",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         // No message TTL: an event waits for the worker however long it takes.
         let mut args = self.queue_arguments();
@@ -114,7 +125,13 @@ impl Topology {
         );
         channel.queue_declare(&self.worker_queue, durable_queue, args).await?;
         channel
-            .queue_bind(&self.worker_queue, &self.exchange, "", QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                &self.worker_queue,
+                &self.exchange,
+                "",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         Ok(())
     }

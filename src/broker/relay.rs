@@ -44,6 +44,8 @@ const LEASE_CHECK_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct RelayGauges {
     pub active: AtomicBool,
+    /// Broker connections opened (1 + reconnects).
+    pub sessions: AtomicU64,
     pub published: AtomicU64,
     pub confirmed_position: AtomicI64,
     pub in_flight: AtomicU64,
@@ -142,13 +144,19 @@ impl Relay {
         result
     }
 
-    async fn pump(&self, lock: &mut LeaderLock, backoff: &mut Backoff, confirmed: &mut Position) -> Result<(), BrokerError> {
+    async fn pump(
+        &self,
+        lock: &mut LeaderLock,
+        backoff: &mut Backoff,
+        confirmed: &mut Position,
+    ) -> Result<(), BrokerError> {
         let name = checkpoint_name(&self.topology);
         let connection = connect(&self.url).await?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         self.topology.declare(&channel).await?;
         backoff.reset();
+        self.gauges.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(from = *confirmed, "relay connected; publishing");
 
         let mut saved = *confirmed;

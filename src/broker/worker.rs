@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery as AmqpDelivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
@@ -34,24 +36,27 @@ pub const DEFAULT_PREFETCH: u16 = 256;
 const MAX_ATTEMPTS: u32 = 5;
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 
-/// Test hook: the application of these events fails until cleared, as a
-/// projection bug or a missing upcaster would.
+/// Test hook: applying any event of these wallets fails until cleared, as
+/// a projection bug triggered by one wallet's data would.
 #[derive(Debug, Default)]
 pub struct WorkerFault {
-    failing: Mutex<HashSet<Uuid>>,
+    failing: Mutex<HashSet<String>>,
 }
 
 impl WorkerFault {
-    pub fn fail_event(&self, id: Uuid) {
-        self.failing.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+    pub fn fail_wallet(&self, wallet: &str) {
+        self.failing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(wallet.to_owned());
     }
 
     pub fn clear(&self) {
         self.failing.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
-    fn fails(&self, id: Uuid) -> bool {
-        self.failing.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
+    fn fails(&self, wallet: &str) -> bool {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner()).contains(wallet)
     }
 }
 
@@ -142,7 +147,12 @@ impl Worker {
 
     /// Applies a batch, dead-letters what could not be applied, then
     /// acknowledges the whole batch.
-    async fn handle(&self, channel: &Channel, batch: Vec<AmqpDelivery>, backoff: &mut Backoff) -> Result<(), BrokerError> {
+    async fn handle(
+        &self,
+        channel: &Channel,
+        batch: Vec<AmqpDelivery>,
+        backoff: &mut Backoff,
+    ) -> Result<(), BrokerError> {
         let mut prepared = Vec::with_capacity(batch.len());
         for delivery in &batch {
             prepared.push(self.prepare(&delivery.data).await);
@@ -220,7 +230,7 @@ impl Worker {
     /// Whether the event can be applied, with bounded retries.
     async fn apply_check(&self, event: &RecordedEvent) -> Result<(), String> {
         for attempt in 1..=MAX_ATTEMPTS {
-            if !self.fault.fails(event.event_id) {
+            if !self.fault.fails(event.stream.as_str()) {
                 return Ok(());
             }
             if attempt < MAX_ATTEMPTS {

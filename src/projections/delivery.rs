@@ -53,7 +53,9 @@ pub enum Delivery {
     /// Every projection had it already.
     Duplicate,
     /// Held back: the message belongs in the dead-letter queue.
-    Parked { reason: String },
+    Parked {
+        reason: String,
+    },
 }
 
 /// What one projection does with one incoming event.
@@ -143,7 +145,11 @@ impl Projections {
                         checkpoint = checkpoint.max(position);
                         outcomes[i] = Delivery::Parked { reason };
                     }
-                    Step::StayParked => outcomes[i] = Delivery::Parked { reason: parked_reason() },
+                    Step::StayParked => {
+                        outcomes[i] = Delivery::Parked {
+                            reason: parked_reason(),
+                        }
+                    }
                 }
             }
             if !to_apply.is_empty() {

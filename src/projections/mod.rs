@@ -75,7 +75,11 @@ pub async fn load_checkpoint(store: &crate::store::EventStore, name: &str) -> Re
 
 /// Moves such a checkpoint forward (never back: a relay that lost its
 /// leadership may still save a stale position).
-pub async fn advance_checkpoint(store: &crate::store::EventStore, name: &str, position: Position) -> Result<(), StoreError> {
+pub async fn advance_checkpoint(
+    store: &crate::store::EventStore,
+    name: &str,
+    position: Position,
+) -> Result<(), StoreError> {
     let mut tx = storage::Tx::begin(store).await?;
     let at = tx.checkpoint(name).await?.unwrap_or(0);
     if position > at {

@@ -196,7 +196,13 @@ impl Tx {
         Ok(rows)
     }
 
-    pub async fn park(&mut self, projection: &str, stream: &str, position: Position, reason: &str) -> Result<(), StoreError> {
+    pub async fn park(
+        &mut self,
+        projection: &str,
+        stream: &str,
+        position: Position,
+        reason: &str,
+    ) -> Result<(), StoreError> {
         on_tx!(self, conn, Db, FOR_UPDATE => {
             let mut q = QueryBuilder::<Db>::new(
                 "INSERT INTO worker_parked (projection, stream_id, position, reason, parked_at) VALUES (",

@@ -2,6 +2,8 @@
 //! HTTP server listening on a random local port.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,0 +1,490 @@
+//! The RabbitMQ fan-out against the real broker and databases: the relay's
+//! order, completeness and crash safety, one active relay, and the worker's
+//! exactly-once application with dead letters and replay.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::broker::{amqp_url, topology, via_proxy, Observer, TcpProxy};
+use common::TestDb;
+use wallet::aggregate::{Amount, WalletId};
+use wallet::broker::relay::{self, Relay};
+use wallet::broker::worker::Worker;
+use wallet::broker::{dlq, EventMessage, Topology};
+use wallet::ledger::Ledger;
+use wallet::projections::{FraudRules, Projections};
+use wallet::store::{EventStore, Position};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn id(s: &str) -> WalletId {
+    WalletId::parse(s).unwrap()
+}
+
+fn amount(s: &str) -> Amount {
+    Amount::parse(s).unwrap()
+}
+
+async fn all_positions(store: &EventStore) -> Vec<Position> {
+    let mut out = Vec::new();
+    loop {
+        let batch = store.read_all(out.last().copied().unwrap_or(0), 1000).await.unwrap();
+        if batch.is_empty() {
+            return out;
+        }
+        out.extend(batch.iter().map(|e| e.position));
+    }
+}
+
+fn positions(messages: &[EventMessage]) -> Vec<Position> {
+    messages.iter().map(|m| m.position).collect()
+}
+
+fn distinct(messages: &[EventMessage]) -> BTreeSet<Position> {
+    messages.iter().map(|m| m.position).collect()
+}
+
+/// Concurrent writers over a few wallets (deposits, withdrawals, transfers).
+async fn write_load(store: &EventStore, writers: usize, per_writer: usize) {
+    let ledger = Arc::new(Ledger::new(store.clone()));
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_writer {
+                let me = id(&format!("w{}", w % 4));
+                let other = id(&format!("w{}", (w + 1) % 4));
+                match i % 3 {
+                    0 => drop(ledger.deposit(me, amount("10.50"), None).await),
+                    1 => drop(ledger.withdraw(me, amount("1.25"), None).await),
+                    _ => drop(ledger.transfer(me, other, amount("2"), None).await),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Every committed event reaches a bound queue exactly once, in position
+/// order, including one whose append was held open while others waited.
+async fn relay_delivers_every_event_once_in_order(db: TestDb) {
+    let topology = topology();
+    let mut observer = Observer::bind(&topology).await;
+    let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
+
+    let ledger = Ledger::new(db.store.clone());
+    ledger.deposit(id("held"), amount("1"), None).await.unwrap();
+    // A held-open append: the writers behind it wait, the relay must not
+    // publish past it.
+    let held = {
+        let wallet = ledger.wallet(&id("held"), None).await.unwrap();
+        let command = wallet::aggregate::Command::Deposit {
+            wallet: id("held"),
+            amount: amount("2"),
+        };
+        let d = wallet::aggregate::decide(&command, &[&wallet])
+            .unwrap()
+            .streams
+            .remove(0);
+        let stream = wallet::store::StreamAppend {
+            stream: d.wallet,
+            expected_version: d.expected_version,
+            events: d
+                .events
+                .into_iter()
+                .map(|event| wallet::store::NewEvent {
+                    event_id: uuid::Uuid::now_v7(),
+                    event,
+                    metadata: serde_json::json!({}),
+                })
+                .collect(),
+        };
+        db.store
+            .begin_append(wallet::store::AppendRequest {
+                streams: vec![stream],
+                idempotency: None,
+            })
+            .await
+            .unwrap()
+    };
+    let writers = {
+        let store = db.store.clone();
+        tokio::spawn(async move { write_load(&store, 8, 30).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.commit().await.unwrap();
+    writers.await.unwrap();
+
+    let expected = all_positions(&db.store).await;
+    let got = observer.collect_until(WAIT, |m| m.len() >= expected.len()).await;
+    relay.abort();
+    assert_eq!(positions(&got), expected, "each event once, in log order");
+    // Nothing more arrives: no duplicates after the fact.
+    let extra = observer
+        .collect_until(Duration::from_millis(500), |m| !m.is_empty())
+        .await;
+    assert!(
+        extra.is_empty(),
+        "duplicates after a clean run: {:?}",
+        positions(&extra)
+    );
+    let saved = relay::checkpoint(&db.store, &topology).await.unwrap();
+    assert!(saved <= *expected.last().unwrap());
+}
+
+/// Two relays on one log: exactly one publishes; when it dies the other
+/// takes over from the checkpoint.
+async fn one_relay_is_active_and_a_standby_takes_over(db: TestDb) {
+    let topology = topology();
+    let mut observer = Observer::bind(&topology).await;
+    let a = Relay::new(db.store.clone(), &amqp_url(), topology.clone());
+    let b = Relay::new(db.store.clone(), &amqp_url(), topology.clone());
+    let (ga, gb) = (a.gauges.clone(), b.gauges.clone());
+    let ta = tokio::spawn(a.run());
+    let tb = tokio::spawn(b.run());
+
+    write_load(&db.store, 4, 30).await;
+    let expected = all_positions(&db.store).await;
+    let got = observer.collect_until(WAIT, |m| m.len() >= expected.len()).await;
+    assert_eq!(positions(&got), expected, "two relays, still each event once");
+    let active_a = ga.active.load(std::sync::atomic::Ordering::SeqCst);
+    let active_b = gb.active.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        active_a != active_b,
+        "exactly one relay is active (a: {active_a}, b: {active_b})"
+    );
+    let (leader, standby_gauges, standby) = if active_a { (ta, gb, tb) } else { (tb, ga, ta) };
+    assert_eq!(standby_gauges.published.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Wait for the leader to save its checkpoint, then kill it.
+    let head = *expected.last().unwrap();
+    for _ in 0..100 {
+        if relay::checkpoint(&db.store, &topology).await.unwrap() >= head {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    leader.abort();
+    let _ = leader.await;
+    write_load(&db.store, 2, 10).await;
+    let all = all_positions(&db.store).await;
+    let more = observer
+        .collect_until(WAIT, |m| distinct(m).len() >= all.len() - expected.len())
+        .await;
+    standby.abort();
+    assert!(
+        standby_gauges.active.load(std::sync::atomic::Ordering::SeqCst),
+        "the standby took over"
+    );
+    let fresh: BTreeSet<Position> = all.iter().copied().filter(|p| *p > head).collect();
+    assert!(
+        fresh.is_subset(&distinct(&more)),
+        "the standby published what came after"
+    );
+    assert!(more.windows(2).all(|w| w[0].position < w[1].position), "in order");
+}
+
+on_both_backends!(
+    relay_delivers_every_event_once_in_order,
+    one_relay_is_active_and_a_standby_takes_over
+);
+
+/// Abort the relay mid-stream and start another: nothing is missing, and
+/// the only duplicates are past the checkpoint it had stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_mid_stream_resumes_from_its_checkpoint() {
+    let db = common::postgres().await;
+    wallet::seed::seed(&db.store, 50, 5000, |_| {}).await.unwrap();
+    let expected = all_positions(&db.store).await;
+    let topology = topology();
+    let mut observer = Observer::bind(&topology).await;
+
+    let first = tokio::spawn(
+        Relay::new(db.store.clone(), &amqp_url(), topology.clone())
+            .with_window(64)
+            .run(),
+    );
+    let mut got = observer.collect_until(WAIT, |m| m.len() >= 1500).await;
+    first.abort();
+    let _ = first.await;
+    let checkpoint = relay::checkpoint(&db.store, &topology).await.unwrap();
+    assert!(checkpoint < *expected.last().unwrap(), "stopped mid-stream");
+
+    let second = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
+    let all: BTreeSet<Position> = expected.iter().copied().collect();
+    let rest = observer
+        .collect_until(WAIT, |m| {
+            let mut seen = distinct(&got);
+            seen.extend(m.iter().map(|x| x.position));
+            seen.len() >= all.len()
+        })
+        .await;
+    second.abort();
+    got.extend(rest);
+    assert_eq!(distinct(&got), all, "no event missing");
+    let mut counts: HashMap<Position, usize> = HashMap::new();
+    for m in &got {
+        *counts.entry(m.position).or_default() += 1;
+    }
+    for (position, n) in counts {
+        assert!(
+            n == 1 || position > checkpoint,
+            "position {position} delivered {n} times although the checkpoint {checkpoint} covered it"
+        );
+    }
+}
+
+/// Under a steady write load the broker connection is cut, then the broker
+/// is unreachable for a while, then cut again: writes keep succeeding, the
+/// relay reconnects each time and catches up, and every event arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_relay_survives_broker_cuts_and_outages_under_write_load() {
+    let db = common::postgres().await;
+    let topology = topology();
+    let mut observer = Observer::bind(&topology).await;
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let relay = Relay::new(db.store.clone(), &via_proxy(&proxy), topology.clone()).with_window(32);
+    let gauges = relay.gauges.clone();
+    let relay = tokio::spawn(relay.run());
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writer = {
+        let (ledger, stop, writes) = (Ledger::new(db.store.clone()), stop.clone(), writes.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                ledger
+                    .deposit(id("steady"), amount("1"), None)
+                    .await
+                    .expect("writes never need the broker");
+                writes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let count = || writes.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.set_down(true);
+    let before_outage = count();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(count() > before_outage, "writes went on while the broker was away");
+    proxy.set_down(false);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+
+    let expected: BTreeSet<Position> = all_positions(&db.store).await.into_iter().collect();
+    let got = observer
+        .collect_until(WAIT, |m| distinct(m).len() >= expected.len())
+        .await;
+    relay.abort();
+    assert_eq!(distinct(&got), expected, "every event arrived despite the cuts");
+    let sessions = gauges.sessions.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        sessions >= 3,
+        "the relay reconnected after each cut ({sessions} sessions)"
+    );
+}
+
+/// Waits until every projection's checkpoint reaches `head`.
+async fn wait_for_worker(projections: &Projections, head: Position) {
+    for _ in 0..600 {
+        let status = projections.status().await.unwrap();
+        if status.iter().all(|s| s.checkpoint >= head) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("worker did not reach {head}: {:?}", projections.status().await.unwrap());
+}
+
+async fn wait_for_unparked(projections: &Projections) {
+    for _ in 0..600 {
+        if projections.status().await.unwrap().iter().all(|s| s.parked == 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("still parked: {:?}", projections.status().await.unwrap());
+}
+
+async fn assert_equal_to_rebuild(projections: &Projections) {
+    for name in projections.names() {
+        let differences = projections.verify(name, 20).await.unwrap();
+        assert!(differences.is_empty(), "{name} differs from a rebuild: {differences:?}");
+    }
+}
+
+/// Relay and worker under concurrent writes: the worker's read models equal
+/// a rebuild from the log, and an extra queue saw every event in order.
+async fn the_worker_builds_the_read_models_a_rebuild_would(db: TestDb) {
+    let topology = topology();
+    let mut observer = Observer::bind(&topology).await;
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
+    let worker = tokio::spawn(
+        Worker::new(projections.clone(), &amqp_url(), topology.clone())
+            .with_prefetch(32)
+            .run(),
+    );
+
+    write_load(&db.store, 8, 40).await;
+    let expected = all_positions(&db.store).await;
+    wait_for_worker(&projections, *expected.last().unwrap()).await;
+    assert_equal_to_rebuild(&projections).await;
+    let got = observer.collect_until(WAIT, |m| m.len() >= expected.len()).await;
+    assert_eq!(positions(&got), expected);
+    assert!(dlq::list(&amqp_url(), &topology, 10).await.unwrap().is_empty());
+    relay.abort();
+    worker.abort();
+}
+
+on_both_backends!(the_worker_builds_the_read_models_a_rebuild_would);
+
+/// A message the worker cannot apply goes to the DLQ with its reason; the
+/// wallet's later events wait behind it, other wallets go on; after the
+/// fix, `dlq replay` applies them in order and the read models equal a
+/// rebuild. A body that is not an event at all is dead-lettered too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() {
+    let db = common::postgres().await;
+    let topology = topology();
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
+    let worker = Worker::new(projections.clone(), &amqp_url(), topology.clone());
+    let fault = worker.fault.clone();
+    let worker = tokio::spawn(worker.run());
+
+    let ledger = Ledger::new(db.store.clone());
+    ledger.deposit(id("sick"), amount("100"), None).await.unwrap();
+    ledger.deposit(id("well"), amount("100"), None).await.unwrap();
+    wait_for_worker(&projections, db.store.head_position().await.unwrap()).await;
+
+    // From now on the worker cannot apply "sick"'s events.
+    fault.fail_wallet("sick");
+    let poison = ledger
+        .withdraw(id("sick"), amount("10"), None)
+        .await
+        .unwrap()
+        .receipt
+        .position;
+    ledger.deposit(id("well"), amount("1"), None).await.unwrap();
+    ledger.withdraw(id("sick"), amount("5"), None).await.unwrap();
+    ledger
+        .transfer(id("sick"), id("well"), amount("2"), None)
+        .await
+        .unwrap();
+    ledger.deposit(id("well"), amount("3"), None).await.unwrap();
+    let head = db.store.head_position().await.unwrap();
+    wait_for_worker(&projections, head).await;
+
+    let letters = dlq::list(&amqp_url(), &topology, 100).await.unwrap();
+    assert_eq!(letters.len(), 3, "the three events of sick, nothing else: {letters:?}");
+    assert_eq!(letters[0].position, Some(poison));
+    assert!(letters.iter().all(|l| l.wallet_id.as_deref() == Some("sick")));
+    assert!(
+        letters[0].reason.as_deref().unwrap_or("").contains("injected fault"),
+        "the reason is kept: {letters:?}"
+    );
+    // The healthy wallet is complete, the sick one stopped before the poison.
+    let well: serde_json::Value =
+        serde_json::from_str(&projections.get("stats", "s/well").await.unwrap().unwrap()).unwrap();
+    assert_eq!(well["totalDeposited"], "104.0000");
+    assert_eq!(well["totalTransferredIn"], "2.0000");
+    let sick: serde_json::Value =
+        serde_json::from_str(&projections.get("stats", "s/sick").await.unwrap().unwrap()).unwrap();
+    assert_eq!(sick["withdrawalCount"], 0);
+    assert!(!projections.verify("stats", 5).await.unwrap().is_empty());
+
+    // Replaying before the fix parks them again, in order.
+    let replayed = dlq::replay(&amqp_url(), &topology, &[], 100).await.unwrap();
+    assert_eq!(replayed.len(), 3);
+    for _ in 0..100 {
+        if dlq::list(&amqp_url(), &topology, 100).await.unwrap().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = dlq::list(&amqp_url(), &topology, 100).await.unwrap();
+    assert_eq!(
+        again.iter().map(|l| l.position).collect::<Vec<_>>(),
+        letters.iter().map(|l| l.position).collect::<Vec<_>>()
+    );
+
+    // The fix, then the replay: every read model equals a rebuild.
+    fault.clear();
+    let replayed = dlq::replay(&amqp_url(), &topology, &[], 100).await.unwrap();
+    assert_eq!(replayed.len(), 3);
+    wait_for_unparked(&projections).await;
+    assert_equal_to_rebuild(&projections).await;
+    assert!(dlq::list(&amqp_url(), &topology, 100).await.unwrap().is_empty());
+    let sick: serde_json::Value =
+        serde_json::from_str(&projections.get("stats", "s/sick").await.unwrap().unwrap()).unwrap();
+    assert_eq!(sick["withdrawalCount"], 2);
+    relay.abort();
+    worker.abort();
+}
+
+/// A body that is not an event message is dead-lettered with its reason,
+/// and the worker goes on with the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_garbage_message_is_dead_lettered_and_the_worker_goes_on() {
+    let db = common::postgres().await;
+    let topology = topology();
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    // Publish garbage first, then start relay and worker.
+    publish_raw(&topology, b"not json at all").await;
+    let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
+    let worker = tokio::spawn(Worker::new(projections.clone(), &amqp_url(), topology.clone()).run());
+    write_load(&db.store, 2, 9).await;
+    let head = db.store.head_position().await.unwrap();
+    wait_for_worker(&projections, head).await;
+    let letters = dlq::list(&amqp_url(), &topology, 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(
+        letters[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("not an event message"),
+        "{letters:?}"
+    );
+    // Listing changed nothing.
+    assert_eq!(dlq::list(&amqp_url(), &topology, 10).await.unwrap(), letters);
+    assert_equal_to_rebuild(&projections).await;
+    relay.abort();
+    worker.abort();
+}
+
+async fn publish_raw(topology: &Topology, body: &[u8]) {
+    let connection = common::broker::connect(&amqp_url()).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    topology.declare(&channel).await.unwrap();
+    channel
+        .basic_publish(
+            &topology.exchange,
+            "",
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}

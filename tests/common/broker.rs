@@ -1,0 +1,184 @@
+//! RabbitMQ test support: names of their own per test, an observer queue
+//! bound to the fanout, and a TCP proxy that can cut connections.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use wallet::broker::{EventMessage, Topology};
+
+/// Where the tests find RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Fresh exchange and queue names; the broker drops the queues 10 minutes
+/// after the test stops using them.
+pub fn topology() -> Topology {
+    let mut t = Topology::named(&format!("test.{}.events", uuid::Uuid::new_v4().simple()));
+    t.queue_expiry = Some(Duration::from_secs(600));
+    t
+}
+
+pub async fn connect(url: &str) -> Connection {
+    wallet::broker::connect(url).await.unwrap_or_else(|e| {
+        panic!("RabbitMQ is required for this test and is not reachable at {url}: {e}\nstart it (see README) or set TEST_AMQP_URL")
+    })
+}
+
+/// A queue of the test's own bound to the fanout: sees every published message.
+pub struct Observer {
+    _connection: Connection,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Observer {
+    pub async fn bind(topology: &Topology) -> Self {
+        let connection = connect(&amqp_url()).await;
+        let channel = connection.create_channel().await.unwrap();
+        topology.declare(&channel).await.unwrap();
+        let queue = format!("{}.observer", topology.exchange);
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongUInt(600_000));
+        channel
+            .queue_declare(
+                &queue,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                &queue,
+                &topology.exchange,
+                "",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(
+                &queue,
+                "observer",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            _connection: connection,
+            channel,
+            consumer,
+        }
+    }
+
+    /// Messages (decoded bodies) until `done` says so or `timeout` passes.
+    pub async fn collect_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[EventMessage]) -> bool,
+    ) -> Vec<EventMessage> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(&got) {
+            let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
+            let Ok(Some(delivery)) = next else {
+                break;
+            };
+            let delivery = delivery.expect("observer delivery");
+            let message: EventMessage = serde_json::from_slice(&delivery.data).expect("message body");
+            assert_eq!(
+                delivery.properties.message_id().as_ref().map(|s| s.as_str().to_owned()),
+                Some(message.id.to_string()),
+                "message_id is the event id"
+            );
+            assert_eq!(delivery.properties.delivery_mode(), &Some(2), "persistent");
+            self.channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await
+                .unwrap();
+            got.push(message);
+        }
+        got
+    }
+}
+
+/// Forwards local connections to `target`; `cut()` drops every open one.
+pub struct TcpProxy {
+    pub port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let live: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let target = target.to_owned();
+        let accept = {
+            let live = live.clone();
+            let down = down.clone();
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if down.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue; // dropped: the server is "unreachable"
+                    }
+                    let target = target.clone();
+                    let pipe = tokio::spawn(async move {
+                        if let Ok(mut server) = TcpStream::connect(&target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    live.lock().unwrap().push(pipe);
+                }
+            })
+        };
+        Self {
+            port,
+            down,
+            live,
+            accept,
+        }
+    }
+
+    /// While down, new connections are dropped at once and open ones cut.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.cut();
+        }
+    }
+
+    /// Drops every proxied connection (new ones still get through).
+    pub fn cut(&self) {
+        for pipe in self.live.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// The AMQP URL of the proxy.
+pub fn via_proxy(proxy: &TcpProxy) -> String {
+    amqp_url().replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port))
+}
