@@ -155,6 +155,11 @@ pub struct ServeArgs {
     /// Events between snapshots of a wallet (0 disables snapshots).
     #[arg(long, env = "SNAPSHOT_EVERY", default_value_t = crate::snapshots::DEFAULT_SNAPSHOT_EVERY)]
     pub snapshot_every: u64,
+    /// Folded wallets kept in memory for deciding and balance reads
+    /// (0 disables the cache). Bounds the memory at about 300 bytes each.
+    #[arg(long, env = "CACHE_WALLETS", default_value_t = crate::cache::DEFAULT_CAPACITY,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000_000))]
+    pub cache_wallets: usize,
 }
 
 #[derive(Args, Debug)]
@@ -263,7 +268,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = config::open_store(&url).await.context("opening the event store")?;
             let projections = Arc::new(Projections::new(store.clone(), rules));
             projections.ensure().await.context("creating read models")?;
-            let ledger = crate::ledger::Ledger::new(store.clone()).with_snapshot_every(args.snapshot_every);
+            let ledger = crate::ledger::Ledger::new(store.clone())
+                .with_snapshot_every(args.snapshot_every)
+                .with_cache_capacity(args.cache_wallets);
             let state = AppState::with_ledger(ledger, store.clone(), projections);
             let background = match cli.broker.amqp_url.as_deref().filter(|u| !u.trim().is_empty()) {
                 // With a broker the worker owns the read models; this

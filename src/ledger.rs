@@ -1,14 +1,17 @@
-//! The command path: idempotency, load, decide, append, retry.
+//! The command path: load, decide, append, retry; idempotency on the way.
 //!
 //! Every write goes through `Ledger::execute`:
 //! 1. take the stripe locks of the wallets involved (same-wallet commands in
 //!    this process wait for each other instead of conflicting; unrelated
 //!    wallets almost never share a stripe),
-//! 2. answer a known idempotency key from its stored outcome,
-//! 3. fold the wallets from the log, `decide`, and append the events together
-//!    with the idempotency record in one transaction,
-//! 4. on a version conflict (another process appended first) reload and
-//!    re-decide, a bounded number of times.
+//! 2. take the wallets from the cache of folded wallets (`cache.rs`), or
+//!    fold them from the log, `decide`, and append the events together with
+//!    the idempotency record in one transaction (group commit),
+//! 3. a key that is already recorded makes the append fail as a duplicate:
+//!    the stored outcome is the answer (no lookup before the common case of
+//!    a new key),
+//! 4. on a version conflict (another process appended first) forget the
+//!    cached wallets, reload and re-decide, a bounded number of times.
 
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::time::Duration;
@@ -21,6 +24,7 @@ use tokio::sync::{Mutex, MutexGuard, Notify};
 use uuid::Uuid;
 
 use crate::aggregate::{decide, Amount, Balance, Command, Decision, DomainError, Wallet, WalletId};
+use crate::cache::{WalletCache, DEFAULT_CAPACITY};
 use crate::snapshots;
 use crate::store::{
     AppendError, AppendRequest, Cutoff, EventStore, IdempotencyRecord, NewEvent, Position, RecordedEvent, StoreError,
@@ -118,6 +122,7 @@ pub struct Ledger {
     stripes: Box<[Mutex<()>]>,
     appended: Arc<Notify>,
     snapshot_every: u64,
+    cache: WalletCache,
 }
 
 impl Ledger {
@@ -127,7 +132,14 @@ impl Ledger {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             appended: Arc::new(Notify::new()),
             snapshot_every: snapshots::DEFAULT_SNAPSHOT_EVERY,
+            cache: WalletCache::new(DEFAULT_CAPACITY),
         }
+    }
+
+    /// Folded wallets kept in memory (0 disables the cache).
+    pub fn with_cache_capacity(mut self, wallets: usize) -> Self {
+        self.cache = WalletCache::new(wallets);
+        self
     }
 
     /// Events between snapshots of a stream (0 disables snapshots).
@@ -187,8 +199,36 @@ impl Ledger {
 
     /// A wallet's state: the fold of its stream (from its newest snapshot),
     /// up to `cutoff` if given.
+    /// A wallet's state, up to `cutoff` if given. The current state is the
+    /// cached one brought up to date with the events after it (one query,
+    /// usually returning nothing), so it is fresh even when another process
+    /// wrote the wallet.
     pub async fn wallet(&self, id: &WalletId, cutoff: Option<Cutoff>) -> Result<Wallet, StoreError> {
-        snapshots::load(&self.store, id, cutoff).await
+        if cutoff.is_some() {
+            return snapshots::load(&self.store, id, cutoff).await;
+        }
+        let current = match self.cache.get(id) {
+            Some(cached) => {
+                let tail = self.store.read_stream(id, cached.version, None).await?;
+                tail.iter().fold(cached, |w, e| w.evolve(&e.event))
+            }
+            None => snapshots::load(&self.store, id, None).await?,
+        };
+        self.cache.remember(current.clone());
+        Ok(current)
+    }
+
+    /// The state to decide against: the cached one without any query. A
+    /// stale entry only costs a version conflict, which forgets it.
+    async fn decidable(&self, id: &WalletId) -> Result<Wallet, StoreError> {
+        match self.cache.get(id) {
+            Some(cached) => Ok(cached),
+            None => {
+                let loaded = snapshots::load(&self.store, id, None).await?;
+                self.cache.remember(loaded.clone());
+                Ok(loaded)
+            }
+        }
     }
 
     /// Writes snapshots of the streams this append moved past a multiple of
@@ -227,11 +267,6 @@ impl Ledger {
         let scope = wallets[0].clone();
         let _locks = self.lock(&wallets).await;
 
-        if let Some(key) = &key {
-            if let Some(found) = self.store.find_idempotency(&scope, key).await? {
-                return replay(found, &fingerprint);
-            }
-        }
         let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
         let record = |outcome: serde_json::Value| {
             key.as_ref().map(|key| IdempotencyRecord {
@@ -244,7 +279,7 @@ impl Ledger {
 
         for attempt in 1..=MAX_ATTEMPTS {
             // Both wallets of a transfer load concurrently: one round trip of latency, not two.
-            let states = futures_util::future::try_join_all(wallets.iter().map(|id| self.wallet(id, None))).await?;
+            let states = futures_util::future::try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
             let refs: Vec<&Wallet> = states.iter().collect();
             let decision = match decide(&command, &refs) {
                 Ok(decision) => decision,
@@ -295,6 +330,13 @@ impl Ledger {
             match self.store.append(append).await {
                 Ok(recorded) => {
                     self.appended.notify_one();
+                    for state in &states {
+                        let after = recorded
+                            .iter()
+                            .filter(|e| e.stream == state.id)
+                            .fold(state.clone(), |w, e| w.evolve(&e.event));
+                        self.cache.remember(after);
+                    }
                     self.snapshot_if_due(&states, &recorded);
                     let last = recorded.last().expect("an append records events").position;
                     answer.set_position(last);
@@ -305,10 +347,16 @@ impl Ledger {
                 }
                 Err(AppendError::Conflict { stream, .. }) => {
                     tracing::debug!(%stream, attempt, "version conflict, re-deciding");
+                    // Another process wrote: what is cached is behind.
+                    wallets.iter().for_each(|w| self.cache.forget(w));
                     tokio::time::sleep(backoff(attempt)).await;
                 }
                 Err(AppendError::DuplicateRequest) => return self.replay_stored(&scope, &key, &fingerprint).await,
-                Err(AppendError::Store(e)) => return Err(e.into()),
+                Err(AppendError::Store(e)) => {
+                    // The commit may have happened: reload next time.
+                    wallets.iter().for_each(|w| self.cache.forget(w));
+                    return Err(e.into());
+                }
             }
         }
         Err(CommandError::Conflict)

@@ -3,7 +3,9 @@
 //! Layout, from the inside out:
 //! - [`aggregate`]: the pure wallet domain (`decide`, `evolve`, money, ids).
 //! - [`store`]: the append-only event log on PostgreSQL or SQLite.
-//! - [`ledger`]: the command path (idempotency, load, decide, append, retry).
+//! - [`ledger`]: the command path (idempotency, load, decide, append, retry),
+//!   deciding against [`cache`], the folded wallets kept in memory.
+//! - [`broker`]: the RabbitMQ relay, worker and dead-letter queue.
 //! - [`snapshots`]: folded states stored every N events; loading = snapshot + tail.
 //! - [`projections`]: read models (history, stats, flags) built from the log.
 //! - [`replay`] and [`verify`]: time travel and whole-log checks (read-only).
@@ -13,6 +15,7 @@
 pub mod aggregate;
 pub mod api;
 pub mod broker;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod ledger;

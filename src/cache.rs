@@ -1,0 +1,122 @@
+//! Folded wallets at known versions, in memory: the write path decides
+//! against them with no query, and a balance read only asks the log for
+//! the events after the cached version (usually none) instead of folding
+//! from a snapshot.
+//!
+//! Correctness never depends on the cache. Appends still carry each
+//! stream's expected version, so a stale entry (another process wrote the
+//! wallet) costs one conflict, after which the ledger drops the entry and
+//! reloads the wallet from the log. Entries only move forward: a state
+//! replaces a cached one only if its version is higher, so a slow reader can
+//! never put back a state older than a write it raced with, and a client
+//! always reads at least its own last write.
+//!
+//! Bounded: at `capacity` wallets, inserting a new one first evicts another
+//! (an arbitrary one; eviction only costs a reload).
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use crate::aggregate::{Wallet, WalletId};
+
+/// Wallets kept by default: ~100-300 bytes each (the id dominates).
+pub const DEFAULT_CAPACITY: usize = 100_000;
+
+#[derive(Debug)]
+pub struct WalletCache {
+    map: DashMap<WalletId, Wallet>,
+    capacity: usize,
+}
+
+impl WalletCache {
+    /// `capacity` 0 disables the cache.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            map: DashMap::with_capacity(capacity.min(1 << 16)),
+            capacity,
+        }
+    }
+
+    pub fn get(&self, id: &WalletId) -> Option<Wallet> {
+        self.map.get(id).map(|w| w.clone())
+    }
+
+    /// Keeps `wallet` unless a state at the same or a later version is kept.
+    pub fn remember(&self, wallet: Wallet) {
+        if self.capacity == 0 || !wallet.exists() {
+            return;
+        }
+        if self.map.len() >= self.capacity && !self.map.contains_key(&wallet.id) {
+            self.evict_one(&wallet.id);
+        }
+        match self.map.entry(wallet.id.clone()) {
+            Entry::Occupied(mut kept) => {
+                if kept.get().version < wallet.version {
+                    kept.insert(wallet);
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(wallet);
+            }
+        }
+    }
+
+    /// Drops what is known of `id` (after a conflict or an unknown outcome).
+    pub fn forget(&self, id: &WalletId) {
+        self.map.remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn evict_one(&self, keep: &WalletId) {
+        // The iterator's shard lock must be released before `remove`.
+        let victim = self.map.iter().map(|e| e.key().clone()).find(|k| k != keep);
+        if let Some(victim) = victim {
+            self.map.remove(&victim);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::Balance;
+
+    fn wallet(id: &str, version: u64) -> Wallet {
+        Wallet {
+            id: WalletId::parse(id).unwrap(),
+            balance: Balance::ZERO,
+            version,
+        }
+    }
+
+    #[test]
+    fn a_state_never_goes_back_to_an_older_version() {
+        let cache = WalletCache::new(10);
+        cache.remember(wallet("a", 5));
+        cache.remember(wallet("a", 3));
+        assert_eq!(cache.get(&wallet("a", 0).id).unwrap().version, 5);
+        cache.remember(wallet("a", 6));
+        assert_eq!(cache.get(&wallet("a", 0).id).unwrap().version, 6);
+    }
+
+    #[test]
+    fn it_never_holds_more_than_its_capacity_nor_unknown_wallets() {
+        let cache = WalletCache::new(100);
+        for i in 0..1000 {
+            cache.remember(wallet(&format!("w{i}"), 1));
+            assert!(cache.len() <= 100);
+        }
+        cache.remember(wallet("never-written", 0));
+        assert!(cache.get(&wallet("never-written", 0).id).is_none());
+        let off = WalletCache::new(0);
+        off.remember(wallet("a", 1));
+        assert!(off.is_empty());
+    }
+}
