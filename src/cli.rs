@@ -107,7 +107,12 @@ pub enum Command {
     Serve(ServeArgs),
     /// Publish the committed log to RabbitMQ, in order, with publisher
     /// confirms. Only one relay is active at a time; others stand by.
-    Relay,
+    Relay {
+        /// Messages published and not yet confirmed, at most.
+        #[arg(long, env = "RELAY_WINDOW", default_value_t = crate::broker::relay::DEFAULT_WINDOW as u64,
+              value_parser = clap::value_parser!(u64).range(1..=65_536))]
+        window: u64,
+    },
     /// Consume the fan-out queue into the read models; what cannot be
     /// applied goes to the dead-letter queue.
     Worker,
@@ -299,10 +304,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("stopped");
             Ok(())
         }
-        Command::Relay => {
+        Command::Relay { window } => {
             let amqp = cli.broker.url()?;
             let store = config::open_store(&url).await.context("opening the event store")?;
-            let relay = Relay::new(store, amqp, cli.broker.topology());
+            let relay = Relay::new(store, amqp, cli.broker.topology()).with_window(window as usize);
             tokio::select! {
                 _ = relay.run() => {}
                 _ = shutdown_signal() => {}

@@ -31,7 +31,7 @@ use crate::projections::{advance_checkpoint, load_checkpoint};
 use crate::store::{EventStore, LeaderLock, Position};
 
 /// Messages in flight (published, not yet confirmed) at most, by default.
-pub const DEFAULT_WINDOW: usize = 512;
+pub const DEFAULT_WINDOW: usize = 8192;
 /// Events read from the log per query, at most.
 const READ_BATCH: usize = 500;
 /// How often a standby tries to take over, and an idle relay polls the log.

@@ -138,6 +138,7 @@ impl Projections {
     /// Creates the live tables and checkpoints that do not exist yet.
     pub async fn ensure(&self) -> Result<(), ProjectionError> {
         let mut tx = Tx::begin(&self.store).await?;
+        tx.lock_schema().await?;
         for p in &self.list {
             tx.create_table(&table(p.name())).await?;
             tx.ensure_checkpoint(p.name()).await?;
@@ -292,6 +293,7 @@ impl Projections {
         let projection = self.find(name)?;
         let (scratch, scratch_checkpoint) = (format!("rm_{name}__verify"), format!("{name}#verify"));
         let mut tx = Tx::begin(&self.store).await?;
+        tx.lock_schema().await?;
         tx.drop_table(&scratch).await?;
         tx.create_table(&scratch).await?;
         tx.set_checkpoint(&scratch_checkpoint, 0).await?;
@@ -343,6 +345,7 @@ impl Projections {
         let (scratch, scratch_checkpoint) = (rebuild_table(name), rebuild_checkpoint(name));
 
         let mut tx = Tx::begin(&self.store).await?;
+        tx.lock_schema().await?;
         if restart || tx.checkpoint(&scratch_checkpoint).await?.is_none() {
             tx.drop_table(&scratch).await?;
             tx.create_table(&scratch).await?;

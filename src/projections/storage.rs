@@ -11,6 +11,9 @@ use uuid::Uuid;
 
 use crate::store::{EventStore, Position, StoreError};
 
+/// Advisory lock key serialising read-model schema changes ("rmschema").
+const SCHEMA_LOCK: i64 = 0x726d_7363_6865_6d61;
+
 /// Rows per multi-row statement (6 binds each; well under both backends' limits).
 const CHUNK: usize = 500;
 
@@ -355,6 +358,19 @@ impl Tx {
         check_table_name(from);
         check_table_name(to);
         self.execute(&format!("ALTER TABLE {from} RENAME TO {to}")).await
+    }
+
+    /// Serialises schema changes between processes until this transaction
+    /// ends: concurrent `CREATE TABLE`s of one name fail in PostgreSQL even
+    /// with `IF NOT EXISTS`. (SQLite's IMMEDIATE transaction already does.)
+    pub async fn lock_schema(&mut self) -> Result<(), StoreError> {
+        if let Tx::Pg(conn) = self {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(SCHEMA_LOCK)
+                .execute(&mut **conn)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn execute(&mut self, sql: &str) -> Result<(), StoreError> {

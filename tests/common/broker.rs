@@ -40,6 +40,12 @@ pub struct Observer {
 
 impl Observer {
     pub async fn bind(topology: &Topology) -> Self {
+        Self::bind_plain(topology).await
+    }
+
+    /// Binds without declaring anything but the exchange, queues and the
+    /// observer's own queue as `topology` says (with or without expiry).
+    pub async fn bind_plain(topology: &Topology) -> Self {
         let connection = connect(&amqp_url()).await;
         let channel = connection.create_channel().await.unwrap();
         topology.declare(&channel).await.unwrap();
@@ -80,6 +86,18 @@ impl Observer {
             _connection: connection,
             channel,
             consumer,
+        }
+    }
+
+    /// Deletes the queues and exchanges of a topology declared without expiry.
+    pub async fn delete_topology(&self, topology: &Topology) {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        let observer = format!("{}.observer", topology.exchange);
+        for q in [&topology.worker_queue, &topology.dead_letter_queue, &observer] {
+            let _ = self.channel.queue_delete(q, QueueDeleteOptions::default()).await;
+        }
+        for x in [&topology.exchange, &topology.dead_letter_exchange] {
+            let _ = self.channel.exchange_delete(x, ExchangeDeleteOptions::default()).await;
         }
     }
 

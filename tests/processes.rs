@@ -1,0 +1,147 @@
+//! The deployment shape, as separate processes of the real binary: `serve`
+//! (API + relay), a standby `relay` and the `worker` on PostgreSQL and
+//! RabbitMQ, under a mixed write load from `wallet load`. At the end the
+//! worker's read models equal a rebuild from the log and an extra queue
+//! bound to the exchange got every event, in order.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::broker::{amqp_url, Observer};
+use wallet::broker::Topology;
+use wallet::projections::{FraudRules, Projections};
+
+/// Kills the process when dropped, so a failing test leaves nothing behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wallet(args: &[&str], db: &str, exchange: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wallet"));
+    c.args(args)
+        .env("DATABASE_URL", db)
+        .env("AMQP_URL", amqp_url())
+        .env("AMQP_EXCHANGE", exchange)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_healthy(base: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("serve did not become healthy at {base}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_relay_and_worker_as_processes_under_load() {
+    let db = common::postgres().await;
+    // The processes declare the production topology (no queue expiry):
+    // names of this test's own, deleted at the end.
+    let topology = Topology::named(&format!("test.{}.events", uuid::Uuid::new_v4().simple()));
+    let mut observer = Observer::bind_plain(&topology).await;
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let bind = format!("127.0.0.1:{port}");
+    let _serve = Running(
+        wallet(&["serve", "--bind", &bind], &db.url, &topology.exchange)
+            .spawn()
+            .unwrap(),
+    );
+    let _standby = Running(wallet(&["relay"], &db.url, &topology.exchange).spawn().unwrap());
+    let _worker = Running(wallet(&["worker"], &db.url, &topology.exchange).spawn().unwrap());
+    wait_healthy(&base).await;
+
+    let load = wallet(
+        &[
+            "load",
+            "--url",
+            &base,
+            "--seconds",
+            "5",
+            "--concurrency",
+            "16",
+            "--wallets",
+            "20",
+        ],
+        &db.url,
+        &topology.exchange,
+    )
+    .output()
+    .unwrap();
+    assert!(
+        load.status.success(),
+        "load failed (conservation or errors): {}\n{}",
+        String::from_utf8_lossy(&load.stdout),
+        String::from_utf8_lossy(&load.stderr)
+    );
+
+    let head = db.store.head_position().await.unwrap();
+    assert!(head > 100, "the load wrote events ({head})");
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    let mut caught_up = false;
+    for _ in 0..600 {
+        if projections.status().await.unwrap().iter().all(|s| s.checkpoint >= head) {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        caught_up,
+        "the worker reached {head}: {:?}",
+        projections.status().await.unwrap()
+    );
+    for name in projections.names() {
+        let differences = projections.verify(name, 20).await.unwrap();
+        assert!(differences.is_empty(), "{name} differs from a rebuild: {differences:?}");
+    }
+
+    let got = observer
+        .collect_until(Duration::from_secs(60), |m| {
+            m.last().is_some_and(|l| l.position >= head)
+        })
+        .await;
+    let mut expected = Vec::new();
+    loop {
+        let batch = db
+            .store
+            .read_all(expected.last().copied().unwrap_or(0), 1000)
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        expected.extend(batch.iter().map(|e| e.position));
+    }
+    let positions: Vec<i64> = got.iter().map(|m| m.position).collect();
+    assert_eq!(
+        positions, expected,
+        "every event once, in log order, on an extra bound queue"
+    );
+    observer.delete_topology(&topology).await;
+}
