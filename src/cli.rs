@@ -119,6 +119,16 @@ pub enum Command {
     /// Inspect or replay the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Make an API key: prints the key (give it to the client) and the
+    /// entry to add to API_KEYS (the service stores only its hash).
+    Keys {
+        /// Name of the client, shown in logs and 403 answers.
+        #[arg(long)]
+        name: String,
+        /// Scopes joined by '+': read, write, admin.
+        #[arg(long, default_value = "read+write")]
+        scopes: String,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Inspect or rebuild the read models (history, stats, flags).
@@ -165,6 +175,29 @@ pub struct ServeArgs {
     #[arg(long, env = "CACHE_WALLETS", default_value_t = crate::cache::DEFAULT_CAPACITY,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000_000))]
     pub cache_wallets: usize,
+    /// API keys, `name:read+write+admin:<sha256 hex>` separated by commas
+    /// (see `wallet keys`). None configured: the API is open.
+    #[arg(long, env = "API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// A file of API key entries, one per line (added to --api-keys).
+    #[arg(long, env = "API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests handled at once; beyond it 503 with Retry-After.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = api::DEFAULT_MAX_IN_FLIGHT,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_in_flight: usize,
+}
+
+impl ServeArgs {
+    fn keys(&self) -> anyhow::Result<api::ApiKeys> {
+        let mut spec = self.api_keys.clone().unwrap_or_default();
+        if let Some(file) = &self.api_keys_file {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            spec.push('\n');
+            spec.push_str(&text);
+        }
+        Ok(api::ApiKeys::parse(&spec)?)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -276,13 +309,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let ledger = crate::ledger::Ledger::new(store.clone())
                 .with_snapshot_every(args.snapshot_every)
                 .with_cache_capacity(args.cache_wallets);
-            let state = AppState::with_ledger(ledger, store.clone(), projections);
+            let mut state = AppState::with_ledger(ledger, store.clone(), projections);
+            state.keys = Arc::new(args.keys().context("reading API keys")?);
+            state.max_in_flight = args.max_in_flight;
+            if state.keys.is_open() {
+                tracing::warn!(
+                    "NO API KEYS CONFIGURED: the API is open to anyone who can reach it; \
+                     set API_KEYS (see `wallet keys --help`)"
+                );
+            } else {
+                tracing::info!(keys = ?state.keys.names(), "API keys required");
+            }
             let background = match cli.broker.amqp_url.as_deref().filter(|u| !u.trim().is_empty()) {
                 // With a broker the worker owns the read models; this
                 // process relays its log (or stands by for another relay).
                 Some(amqp) => {
                     let relay =
                         Relay::new(store.clone(), amqp, cli.broker.topology()).with_wake(state.ledger.appended());
+                    state.relay = Some(relay.gauges.clone());
+                    state.broker = Some((amqp.to_owned(), cli.broker.topology()));
                     tracing::info!(exchange = %cli.broker.amqp_exchange, "broker mode: relay on, in-process projections off");
                     tokio::spawn(relay.run())
                 }
@@ -327,6 +372,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq(command) => dlq(cli.broker.url()?, &cli.broker.topology(), command).await,
+        Command::Keys { name, scopes } => {
+            let key = format!("wk_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+            let entry = api::ApiKeys::entry(&name, &scopes, &key);
+            api::ApiKeys::parse(&entry)?;
+            println!("key (give it to the client; it is not stored anywhere):\n  {key}");
+            println!("entry (add to API_KEYS, comma-separated, or as a line of API_KEYS_FILE):\n  {entry}");
+            Ok(())
+        }
         Command::Replay(args) => {
             let store = config::open_store(&url).await.context("opening the event store")?;
             replay(&store, args).await

@@ -320,6 +320,7 @@ impl Ledger {
                                     "requestId": request_id,
                                     "idempotencyKey": key,
                                     "correlationId": request_id,
+                                    "auditId": crate::audit::current_audit_id(),
                                 }),
                             })
                             .collect(),
@@ -347,6 +348,7 @@ impl Ledger {
                 }
                 Err(AppendError::Conflict { stream, .. }) => {
                     tracing::debug!(%stream, attempt, "version conflict, re-deciding");
+                    metrics::counter!("append_conflicts_total").increment(1);
                     // Another process wrote: what is cached is behind.
                     wallets.iter().for_each(|w| self.cache.forget(w));
                     tokio::time::sleep(backoff(attempt)).await;
@@ -359,6 +361,7 @@ impl Ledger {
                 }
             }
         }
+        metrics::counter!("append_conflicts_exhausted_total").increment(1);
         Err(CommandError::Conflict)
     }
 

@@ -14,6 +14,7 @@
 
 pub mod aggregate;
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod cache;
 pub mod cli;

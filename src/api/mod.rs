@@ -4,7 +4,10 @@
 //! Handlers are thin: validate input (`input`), call the ledger or the store,
 //! map errors in one place (`problem`).
 
+pub mod access;
+mod audit;
 mod input;
+pub mod metrics;
 mod problem;
 mod read_models;
 mod system;
@@ -13,19 +16,27 @@ mod wallet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Request, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
+pub use access::ApiKeys;
 pub use problem::{Problem, ProblemBody};
 
+use crate::audit::AuditLog;
+use crate::broker::relay::RelayGauges;
+use crate::broker::Topology;
 use crate::ledger::Ledger;
 use crate::projections::Projections;
 use crate::store::EventStore;
@@ -36,6 +47,9 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(2);
 /// A request taking longer than this is answered 408.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests handled at once by default; beyond it the API answers 503 with
+/// `Retry-After` at once instead of queueing without bound.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -45,6 +59,14 @@ pub struct AppState {
     pub projections: Arc<Projections>,
     /// Longest a read-model request waits for `minPosition`.
     pub read_wait: Duration,
+    /// Who may call what; open when empty.
+    pub keys: Arc<ApiKeys>,
+    pub max_in_flight: usize,
+    /// The relay running in this process, if any (for /metrics).
+    pub relay: Option<Arc<RelayGauges>>,
+    /// The broker, if configured (for the DLQ depth in /metrics).
+    pub broker: Option<(String, Topology)>,
+    pub audit: AuditLog,
 }
 
 impl AppState {
@@ -56,9 +78,14 @@ impl AppState {
     pub fn with_ledger(ledger: Ledger, store: EventStore, projections: Arc<Projections>) -> Self {
         Self {
             ledger: Arc::new(ledger),
+            audit: AuditLog::spawn(store.clone()),
             store,
             projections,
             read_wait: DEFAULT_READ_WAIT,
+            keys: Arc::new(ApiKeys::open()),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            relay: None,
+            broker: None,
         }
     }
 
@@ -93,6 +120,7 @@ pub fn router(state: AppState) -> Router {
         .route("/flags", get(read_models::flags))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
+        .route("/metrics", get(metrics::render))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
@@ -101,6 +129,18 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), access::require_key))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    Problem::unavailable("the service is at capacity, retry shortly")
+                }))
+                .layer(LoadShedLayer::new())
+                // Global: `Router::layer` makes one instance per route, and the cap is for the whole API.
+                .layer(GlobalConcurrencyLimitLayer::new(state.max_in_flight)),
+        )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
+        .layer(axum::middleware::from_fn(metrics::track))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(
             TraceLayer::new_for_http()
@@ -119,12 +159,17 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves until `shutdown` resolves, then finishes in-flight requests.
+/// Clients' addresses reach the handlers (and the audit) as `ConnectInfo`.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    metrics::handle();
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

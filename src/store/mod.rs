@@ -368,8 +368,12 @@ where
                     Err(_) => break,
                 }
             }
+            metrics::histogram!("append_batch_requests").record(jobs.len() as f64);
+            metrics::histogram!("append_batch_events").record(events as f64);
             let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.request, j.reply)).unzip();
+            let started = std::time::Instant::now();
             let results = commit(requests).await;
+            metrics::histogram!("append_batch_commit_seconds").record(started.elapsed().as_secs_f64());
             debug_assert_eq!(results.len(), replies.len());
             for (reply, result) in replies.into_iter().zip(results) {
                 // The requester may have gone away (client disconnected); the

@@ -1,0 +1,120 @@
+//! The `api_audit` trail: one record per mutating request, written off the
+//! request's path by a background task, in batches.
+//!
+//! An audit failure never changes a client's answer: records go through a
+//! bounded queue (a request waits at most `ENQUEUE_WAIT` for room, then the
+//! record is dropped, logged and counted in `audit_dropped_total`), and a
+//! failed insert is logged and counted, never raised. The audit id of the
+//! request being served travels as a task-local (`AUDIT_ID`), like a tracing
+//! span, so the ledger can put it into the events' metadata without every
+//! command carrying it.
+
+use std::time::Duration;
+
+use sqlx::QueryBuilder;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::store::EventStore;
+
+/// Records waiting to be written, at most.
+const QUEUE: usize = 4096;
+/// Records per insert, at most.
+const BATCH: usize = 256;
+/// Longest a request waits for room in a full queue.
+const ENQUEUE_WAIT: Duration = Duration::from_secs(1);
+
+tokio::task_local! {
+    /// The audit id of the request this task is serving.
+    pub static AUDIT_ID: Uuid;
+}
+
+/// The audit id of the request being served, if any.
+pub fn current_audit_id() -> Option<Uuid> {
+    AUDIT_ID.try_with(|id| *id).ok()
+}
+
+/// One audited request; every field already bounded and redacted.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub audit_id: Uuid,
+    pub recorded_at: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub wallet_id: Option<String>,
+    pub request_id: Option<String>,
+    pub client_ip: Option<String>,
+    /// JSON object of header names to values.
+    pub headers: String,
+    pub body: String,
+    pub duration_ms: i64,
+}
+
+/// Where audit records go; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AuditLog {
+    queue: mpsc::Sender<AuditRecord>,
+}
+
+impl AuditLog {
+    /// Starts the writer task on `store`.
+    pub fn spawn(store: EventStore) -> Self {
+        let (queue, mut incoming) = mpsc::channel::<AuditRecord>(QUEUE);
+        tokio::spawn(async move {
+            while let Some(first) = incoming.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match incoming.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = insert(&store, &batch).await {
+                    metrics::counter!("audit_write_failures_total").increment(batch.len() as u64);
+                    tracing::error!(error = %e, records = batch.len(), "audit records not written");
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    pub async fn record(&self, record: AuditRecord) {
+        let audit_id = record.audit_id;
+        if self.queue.send_timeout(record, ENQUEUE_WAIT).await.is_err() {
+            metrics::counter!("audit_dropped_total").increment(1);
+            tracing::error!(%audit_id, "audit queue full or closed: record dropped");
+        }
+    }
+}
+
+macro_rules! insert_rows {
+    ($db:ty, $pool:expr, $rows:expr) => {{
+        let mut q = QueryBuilder::<$db>::new(
+            "INSERT INTO api_audit (audit_id, recorded_at, method, path, status, wallet_id, request_id, \
+             client_ip, headers, body, duration_ms) ",
+        );
+        q.push_values($rows, |mut b, r| {
+            b.push_bind(r.audit_id.to_string())
+                .push_bind(r.recorded_at.as_str())
+                .push_bind(r.method.as_str())
+                .push_bind(r.path.as_str())
+                .push_bind(i32::from(r.status))
+                .push_bind(r.wallet_id.as_deref())
+                .push_bind(r.request_id.as_deref())
+                .push_bind(r.client_ip.as_deref())
+                .push_bind(r.headers.as_str())
+                .push_bind(r.body.as_str())
+                .push_bind(r.duration_ms);
+        });
+        q.push(" ON CONFLICT (audit_id) DO NOTHING");
+        q.build().execute($pool).await.map(|_| ())
+    }};
+}
+
+async fn insert(store: &EventStore, rows: &[AuditRecord]) -> Result<(), sqlx::Error> {
+    match store {
+        EventStore::Postgres(s) => insert_rows!(sqlx::Postgres, s.pool(), rows),
+        EventStore::Sqlite(s) => insert_rows!(sqlx::Sqlite, s.writer(), rows),
+    }
+}

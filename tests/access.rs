@@ -1,0 +1,241 @@
+//! Access, limits, metrics and audit against a real server on both
+//! backends: API keys and scopes, load shedding with 503 + Retry-After,
+//! Prometheus metrics, and the `api_audit` trail linked from the events.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestDb;
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use wallet::api::{self, ApiKeys, AppState};
+use wallet::projections::{FraudRules, Projections};
+use wallet::store::EventStore;
+
+/// Serves `store` with the state changed by `configure`; returns the base URL.
+async fn serve_with(store: EventStore, configure: impl FnOnce(&mut AppState)) -> String {
+    let projections = Arc::new(Projections::new(store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let mut state = AppState::new(store, projections);
+    state.read_wait = Duration::from_secs(3);
+    configure(&mut state);
+    state.spawn_projection_runner();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(api::serve(listener, state, std::future::pending()));
+    format!("http://{addr}")
+}
+
+async fn problem_code(r: reqwest::Response) -> String {
+    assert_eq!(
+        r.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/problem+json")
+    );
+    let body: Value = r.json().await.unwrap();
+    body["code"].as_str().unwrap_or("").to_owned()
+}
+
+async fn keys_and_scopes(db: TestDb) {
+    let spec = format!(
+        "{},{}",
+        ApiKeys::entry("reader", "read", "key-r"),
+        ApiKeys::entry("writer", "read+write", "key-w")
+    );
+    let keys = Arc::new(ApiKeys::parse(&spec).unwrap());
+    let base = serve_with(db.store, |s| s.keys = keys).await;
+    let http = Client::new();
+    let deposit = format!("{base}/wallet/k1/deposit");
+    let body = json!({"amount": "5.00"});
+
+    let r = http.post(&deposit).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers().get("www-authenticate").unwrap(), "Bearer");
+    assert_eq!(problem_code(r).await, "UNAUTHORIZED");
+
+    let r = http
+        .post(&deposit)
+        .bearer_auth("key-x")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "an unknown key");
+
+    let r = http
+        .post(&deposit)
+        .bearer_auth("key-r")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(problem_code(r).await, "FORBIDDEN");
+
+    let r = http
+        .post(&deposit)
+        .bearer_auth("key-w")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+
+    let r = http
+        .get(format!("{base}/wallet/k1"))
+        .bearer_auth("key-r")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = http.get(format!("{base}/wallet/k1")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "reads need a key too");
+
+    for open in ["/health", "/ready", "/openapi.json", "/docs/"] {
+        let r = http.get(format!("{base}{open}")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{open} stays open");
+    }
+}
+
+/// Beyond the in-flight cap the API answers 503 with Retry-After at once.
+async fn overload_is_shed_with_503(db: TestDb) {
+    let base = serve_with(db.store, |s| s.max_in_flight = 1).await;
+    let http = Client::new();
+    // Occupies the only slot: waits (3 s) for a position that never comes.
+    let slow = {
+        let (http, url) = (http.clone(), format!("{base}/wallet/w/history?minPosition=1000000"));
+        tokio::spawn(async move { http.get(url).send().await.unwrap().status() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let r = http
+        .post(format!("{base}/wallet/w/deposit"))
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_secs(2), "shed at once, not queued");
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(problem_code(r).await, "UNAVAILABLE");
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    // Capacity is back.
+    let r = http
+        .post(format!("{base}/wallet/w/deposit"))
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+}
+
+async fn metrics_are_exposed(db: TestDb) {
+    let base = serve_with(db.store, |_| {}).await;
+    let http = Client::new();
+    for _ in 0..3 {
+        let r = http
+            .post(format!("{base}/wallet/m/deposit"))
+            .json(&json!({"amount": "2.50"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let r = http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    let requests = text
+        .lines()
+        .find(|l| {
+            l.starts_with("http_requests_total{")
+                && l.contains(r#"route="/wallet/{id}/deposit""#)
+                && l.contains(r#"status="201""#)
+        })
+        .unwrap_or_else(|| panic!("no deposit counter in:\n{text}"));
+    let count: f64 = requests.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 3.0, "{requests}");
+    for name in [
+        "http_request_duration_seconds_bucket",
+        "append_batch_requests",
+        "projection_lag_events{projection=\"history\"}",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+}
+
+/// (audit id, status, wallet id, headers JSON, body) of every audit row.
+async fn audit_rows(store: &EventStore) -> Vec<(String, i32, Option<String>, String, String)> {
+    let sql = "SELECT audit_id, status, wallet_id, headers, body FROM api_audit ORDER BY recorded_at";
+    match store {
+        EventStore::Postgres(s) => sqlx::query_as(sql).fetch_all(s.pool()).await.unwrap(),
+        EventStore::Sqlite(s) => sqlx::query_as(sql).fetch_all(s.reader()).await.unwrap(),
+    }
+}
+
+async fn every_mutating_request_is_audited(db: TestDb) {
+    let base = serve_with(db.store.clone(), |_| {}).await;
+    let http = Client::new();
+    let ok = http
+        .post(format!("{base}/wallet/audited/deposit"))
+        .header("authorization", "Bearer super-secret")
+        .header("cookie", "session=abc")
+        .json(&json!({"amount": "7.25", "requestId": "audit-1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::CREATED);
+    let audit_id = ok.headers()["x-audit-id"].to_str().unwrap().to_owned();
+    let bad = http
+        .post(format!("{base}/wallet/audited/withdraw"))
+        .json(&json!({"amount": "1e3"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let huge = format!("{base}/wallet/{}/deposit", "x".repeat(5000));
+    let r = http.post(huge).json(&json!({"amount": 1})).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // Reads are not audited.
+    http.get(format!("{base}/wallet/audited")).send().await.unwrap();
+
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = audit_rows(&db.store).await;
+        if rows.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let (id, status, wallet, headers, body) = &rows[0];
+    assert_eq!(
+        (id.as_str(), *status, wallet.as_deref()),
+        (audit_id.as_str(), 201, Some("audited"))
+    );
+    assert!(headers.contains(r#""authorization":"[redacted]""#), "{headers}");
+    assert!(headers.contains(r#""cookie":"[redacted]""#), "{headers}");
+    assert!(!headers.contains("super-secret") && !headers.contains("session=abc"));
+    assert!(body.contains("7.25"), "{body}");
+    assert_eq!(rows[1].1, 400, "the status actually returned");
+    assert_eq!(rows[2].1, 400);
+    assert!(
+        rows[2].2.as_deref().unwrap().chars().count() <= 129,
+        "bounded wallet id"
+    );
+
+    // The events of the audited request point back to its audit record.
+    let events = db.store.read_all(0, 10).await.unwrap();
+    assert!(!events.is_empty());
+    for e in events {
+        assert_eq!(e.metadata["auditId"], audit_id.as_str(), "{:?}", e.metadata);
+    }
+}
+
+on_both_backends!(
+    keys_and_scopes,
+    overload_is_shed_with_503,
+    metrics_are_exposed,
+    every_mutating_request_is_audited
+);
