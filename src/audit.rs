@@ -51,37 +51,69 @@ pub struct AuditRecord {
     pub duration_ms: i64,
 }
 
+/// What the writer task receives: records, and flush requests answered
+/// once everything queued before them is written.
+#[derive(Debug)]
+enum Message {
+    Record(AuditRecord),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// Where audit records go; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    queue: mpsc::Sender<AuditRecord>,
+    queue: mpsc::Sender<Message>,
 }
 
 impl AuditLog {
     /// Starts the writer task on `store`.
     pub fn spawn(store: EventStore) -> Self {
-        let (queue, mut incoming) = mpsc::channel::<AuditRecord>(QUEUE);
+        let (queue, mut incoming) = mpsc::channel::<Message>(QUEUE);
         tokio::spawn(async move {
             while let Some(first) = incoming.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < BATCH {
-                    match incoming.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
+                let mut batch = Vec::new();
+                let mut flushes = Vec::new();
+                let mut next = Some(first);
+                while let Some(message) = next.take() {
+                    match message {
+                        Message::Record(r) => batch.push(r),
+                        Message::Flush(done) => flushes.push(done),
+                    }
+                    if batch.len() < BATCH {
+                        next = incoming.try_recv().ok();
                     }
                 }
-                if let Err(e) = insert(&store, &batch).await {
-                    metrics::counter!("audit_write_failures_total").increment(batch.len() as u64);
-                    tracing::error!(error = %e, records = batch.len(), "audit records not written");
+                if !batch.is_empty() {
+                    if let Err(e) = insert(&store, &batch).await {
+                        metrics::counter!("audit_write_failures_total").increment(batch.len() as u64);
+                        tracing::error!(error = %e, records = batch.len(), "audit records not written");
+                    }
+                }
+                for done in flushes {
+                    let _ = done.send(());
                 }
             }
         });
         Self { queue }
     }
 
+    /// Waits (at most `timeout`) until every record queued so far is written.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.queue.send(Message::Flush(done)).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, written).await, Ok(Ok(())))
+    }
+
     pub async fn record(&self, record: AuditRecord) {
         let audit_id = record.audit_id;
-        if self.queue.send_timeout(record, ENQUEUE_WAIT).await.is_err() {
+        if self
+            .queue
+            .send_timeout(Message::Record(record), ENQUEUE_WAIT)
+            .await
+            .is_err()
+        {
             metrics::counter!("audit_dropped_total").increment(1);
             tracing::error!(%audit_id, "audit queue full or closed: record dropped");
         }

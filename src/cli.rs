@@ -342,10 +342,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 backend = store.backend(),
                 "serving; API docs at /docs"
             );
-            api::serve(listener, state, shutdown_signal()).await?;
+            let audit = state.audit.clone();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(api::serve(listener, state, async {
+                let _ = stopped.await;
+            }));
+            shutdown_signal().await;
+            let _ = stop.send(());
+            // Stop accepting, let in-flight requests finish, but not forever.
+            match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+                Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished"),
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error while stopping"),
+                Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+                Err(_) => {
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still running at the deadline; stopping anyway")
+                }
+            }
+            if !audit.flush(Duration::from_secs(5)).await {
+                tracing::warn!("audit records still queued at exit");
+            }
             // Dropping mid-batch is safe: a batch is one transaction, and an
             // unconfirmed relay window is published again by the next relay.
+            // Dropping the relay releases its leadership lock.
             background.abort();
+            let _ = background.await;
             tracing::info!("stopped");
             Ok(())
         }
@@ -705,6 +725,9 @@ fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
     bar.set_prefix(prefix.to_owned());
     bar
 }
+
+/// How long `serve` lets in-flight requests finish after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {

@@ -28,19 +28,45 @@ pub async fn open_store(url: &str) -> Result<EventStore, StoreError> {
     Ok(store)
 }
 
-/// JSON lines when stdout is not a terminal (production, CI), readable text
-/// on a terminal. `RUST_LOG` filters (default `info`).
-pub fn init_logging() {
+/// JSON lines when stderr is not a terminal (production, CI), readable text
+/// on a terminal. `RUST_LOG` filters (default `info`). With `LOG_DIR` set,
+/// JSON lines also go to a daily rolling file `wallet.log.<date>` there;
+/// keep the returned guard alive so the file writer flushes at exit.
+pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        builder.init();
+    let stderr = if std::io::stderr().is_terminal() {
+        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
     } else {
-        builder.json().flatten_event(true).with_current_span(true).init();
-    }
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
+    let (file, guard) = match std::env::var("LOG_DIR").ok().filter(|d| !d.trim().is_empty()) {
+        Some(dir) => {
+            let (writer, guard) = tracing_appender::non_blocking(tracing_appender::rolling::daily(dir, "wallet.log"));
+            let layer = tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_writer(writer);
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file)
+        .init();
+    guard
 }
 
 /// Hides the password of a URL before it is logged.

@@ -7,6 +7,6 @@ async fn main() -> anyhow::Result<()> {
     // A missing .env file is normal.
     let _ = dotenvy::dotenv();
     let cli = wallet::cli::Cli::parse();
-    wallet::config::init_logging();
+    let _log_file = wallet::config::init_logging();
     wallet::cli::run(cli).await
 }

@@ -145,3 +145,91 @@ async fn serve_relay_and_worker_as_processes_under_load() {
     );
     observer.delete_topology(&topology).await;
 }
+
+/// SIGTERM while requests are in flight: they finish, their audit records
+/// are written, and the process exits 0 within the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    let dir = std::env::temp_dir().join(format!("wallet-term-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_wallet"));
+    serve
+        .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .env_remove("DATABASE_URL")
+        .env_remove("AMQP_URL")
+        .env("WALLET_DATA_DIR", &dir)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    let mut child = serve.spawn().unwrap();
+    wait_healthy(&base).await;
+
+    let client = reqwest::Client::new();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (client, base) = (client.clone(), base.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = 0u32;
+            for i in 0..1000 {
+                let r = client
+                    .post(format!("{base}/wallet/t{w}/deposit"))
+                    .json(&serde_json::json!({"amount": 1, "requestId": format!("t{w}-{i}")}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == reqwest::StatusCode::CREATED => acknowledged += 1,
+                    Ok(r) => panic!("a request during shutdown got {}", r.status()),
+                    Err(_) => break, // connection refused or closed: the server stopped accepting
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "serve did not exit within 30 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exit status {status}");
+    let mut acknowledged = 0;
+    for w in writers {
+        acknowledged += w.await.unwrap();
+    }
+    assert!(acknowledged > 0);
+
+    // Every acknowledged deposit is in the log, and audited.
+    let store = wallet::config::open_store(&format!("sqlite://{}", dir.join("wallet.db").display()))
+        .await
+        .unwrap();
+    let deposits = store
+        .read_all(0, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event.event_type() == "FundsDeposited")
+        .count();
+    assert!(
+        deposits >= acknowledged as usize,
+        "{deposits} deposits in the log, {acknowledged} acknowledged"
+    );
+    let wallet::store::EventStore::Sqlite(s) = &store else {
+        unreachable!()
+    };
+    let audited: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_audit WHERE status = 201")
+        .fetch_one(s.reader())
+        .await
+        .unwrap();
+    assert!(
+        audited >= i64::from(acknowledged),
+        "{audited} audited, {acknowledged} acknowledged"
+    );
+}

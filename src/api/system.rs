@@ -14,11 +14,26 @@ pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// The process can serve: the database answers.
+/// Longest `/ready` waits for the broker.
+const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The process can serve: the database answers, and the broker too when
+/// one is configured.
 #[utoipa::path(get, path = "/ready", tag = "system",
-    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, description = "database unreachable")))]
+    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, description = "database or broker unreachable")))]
 pub async fn ready(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
     app.store.ping().await?;
+    if let Some((url, _)) = &app.broker {
+        match tokio::time::timeout(BROKER_CHECK, crate::broker::connect(url)).await {
+            Ok(Ok(connection)) => {
+                let _ = connection.close(200, "ready check").await;
+            }
+            _ => return Err(Problem::unavailable("the message broker is unreachable")),
+        }
+        return Ok(Json(
+            json!({"status": "ready", "database": app.store.backend(), "broker": "ok"}),
+        ));
+    }
     Ok(Json(json!({"status": "ready", "database": app.store.backend()})))
 }
 
