@@ -233,7 +233,79 @@ async fn every_mutating_request_is_audited(db: TestDb) {
     }
 }
 
+/// Sends a POST to `path` over a plain TCP connection; returns the status
+/// line (empty if the server closed without answering).
+async fn raw_status_line(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let body = "{\"amount\": 1}";
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // The server may answer and close before reading it all.
+    let _ = conn.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.lines().next().unwrap_or("").chars().take(80).collect()
+}
+
+/// Hostile input of every kind gets a clean 4xx problem, never a 5xx, and
+/// the server keeps serving.
+async fn hostile_input_gets_clean_4xx(db: TestDb) {
+    let base = serve_with(db.store.clone(), |_| {}).await;
+    let http = Client::new();
+    let post = |path: String, body: Vec<u8>| {
+        let http = http.clone();
+        async move {
+            http.post(path)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let deposit = format!("{base}/wallet/h/deposit");
+    let deep = format!("{{\"amount\": {}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
+    let cases: Vec<(&str, String, Vec<u8>)> = vec![
+        // 64 KiB: over the 16 KiB limit, small enough to be sent whole before the 413.
+        (
+            "oversize body",
+            deposit.clone(),
+            format!("{{\"amount\": 1, \"pad\": \"{}\"}}", "x".repeat(64 << 10)).into_bytes(),
+        ),
+        ("deep JSON", deposit.clone(), deep.into_bytes()),
+        (
+            "invalid UTF-8",
+            deposit.clone(),
+            b"{\"amount\": \"1\xff\xfe\"}".to_vec(),
+        ),
+        ("negative zero", deposit.clone(), b"{\"amount\": -0}".to_vec()),
+        ("exponent", deposit.clone(), b"{\"amount\": 1e3}".to_vec()),
+        ("NaN string", deposit.clone(), b"{\"amount\": \"NaN\"}".to_vec()),
+    ];
+    for (name, url, body) in cases {
+        let r = post(url, body).await;
+        assert!(r.status().is_client_error(), "{name}: {}", r.status());
+    }
+    // A 10 MB wallet id: no HTTP client builds such a URL, so raw TCP.
+    let status = raw_status_line(&base, &format!("/wallet/{}/deposit", "a".repeat(10 << 20))).await;
+    assert!(status.starts_with("HTTP/1.1 4"), "10 MB id: {status}");
+    let r = post(deposit, b"{\"amount\": \"1.50\"}".to_vec()).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "still serving");
+    assert_eq!(
+        db.store.head_position().await.unwrap(),
+        2,
+        "only the valid deposit was written"
+    );
+}
+
 on_both_backends!(
+    hostile_input_gets_clean_4xx,
     keys_and_scopes,
     overload_is_shed_with_503,
     metrics_are_exposed,

@@ -144,7 +144,8 @@ fn page(rows: Vec<(i64, String)>, limit: u32, position: Position) -> Response {
 #[utoipa::path(get, path = "/wallet/{id}/history", tag = "read models",
     params(("id" = String, Path, description = "wallet id"), PageQuery),
     responses((status = 200, body = [HistoryItem], headers(("X-Projection-Position" = i64), ("X-Next-Before" = i64))),
-              (status = 400, body = ProblemBody, description = "INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION")))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn history(
     State(app): State<AppState>,
     WalletPath(wallet): WalletPath,
@@ -169,7 +170,8 @@ pub async fn history(
 #[utoipa::path(get, path = "/wallet/{id}/stats", tag = "read models",
     params(("id" = String, Path, description = "wallet id"), WaitQuery),
     responses((status = 200, body = WalletStats, description = "all zero for a wallet with no events"),
-              (status = 400, body = ProblemBody)))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn stats(
     State(app): State<AppState>,
     WalletPath(wallet): WalletPath,
@@ -218,7 +220,8 @@ async fn list_flags(
 /// flag's position.
 #[utoipa::path(get, path = "/wallet/{id}/flags", tag = "read models",
     params(("id" = String, Path, description = "wallet id"), PageQuery),
-    responses((status = 200, body = [Flag]), (status = 400, body = ProblemBody)))]
+    responses((status = 200, body = [Flag]), (status = 400, body = ProblemBody, content_type = "application/problem+json"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn wallet_flags(
     State(app): State<AppState>,
     WalletPath(wallet): WalletPath,
@@ -240,7 +243,8 @@ pub async fn wallet_flags(
 #[utoipa::path(get, path = "/flags", tag = "read models",
     params(FlagsQuery),
     responses((status = 200, body = [Flag]),
-              (status = 400, body = ProblemBody, description = "INVALID_RULE, INVALID_WALLET_ID, INVALID_LIMIT, INVALID_CURSOR")))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_RULE, INVALID_WALLET_ID, INVALID_LIMIT, INVALID_CURSOR"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn flags(
     State(app): State<AppState>,
     query: Result<Query<FlagsQuery>, QueryRejection>,

@@ -9,7 +9,8 @@ use super::problem::{Problem, ProblemBody};
 use super::AppState;
 
 /// The process is up.
-#[utoipa::path(get, path = "/health", tag = "system", responses((status = 200, description = "alive")))]
+#[utoipa::path(get, path = "/health", tag = "system", responses((status = 200, description = "alive"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
@@ -20,7 +21,7 @@ const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// The process can serve: the database answers, and the broker too when
 /// one is configured.
 #[utoipa::path(get, path = "/ready", tag = "system",
-    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, description = "database or broker unreachable")))]
+    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "database or broker unreachable")))]
 pub async fn ready(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
     app.store.ping().await?;
     if let Some((url, _)) = &app.broker {

@@ -51,9 +51,12 @@ fn created<R: Serialize>(answer: Answer<R>) -> Response {
            ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
     request_body = MoneyBody,
     responses((status = 201, body = WalletReceipt, description = "deposited (or replayed: header Idempotent-Replayed)"),
-              (status = 400, body = ProblemBody, description = "INVALID_AMOUNT, INVALID_WALLET_ID, INVALID_REQUEST"),
-              (status = 422, body = ProblemBody, description = "IDEMPOTENCY_KEY_REUSED"),
-              (status = 503, body = ProblemBody, description = "UNAVAILABLE")))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_AMOUNT, INVALID_WALLET_ID, INVALID_REQUEST"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE"),
+              (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT")))]
 pub async fn deposit(
     State(app): State<AppState>,
     WalletPath(wallet): WalletPath,
@@ -71,9 +74,13 @@ pub async fn deposit(
            ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
     request_body = MoneyBody,
     responses((status = 201, body = WalletReceipt),
-              (status = 400, body = ProblemBody, description = "INSUFFICIENT_FUNDS, INVALID_AMOUNT, ..."),
-              (status = 404, body = ProblemBody, description = "WALLET_NOT_FOUND"),
-              (status = 422, body = ProblemBody, description = "IDEMPOTENCY_KEY_REUSED")))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INSUFFICIENT_FUNDS, INVALID_AMOUNT, ..."),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "WALLET_NOT_FOUND"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn withdraw(
     State(app): State<AppState>,
     WalletPath(wallet): WalletPath,
@@ -91,9 +98,13 @@ pub async fn withdraw(
            ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
     request_body = TransferBody,
     responses((status = 201, body = TransferReceipt),
-              (status = 400, body = ProblemBody, description = "SAME_WALLET, INSUFFICIENT_FUNDS, ..."),
-              (status = 404, body = ProblemBody, description = "WALLET_NOT_FOUND (sender)"),
-              (status = 422, body = ProblemBody, description = "IDEMPOTENCY_KEY_REUSED")))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "SAME_WALLET, INSUFFICIENT_FUNDS, ..."),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "WALLET_NOT_FOUND (sender)"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn transfer(
     State(app): State<AppState>,
     WalletPath(from): WalletPath,
@@ -128,7 +139,8 @@ pub struct BalanceView {
 #[utoipa::path(get, path = "/wallet/{id}", tag = "wallet",
     params(("id" = String, Path, description = "wallet id"), BalanceQuery),
     responses((status = 200, body = BalanceView, description = "unknown wallets answer exists: false"),
-              (status = 400, body = ProblemBody, description = "INVALID_WALLET_ID, INVALID_AT")))]
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_AT"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn balance(
     State(app): State<AppState>,
     WalletPath(wallet): WalletPath,
