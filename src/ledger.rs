@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::aggregate::{decide, Amount, Balance, Command, Decision, DomainError, Wallet, WalletId};
 use crate::cache::{WalletCache, DEFAULT_CAPACITY};
+use crate::freshness::VersionProbe;
 use crate::snapshots;
 use crate::store::{
     AppendError, AppendRequest, Cutoff, EventStore, IdempotencyRecord, NewEvent, Position, RecordedEvent, StoreError,
@@ -123,11 +124,14 @@ pub struct Ledger {
     appended: Arc<Notify>,
     snapshot_every: u64,
     cache: WalletCache,
+    /// Started on first use: a ledger may be built outside the runtime.
+    probe: std::sync::OnceLock<VersionProbe>,
 }
 
 impl Ledger {
     pub fn new(store: EventStore) -> Self {
         Self {
+            probe: std::sync::OnceLock::new(),
             store,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             appended: Arc::new(Notify::new()),
@@ -200,15 +204,20 @@ impl Ledger {
     /// A wallet's state: the fold of its stream (from its newest snapshot),
     /// up to `cutoff` if given.
     /// A wallet's state, up to `cutoff` if given. The current state is the
-    /// cached one brought up to date with the events after it (one query,
-    /// usually returning nothing), so it is fresh even when another process
-    /// wrote the wallet.
+    /// cached one if the log's version of the wallet (asked together with
+    /// other concurrent reads, `freshness.rs`) has not moved past it, else
+    /// the cached one brought up to date with the events after it: fresh even
+    /// when another process wrote the wallet.
     pub async fn wallet(&self, id: &WalletId, cutoff: Option<Cutoff>) -> Result<Wallet, StoreError> {
         if cutoff.is_some() {
             return snapshots::load(&self.store, id, cutoff).await;
         }
         let current = match self.cache.get(id) {
             Some(cached) => {
+                let probe = self.probe.get_or_init(|| VersionProbe::spawn(self.store.clone()));
+                if probe.version(id).await? <= cached.version {
+                    return Ok(cached);
+                }
                 let tail = self.store.read_stream(id, cached.version, None).await?;
                 tail.iter().fold(cached, |w, e| w.evolve(&e.event))
             }

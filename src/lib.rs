@@ -19,6 +19,7 @@ pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod freshness;
 pub mod ledger;
 pub mod load;
 pub mod projections;

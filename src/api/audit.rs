@@ -11,11 +11,12 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use uuid::Uuid;
 
 use super::problem::Problem;
@@ -23,6 +24,8 @@ use super::{AppState, MAX_BODY_BYTES};
 use crate::audit::{AuditRecord, AUDIT_ID};
 
 const MAX_AUDIT_BODY: usize = 4096;
+/// An oversize body is read (and dropped) up to this many bytes before the 413.
+const DRAIN_BYTES: usize = 1 << 20;
 const MAX_HEADERS: usize = 50;
 const MAX_FIELD: usize = 256;
 const MAX_PATH: usize = 512;
@@ -64,6 +67,33 @@ fn wallet_of(path: &str) -> Option<String> {
     Some(truncate(id, 128))
 }
 
+/// The body, at most `MAX_BODY_BYTES`. A longer one is read on (and
+/// discarded) up to `DRAIN_BYTES` before the 413, so a client still sending
+/// gets the answer instead of a reset connection.
+async fn read_body(body: Body) -> Result<Bytes, Problem> {
+    let mut stream = body.into_data_stream();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| Problem::bad_request("INVALID_REQUEST", format!("could not read the body: {e}")))?;
+        seen += chunk.len();
+        if seen <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&chunk);
+        } else if seen > DRAIN_BYTES {
+            break;
+        }
+    }
+    if seen > MAX_BODY_BYTES {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+        ));
+    }
+    Ok(Bytes::from(kept))
+}
+
 pub async fn record(State(app): State<AppState>, request: Request, next: Next) -> Response {
     if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(request).await;
@@ -84,20 +114,12 @@ pub async fn record(State(app): State<AppState>, request: Request, next: Next) -
     let method = parts.method.as_str().to_owned();
 
     // Buffer the body (bounded) to record it, then hand it on unchanged.
-    let (bytes, response) = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+    let (bytes, response) = match read_body(body).await {
         Ok(bytes) => {
             let request = Request::from_parts(parts, Body::from(bytes.clone()));
             (bytes, AUDIT_ID.scope(audit_id, next.run(request)).await)
         }
-        Err(_) => (
-            Default::default(),
-            Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                "request body is too large",
-            )
-            .into_response(),
-        ),
+        Err(problem) => (Bytes::new(), problem.into_response()),
     };
     let mut response = response;
     let shown = &bytes[..bytes.len().min(MAX_AUDIT_BODY)];

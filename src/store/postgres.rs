@@ -108,6 +108,16 @@ impl PgEventStore {
         decode_all(q.build().fetch_all(&self.pool).await?)
     }
 
+    pub async fn stream_versions(&self, streams: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut q = QueryBuilder::<Postgres>::new("SELECT stream_id, MAX(version) FROM events WHERE stream_id IN (");
+        let mut list = q.separated(", ");
+        for s in streams {
+            list.push_bind(*s);
+        }
+        q.push(") GROUP BY stream_id");
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+
     pub async fn read_stream_backwards(
         &self,
         stream: &WalletId,
