@@ -26,7 +26,7 @@ use super::{Batch, Projection};
 use crate::store::{EventStore, Position, RecordedEvent, StoreError};
 
 /// Events per transaction.
-const BATCH_EVENTS: u32 = 1000;
+const BATCH_EVENTS: u32 = 5000;
 /// How often the live runner looks for events written by other processes.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How often `wait_for` re-reads a checkpoint.
