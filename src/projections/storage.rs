@@ -126,6 +126,19 @@ impl Tx {
         })
     }
 
+    /// A write transaction whose commit does not wait for the disk
+    /// (PostgreSQL `synchronous_commit = off`). Only for work that is
+    /// re-derived from the log after a crash: the in-process runner and
+    /// rebuilds, whose documents and checkpoint commit (or vanish) together.
+    /// Never for the broker worker, which acknowledges messages after commit.
+    pub async fn begin_relaxed(store: &EventStore) -> Result<Tx, StoreError> {
+        let mut tx = Tx::begin(store).await?;
+        if let Tx::Pg(conn) = &mut tx {
+            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut **conn).await?;
+        }
+        Ok(tx)
+    }
+
     pub async fn commit(self) -> Result<(), StoreError> {
         match self {
             Tx::Pg(tx) => tx.commit().await?,
