@@ -215,6 +215,10 @@ pub struct ReplayArgs {
     /// Also list each event with its running balance.
     #[arg(long, requires = "wallet")]
     pub trail: bool,
+    /// Without --wallet: list at most this many wallets (0: all). The
+    /// total always covers every wallet.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u64,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -611,8 +615,19 @@ async fn replay(store: &crate::store::EventStore, args: ReplayArgs) -> anyhow::R
         return Ok(());
     }
     println!("{:<40} {:>24}", "wallet", "balance");
-    for (w, b) in &r.wallets {
+    let shown = if args.limit == 0 {
+        usize::MAX
+    } else {
+        args.limit as usize
+    };
+    for (w, b) in r.wallets.iter().take(shown) {
         println!("{:<40} {:>24}", w.as_str(), b.to_string());
+    }
+    if r.wallets.len() > shown {
+        println!(
+            "... {} more wallets not listed (--limit 0 lists all)",
+            r.wallets.len() - shown
+        );
     }
     println!(
         "{} wallets as of position {}; total {:.4}",
@@ -652,7 +667,8 @@ async fn verify(store: &crate::store::EventStore, projections: &Projections, jso
     }
     anyhow::ensure!(
         report.discrepancies.is_empty(),
-        "{} discrepancies found",
+        "{} discrepancies found ({} listed)",
+        report.discrepancies_found,
         report.discrepancies.len()
     );
     if !json {

@@ -22,6 +22,8 @@ use crate::store::{chain, EventStore, Position, RecordedEvent};
 const SCAN_BATCH: u32 = 10_000;
 /// Differences reported per read model.
 const MAX_READ_MODEL_REPORTS: usize = 20;
+/// Discrepancies kept in a report; the rest are only counted.
+pub const MAX_DISCREPANCIES: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -37,7 +39,10 @@ pub struct Report {
     pub events: u64,
     pub streams: u64,
     pub snapshots: u64,
+    /// The first `MAX_DISCREPANCIES` found.
     pub discrepancies: Vec<Discrepancy>,
+    /// How many were found in all (also those not listed).
+    pub discrepancies_found: u64,
 }
 
 /// What the scan remembers per stream.
@@ -63,7 +68,9 @@ pub async fn verify(
 ) -> Result<Report, ProjectionError> {
     let head = store.head_position().await?;
     let mut report = Report::default();
+    let mut found_total = 0u64;
     let mut found = |stream: Option<&str>, position: Option<Position>, problem: String| {
+        found_total += 1;
         report_push(&mut report.discrepancies, stream, position, problem)
     };
 
@@ -128,6 +135,7 @@ pub async fn verify(
             found(None, None, problem);
         }
     }
+    report.discrepancies_found = found_total.max(report.discrepancies.len() as u64);
     report.events = events;
     report.streams = streams.len() as u64;
     report.snapshots = snapshot_count;
@@ -135,6 +143,9 @@ pub async fn verify(
 }
 
 fn report_push(list: &mut Vec<Discrepancy>, stream: Option<&str>, position: Option<Position>, problem: String) {
+    if list.len() >= MAX_DISCREPANCIES {
+        return;
+    }
     list.push(Discrepancy {
         stream: stream.map(str::to_owned),
         position,

@@ -134,7 +134,9 @@ impl Tx {
     pub async fn begin_relaxed(store: &EventStore) -> Result<Tx, StoreError> {
         let mut tx = Tx::begin(store).await?;
         if let Tx::Pg(conn) = &mut tx {
-            sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut **conn).await?;
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut **conn)
+                .await?;
         }
         Ok(tx)
     }
