@@ -304,7 +304,29 @@ async fn hostile_input_gets_clean_4xx(db: TestDb) {
     );
 }
 
+/// With a broker configured, /ready also answers for it.
+async fn ready_reflects_the_broker(db: TestDb) {
+    let topology = wallet::broker::Topology::named("test.ready.events");
+    let up = serve_with(db.store.clone(), |s| {
+        s.broker = Some((common::broker::amqp_url(), topology.clone()))
+    })
+    .await;
+    let down = serve_with(db.store, |s| {
+        s.broker = Some(("amqp://guest:guest@127.0.0.1:1/%2f".to_owned(), topology.clone()))
+    })
+    .await;
+    let http = Client::new();
+    let r = http.get(format!("{up}/ready")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap()["broker"], "ok");
+    let r = http.get(format!("{down}/ready")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(problem_code(r).await, "UNAVAILABLE");
+}
+
 on_both_backends!(
+    ready_reflects_the_broker,
     hostile_input_gets_clean_4xx,
     keys_and_scopes,
     overload_is_shed_with_503,

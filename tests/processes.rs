@@ -159,8 +159,10 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
         .env_remove("DATABASE_URL")
         .env_remove("AMQP_URL")
         .env("WALLET_DATA_DIR", &dir)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
+        .env("LOG_DIR", dir.join("logs"))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null());
     let mut child = serve.spawn().unwrap();
     wait_healthy(&base).await;
 
@@ -232,4 +234,18 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
         audited >= i64::from(acknowledged),
         "{audited} audited, {acknowledged} acknowledged"
     );
+
+    // LOG_DIR: JSON lines in a daily file, flushed at exit.
+    let logs: Vec<_> = std::fs::read_dir(dir.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let text = std::fs::read_to_string(&logs[0]).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        lines.iter().any(|l| l.to_string().contains("request_id")),
+        "request ids in the log"
+    );
+    assert!(lines.iter().any(|l| l.to_string().contains("shutdown signal received")));
 }
