@@ -100,10 +100,8 @@ impl AuditLog {
     /// Waits (at most `timeout`) until every record queued so far is written.
     pub async fn flush(&self, timeout: Duration) -> bool {
         let (done, written) = tokio::sync::oneshot::channel();
-        if self.queue.send(Message::Flush(done)).await.is_err() {
-            return false;
-        }
-        matches!(tokio::time::timeout(timeout, written).await, Ok(Ok(())))
+        let flushed = async { self.queue.send(Message::Flush(done)).await.is_ok() && written.await.is_ok() };
+        matches!(tokio::time::timeout(timeout, flushed).await, Ok(true))
     }
 
     pub async fn record(&self, record: AuditRecord) {

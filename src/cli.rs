@@ -348,18 +348,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let audit = state.audit.clone();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(api::serve(listener, state, async {
+            let mut server = tokio::spawn(api::serve(listener, state, async {
                 let _ = stopped.await;
             }));
             shutdown_signal().await;
             let _ = stop.send(());
             // Stop accepting, let in-flight requests finish, but not forever.
-            match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
                 Ok(Ok(Ok(()))) => tracing::info!("in-flight requests finished"),
                 Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error while stopping"),
                 Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
                 Err(_) => {
-                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still running at the deadline; stopping anyway")
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "requests still running at the deadline; stopping anyway");
+                    server.abort();
                 }
             }
             if !audit.flush(Duration::from_secs(5)).await {

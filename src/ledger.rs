@@ -288,9 +288,17 @@ impl Ledger {
 
         for attempt in 1..=MAX_ATTEMPTS {
             // Both wallets of a transfer load concurrently: one round trip of latency, not two.
-            let states = futures_util::future::try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
-            let refs: Vec<&Wallet> = states.iter().collect();
-            let decision = match decide(&command, &refs) {
+            let mut states = futures_util::future::try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
+            let mut decided = decide(&command, &states.iter().collect::<Vec<_>>());
+            if decided.is_err() {
+                // A rejection is remembered for good and no version check
+                // guards it: decide it again on the log's state, not on a
+                // cached one another process may have moved on from.
+                wallets.iter().for_each(|w| self.cache.forget(w));
+                states = futures_util::future::try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
+                decided = decide(&command, &states.iter().collect::<Vec<_>>());
+            }
+            let decision = match decided {
                 Ok(decision) => decision,
                 Err(error) => {
                     let outcome =

@@ -443,15 +443,34 @@ async fn a_garbage_message_is_dead_lettered_and_the_worker_goes_on() {
     let topology = topology();
     let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
     projections.ensure().await.unwrap();
-    // Publish garbage first, then start relay and worker.
+    // Publish garbage and a forged event far past the log's head first,
+    // then start relay and worker.
     publish_raw(&topology, b"not json at all").await;
+    let forged = serde_json::json!({
+        "id": uuid::Uuid::new_v4(), "type": "FundsDeposited", "occurredAt": "2026-01-01T00:00:00Z",
+        "payload": {"walletId": "w0", "amount": "1.0000", "newBalance": "1.0000"},
+        "position": 1_000_000_000i64, "walletId": "w0", "version": 1
+    });
+    publish_raw(&topology, forged.to_string().as_bytes()).await;
     let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
     let worker = tokio::spawn(Worker::new(projections.clone(), &amqp_url(), topology.clone()).run());
     write_load(&db.store, 2, 9).await;
     let head = db.store.head_position().await.unwrap();
     wait_for_worker(&projections, head).await;
     let letters = dlq::list(&amqp_url(), &topology, 10).await.unwrap();
-    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters[1]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("beyond the log head"),
+        "{letters:?}"
+    );
+    // The forged position moved no checkpoint past the real log.
+    for s in projections.status().await.unwrap() {
+        assert!(s.checkpoint <= head, "{s:?}");
+    }
     assert!(
         letters[0]
             .reason

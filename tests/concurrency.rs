@@ -213,7 +213,29 @@ async fn concurrent_duplicates_take_effect_once(db: TestDb) {
     assert_eq!((src, dst), (Decimal::from(93), Decimal::from(7)));
 }
 
+/// Two processes (ledgers) on one log: one holds a wallet in its cache,
+/// the other deposits into it. A withdrawal the stale cached balance could
+/// not cover must still succeed: rejections are remembered for good, so
+/// they are decided on the log's state.
+async fn a_rejection_is_never_decided_on_a_stale_cache(db: TestDb) {
+    use wallet::aggregate::Amount;
+    use wallet::ledger::Ledger;
+    let (a, b) = (Ledger::new(db.store.clone()), Ledger::new(db.store.clone()));
+    let w = WalletId::parse("shared").unwrap();
+    b.deposit(w.clone(), Amount::parse("10").unwrap(), None).await.unwrap();
+    a.deposit(w.clone(), Amount::parse("100").unwrap(), None).await.unwrap();
+    let answer = b
+        .withdraw(w.clone(), Amount::parse("50").unwrap(), Some("k-stale".to_owned()))
+        .await
+        .expect("110 covers 50: the cached 10 must not decide");
+    assert_eq!(answer.receipt.balance.to_string(), "60.0000");
+    // And a real rejection is still a rejection.
+    let err = b.withdraw(w, Amount::parse("61").unwrap(), None).await.unwrap_err();
+    assert!(matches!(err, wallet::ledger::CommandError::Rejected { .. }), "{err:?}");
+}
+
 on_both_backends!(
+    a_rejection_is_never_decided_on_a_stale_cache,
     mixed_writes_conserve_money,
     concurrent_first_deposits_open_the_wallet_once,
     concurrent_duplicates_take_effect_once,

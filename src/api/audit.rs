@@ -24,6 +24,8 @@ use super::{AppState, MAX_BODY_BYTES};
 use crate::audit::{AuditRecord, AUDIT_ID};
 
 const MAX_AUDIT_BODY: usize = 4096;
+/// Longest the body of a mutating request may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// An oversize body is read (and dropped) up to this many bytes before the 413.
 const DRAIN_BYTES: usize = 1 << 20;
 const MAX_HEADERS: usize = 50;
@@ -113,31 +115,53 @@ pub async fn record(State(app): State<AppState>, request: Request, next: Next) -
     let headers = headers_json(&parts.headers);
     let method = parts.method.as_str().to_owned();
 
-    // Buffer the body (bounded) to record it, then hand it on unchanged.
-    let (bytes, response) = match read_body(body).await {
-        Ok(bytes) => {
-            let request = Request::from_parts(parts, Body::from(bytes.clone()));
-            (bytes, AUDIT_ID.scope(audit_id, next.run(request)).await)
-        }
-        Err(problem) => (Bytes::new(), problem.into_response()),
+    // The handler and the audit record run in a task of their own: a
+    // client that disconnects mid-request cancels this future, but the
+    // events its request committed still get their audit row.
+    let work = async move {
+        // Buffer the body (bounded, and within the request timeout, which
+        // only starts inside) to record it, then hand it on unchanged.
+        let (bytes, response) = match tokio::time::timeout(BODY_TIMEOUT, read_body(body)).await {
+            Ok(Ok(bytes)) => {
+                let request = Request::from_parts(parts, Body::from(bytes.clone()));
+                (bytes, AUDIT_ID.scope(audit_id, next.run(request)).await)
+            }
+            Ok(Err(problem)) => (Bytes::new(), problem.into_response()),
+            Err(_) => (
+                Bytes::new(),
+                Problem::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "REQUEST_TIMEOUT",
+                    "the request body was too slow to arrive",
+                )
+                .into_response(),
+            ),
+        };
+        let shown = &bytes[..bytes.len().min(MAX_AUDIT_BODY)];
+        app.audit
+            .record(AuditRecord {
+                audit_id,
+                recorded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                method,
+                wallet_id: wallet_of(&path),
+                path,
+                status: response.status().as_u16(),
+                request_id,
+                client_ip,
+                headers,
+                body: String::from_utf8_lossy(shown).into_owned(),
+                duration_ms: started.elapsed().as_millis() as i64,
+            })
+            .await;
+        response
     };
-    let mut response = response;
-    let shown = &bytes[..bytes.len().min(MAX_AUDIT_BODY)];
-    app.audit
-        .record(AuditRecord {
-            audit_id,
-            recorded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            method,
-            wallet_id: wallet_of(&path),
-            path,
-            status: response.status().as_u16(),
-            request_id,
-            client_ip,
-            headers,
-            body: String::from_utf8_lossy(shown).into_owned(),
-            duration_ms: started.elapsed().as_millis() as i64,
-        })
-        .await;
+    let mut response = match tokio::spawn(work).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, %audit_id, "request task failed");
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "the request failed").into_response()
+        }
+    };
     if let Ok(value) = HeaderValue::from_str(&audit_id.to_string()) {
         response.headers_mut().insert("x-audit-id", value);
     }

@@ -44,7 +44,13 @@ pub fn handle() -> &'static PrometheusHandle {
 /// Counts every request by method, route template and status, and times it.
 pub async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    // A client chooses the method: unknown ones share one label, so the
+    // number of series stays bounded.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
+        _ => "OTHER",
+    }
+    .to_owned();
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -73,8 +79,8 @@ pub async fn render(State(app): State<AppState>) -> Response {
         metrics::gauge!("relay_active").set(f64::from(u8::from(relay.active.load(Relaxed))));
         metrics::gauge!("relay_confirmed_position").set(confirmed as f64);
         metrics::gauge!("relay_in_flight").set(relay.in_flight.load(Relaxed) as f64);
-        metrics::gauge!("relay_published_total").set(relay.published.load(Relaxed) as f64);
-        metrics::gauge!("relay_sessions_total").set(relay.sessions.load(Relaxed) as f64);
+        metrics::counter!("relay_published_total").absolute(relay.published.load(Relaxed));
+        metrics::counter!("relay_sessions_total").absolute(relay.sessions.load(Relaxed));
         if let Ok(head) = app.store.head_position().await {
             metrics::gauge!("relay_lag_events").set((head - confirmed).max(0) as f64);
         }

@@ -35,6 +35,8 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("broker refused message at position {0} (nack)")]
     Nacked(i64),
+    #[error("no queue is bound to the exchange: message at position {0} came back")]
+    Unroutable(i64),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]

@@ -178,7 +178,13 @@ impl Relay {
                         .basic_publish(
                             &self.topology.exchange,
                             "",
-                            BasicPublishOptions::default(),
+                            // Mandatory: if no queue is bound, the broker returns the
+                            // message instead of dropping it, and it does not count
+                            // as confirmed.
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
                             &message.body(),
                             message.properties(),
                         )
@@ -236,8 +242,9 @@ fn confirmation(
 ) -> impl Future<Output = Result<Position, BrokerError>> {
     async move {
         match confirm.await? {
-            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(position),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked(position)),
+            Confirmation::Ack(None) => Ok(position),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable(position)),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked(position)),
         }
     }
 }

@@ -27,6 +27,7 @@ use lapin::Channel;
 use uuid::Uuid;
 
 use super::{connect, Backoff, BrokerError, EventMessage, Topology, REASON_HEADER};
+use crate::aggregate::WalletId;
 use crate::projections::{Delivery, Incoming, Projections};
 use crate::store::RecordedEvent;
 
@@ -80,8 +81,18 @@ pub struct Worker {
 /// What to do with one delivery once understood.
 enum Prepared {
     Incoming(Incoming),
-    /// Not even a stream and position: straight to the dead letters.
+    /// Not even a valid stream and position: straight to the dead letters.
     Unaddressed(String),
+}
+
+impl Prepared {
+    fn position(&self) -> Option<i64> {
+        match self {
+            Prepared::Incoming(Incoming::Event(e)) => Some(e.position),
+            Prepared::Incoming(Incoming::Failed { position, .. }) => Some(*position),
+            Prepared::Unaddressed(_) => None,
+        }
+    }
 }
 
 impl Worker {
@@ -157,6 +168,26 @@ impl Worker {
         for delivery in &batch {
             prepared.push(self.prepare(&delivery.data).await);
         }
+        // The relay publishes committed events only, so a position past the
+        // log's head is a forged message: applying it would move the
+        // checkpoints past events that have not happened yet.
+        let highest = prepared.iter().filter_map(Prepared::position).max().unwrap_or(0);
+        if highest > 0 {
+            let head = loop {
+                match self.projections.store().head_position().await {
+                    Ok(head) => break head,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "worker cannot read the log head; retrying");
+                        backoff.wait().await;
+                    }
+                }
+            };
+            for p in &mut prepared {
+                if p.position().is_some_and(|position| position > head) {
+                    *p = Prepared::Unaddressed(format!("position beyond the log head ({head})"));
+                }
+            }
+        }
         let incoming: Vec<Incoming> = prepared
             .iter()
             .filter_map(|p| match p {
@@ -211,19 +242,24 @@ impl Worker {
 
     async fn prepare(&self, body: &[u8]) -> Prepared {
         let reason = match EventMessage::decode(body) {
+            Ok(event) if event.position <= 0 => format!("invalid position {}", event.position),
             Ok(event) => match self.apply_check(&event).await {
                 Ok(()) => return Prepared::Incoming(Incoming::Event(event)),
                 Err(reason) => reason,
             },
             Err(e) => e.to_string(),
         };
+        // Only a well-formed address may park a stream (and reach the
+        // database as a key); anything else goes straight to the DLQ.
         match EventMessage::address(body) {
-            Some(a) => Prepared::Incoming(Incoming::Failed {
-                stream: a.wallet_id,
-                position: a.position,
-                reason,
-            }),
-            None => Prepared::Unaddressed(reason),
+            Some(a) if a.position > 0 && WalletId::parse(&a.wallet_id).is_ok() => {
+                Prepared::Incoming(Incoming::Failed {
+                    stream: a.wallet_id,
+                    position: a.position,
+                    reason,
+                })
+            }
+            _ => Prepared::Unaddressed(reason),
         }
     }
 

@@ -97,6 +97,13 @@ impl Projections {
     /// Returns one outcome per message; on error nothing was written.
     pub async fn apply_delivered(&self, incoming: &[Incoming]) -> Result<Vec<Delivery>, ProjectionError> {
         let mut tx = Tx::begin(&self.store).await?;
+        // Checkpoints first (locked, in a fixed order), parked rows after:
+        // a rebuild's swap that unparks rows takes the checkpoint lock too,
+        // so what is read below cannot change before this commits.
+        let mut checkpoints = Vec::with_capacity(self.list.len());
+        for projection in &self.list {
+            checkpoints.push(tx.checkpoint(projection.name()).await?.unwrap_or(0));
+        }
         let streams: BTreeSet<&str> = incoming.iter().map(Incoming::stream).collect();
         let streams: Vec<&str> = streams.into_iter().collect();
         let mut parked: HashMap<(String, String), BTreeSet<Position>> = HashMap::new();
@@ -105,9 +112,8 @@ impl Projections {
         }
 
         let mut outcomes = vec![Delivery::Duplicate; incoming.len()];
-        for projection in &self.list {
+        for (projection, start) in self.list.iter().zip(checkpoints) {
             let name = projection.name();
-            let start = tx.checkpoint(name).await?.unwrap_or(0);
             let mut checkpoint = start;
             let mut to_apply: Vec<&RecordedEvent> = Vec::new();
             for (i, message) in incoming.iter().enumerate() {

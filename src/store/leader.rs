@@ -17,6 +17,9 @@ use super::{EventStore, StoreError};
 /// second is `hashtext(job)`. The append lock uses the one-key space.
 const LEADER_LOCK_CLASS: i32 = 0x5741; // "WA"
 
+/// A lock connection that does not answer within this is taken as lost.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Jobs led inside this process on an in-memory SQLite database.
 static IN_MEMORY: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
@@ -35,6 +38,17 @@ impl EventStore {
                 // A connection of its own: the pool must not hand a session
                 // holding the lock to anyone else, nor close it under us.
                 let mut conn = s.pool().acquire().await?.detach();
+                // The server keeps a session lock as long as it thinks the
+                // connection lives: make it notice a dead holder in ~30 s,
+                // not at the default TCP keepalive of two hours.
+                sqlx::query(
+                    "SELECT set_config('tcp_keepalives_idle', '10', false), \
+                     set_config('tcp_keepalives_interval', '5', false), \
+                     set_config('tcp_keepalives_count', '3', false), \
+                     set_config('tcp_user_timeout', '30000', false)",
+                )
+                .execute(&mut conn)
+                .await?;
                 let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
                     .bind(LEADER_LOCK_CLASS)
                     .bind(job)
@@ -72,7 +86,9 @@ impl LeaderLock {
     /// holder must stop working at once, another process may lead now.
     pub async fn still_held(&mut self) -> bool {
         match self {
-            LeaderLock::Postgres(conn) => conn.ping().await.is_ok(),
+            LeaderLock::Postgres(conn) => {
+                matches!(tokio::time::timeout(PING_TIMEOUT, conn.ping()).await, Ok(Ok(())))
+            }
             LeaderLock::File(_) | LeaderLock::InMemory(_) => true,
         }
     }
