@@ -55,7 +55,7 @@ pub struct AuditRecord {
 /// once everything queued before them is written.
 #[derive(Debug)]
 enum Message {
-    Record(AuditRecord),
+    Record(Box<AuditRecord>),
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -76,7 +76,7 @@ impl AuditLog {
                 let mut next = Some(first);
                 while let Some(message) = next.take() {
                     match message {
-                        Message::Record(r) => batch.push(r),
+                        Message::Record(r) => batch.push(*r),
                         Message::Flush(done) => flushes.push(done),
                     }
                     if batch.len() < BATCH {
@@ -108,7 +108,7 @@ impl AuditLog {
         let audit_id = record.audit_id;
         if self
             .queue
-            .send_timeout(Message::Record(record), ENQUEUE_WAIT)
+            .send_timeout(Message::Record(Box::new(record)), ENQUEUE_WAIT)
             .await
             .is_err()
         {

@@ -221,10 +221,17 @@ impl Ledger {
                 let tail = self.store.read_stream(id, cached.version, None).await?;
                 tail.iter().fold(cached, |w, e| w.evolve(&e.event))
             }
-            None => snapshots::load(&self.store, id, None).await?,
+            None => return self.load(id).await,
         };
         self.cache.remember(current.clone());
         Ok(current)
+    }
+
+    /// Folds a wallet from the log (snapshot + tail) and caches it.
+    async fn load(&self, id: &WalletId) -> Result<Wallet, StoreError> {
+        let loaded = snapshots::load(&self.store, id, None).await?;
+        self.cache.remember(loaded.clone());
+        Ok(loaded)
     }
 
     /// The state to decide against: the cached one without any query. A
@@ -232,11 +239,7 @@ impl Ledger {
     async fn decidable(&self, id: &WalletId) -> Result<Wallet, StoreError> {
         match self.cache.get(id) {
             Some(cached) => Ok(cached),
-            None => {
-                let loaded = snapshots::load(&self.store, id, None).await?;
-                self.cache.remember(loaded.clone());
-                Ok(loaded)
-            }
+            None => self.load(id).await,
         }
     }
 

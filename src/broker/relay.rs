@@ -15,7 +15,6 @@
 //!   leadership lock (`store::LeaderLock`); the others wait on standby and
 //!   take over when the holder's process or connection dies.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -236,15 +235,13 @@ impl Relay {
 }
 
 /// The confirm of the message at `position`: its position once acked.
-fn confirmation(
+async fn confirmation(
     position: Position,
     confirm: lapin::publisher_confirm::PublisherConfirm,
-) -> impl Future<Output = Result<Position, BrokerError>> {
-    async move {
-        match confirm.await? {
-            Confirmation::Ack(None) => Ok(position),
-            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable(position)),
-            Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked(position)),
-        }
+) -> Result<Position, BrokerError> {
+    match confirm.await? {
+        Confirmation::Ack(None) => Ok(position),
+        Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable(position)),
+        Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked(position)),
     }
 }

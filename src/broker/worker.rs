@@ -12,7 +12,6 @@
 //! before its outcome is committed and its dead letter confirmed.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,21 +60,12 @@ impl WorkerFault {
     }
 }
 
-/// Live figures of a worker, for metrics.
-#[derive(Debug, Default)]
-pub struct WorkerGauges {
-    pub applied: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub dead_lettered: AtomicU64,
-}
-
 pub struct Worker {
     projections: Arc<Projections>,
     url: String,
     topology: Topology,
     prefetch: u16,
     pub fault: Arc<WorkerFault>,
-    pub gauges: Arc<WorkerGauges>,
 }
 
 /// What to do with one delivery once understood.
@@ -103,7 +93,6 @@ impl Worker {
             topology,
             prefetch: DEFAULT_PREFETCH,
             fault: Arc::default(),
-            gauges: Arc::default(),
         }
     }
 
@@ -213,14 +202,7 @@ impl Worker {
             let dead_reason = match prepared {
                 Prepared::Unaddressed(reason) => Some(reason.clone()),
                 Prepared::Incoming(_) => match outcomes.next().expect("one outcome per incoming message") {
-                    Delivery::Applied => {
-                        self.gauges.applied.fetch_add(1, Ordering::Relaxed);
-                        None
-                    }
-                    Delivery::Duplicate => {
-                        self.gauges.duplicates.fetch_add(1, Ordering::Relaxed);
-                        None
-                    }
+                    Delivery::Applied | Delivery::Duplicate => None,
                     Delivery::Parked { reason } => Some(reason),
                 },
             };
@@ -233,7 +215,6 @@ impl Worker {
             if let Confirmation::Nack(_) = confirm.await? {
                 return Err(BrokerError::Nacked(-1));
             }
-            self.gauges.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
         let last = batch.last().expect("batches are not empty").delivery_tag;
         channel.basic_ack(last, BasicAckOptions { multiple: true }).await?;
