@@ -27,9 +27,18 @@ pub struct Canonical<'a> {
 /// Hex SHA-256 linking `event` to `previous` (the stream's last hash, "" at version 1).
 pub fn link(previous: &str, event: &Canonical<'_>) -> String {
     let mut h = Sha256::new();
-    // Length-prefixed fields: no two different events encode the same.
-    for field in [
-        previous,
+    h.update(field(previous));
+    h.update(body(event));
+    h.update(field(&time(event.recorded_at)));
+    hex::encode(h.finalize())
+}
+
+/// The encoded fields between the previous hash and the time, which are
+/// known before the append lock is taken: PostgreSQL's append function
+/// (migration 0006) gets them as bytes and adds the two ends itself.
+pub fn body(event: &Canonical<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    for value in [
         event.stream,
         &event.version.to_string(),
         &event.event_id.to_string(),
@@ -38,12 +47,23 @@ pub fn link(previous: &str, event: &Canonical<'_>) -> String {
         // serde_json's Map is ordered by key: this is canonical JSON.
         &event.payload.to_string(),
         &event.metadata.to_string(),
-        &event.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
     ] {
-        h.update((field.len() as u64).to_be_bytes());
-        h.update(field.as_bytes());
+        out.extend_from_slice(&field(value));
     }
-    hex::encode(h.finalize())
+    out
+}
+
+/// The time as hashed (and as the append function formats it).
+pub fn time(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Length-prefixed, so no two different events encode the same.
+fn field(value: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + value.len());
+    out.extend_from_slice(&(value.len() as u64).to_be_bytes());
+    out.extend_from_slice(value.as_bytes());
+    out
 }
 
 #[cfg(test)]

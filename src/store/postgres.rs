@@ -4,7 +4,6 @@
 //! appends commit one after another and positions become visible in order
 //! (PostgreSQL releases the lock only after the commit is visible).
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -14,9 +13,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Row as _, Transaction};
 
 use super::{
-    batch_failed, idempotency_rows, now, plan_batch, spawn_committer, AppendError, AppendRequest, AppendResult, Cutoff,
-    Job, Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, StreamHeads,
-    WrittenBatch,
+    batch_failed, chain, spawn_committer, AppendError, AppendRequest, AppendResult, Cutoff, Job, Plan, Position,
+    RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
 };
 use crate::aggregate::WalletId;
 
@@ -77,7 +75,8 @@ impl PgEventStore {
     /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         let requests = vec![request];
-        let (tx, written) = write_batch(&self.pool, &requests).await?;
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let written = write_batch(&mut *tx, &requests).await?;
         let events = written.finish(requests).pop().expect("one result per request")?;
         Ok(PendingAppend { tx, events })
     }
@@ -234,124 +233,139 @@ impl PgEventStore {
     }
 }
 
-/// Writes and commits one group of appends.
+/// Writes and commits one group of appends: one statement, so one round
+/// trip and an implicit transaction.
 async fn commit_batch(pool: &PgPool, requests: Vec<AppendRequest>) -> Vec<AppendResult> {
-    let written = match write_batch(pool, &requests).await {
-        Ok((tx, written)) => tx.commit().await.map(|_| written).map_err(StoreError::from),
-        Err(e) => Err(e),
-    };
-    match written {
+    match write_batch(pool, &requests).await {
         Ok(written) => written.finish(requests),
         Err(e) => batch_failed(requests.len(), &e),
     }
 }
 
-/// Everything of a group commit but the commit: under the append lock, reads
-/// the stream heads and the idempotency keys of the whole batch, decides
-/// each request in order, and inserts the accepted events and idempotency
-/// rows in one statement each.
-async fn write_batch(
-    pool: &PgPool,
-    requests: &[AppendRequest],
-) -> Result<(Transaction<'static, Postgres>, WrittenBatch), StoreError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut *tx)
-        .await?;
-
-    // Under the lock no other append can move these streams or take these keys.
-    let names: Vec<&str> = requests
-        .iter()
-        .flat_map(|r| r.streams.iter().map(|s| s.stream.as_str()))
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    // One index probe per stream (newest version first), however long the stream.
-    let heads: StreamHeads = sqlx::query(
-        "SELECT s.stream_id, e.version, COALESCE(e.hash, '') FROM unnest($1::text[]) AS s(stream_id) \
-         CROSS JOIN LATERAL (SELECT version, hash FROM events WHERE stream_id = s.stream_id \
-         ORDER BY version DESC LIMIT 1) e",
+/// Everything of a group commit but the commit, in one statement: the
+/// `wallet_append` function (migration 0006) takes the append lock, reads
+/// the stream heads and idempotency keys of the whole batch, decides each
+/// request in order, links the hash chains and inserts. One round trip
+/// keeps the time the lock is held (which serialises all appends) short.
+async fn write_batch<'c, E>(executor: E, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    let mut key_wallets: Vec<Option<&str>> = Vec::with_capacity(requests.len());
+    let mut keys: Vec<Option<&str>> = Vec::with_capacity(requests.len());
+    let mut fingerprints: Vec<Option<&str>> = Vec::with_capacity(requests.len());
+    let mut outcomes: Vec<Option<String>> = Vec::with_capacity(requests.len());
+    let (mut s_request, mut s_stream, mut s_expected) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut e_segment, mut e_id, mut e_type, mut e_payload, mut e_metadata, mut e_body) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (r, request) in requests.iter().enumerate() {
+        let rec = request.idempotency.as_ref();
+        key_wallets.push(rec.map(|rec| rec.wallet.as_str()));
+        keys.push(rec.map(|rec| rec.key.as_str()));
+        fingerprints.push(rec.map(|rec| rec.fingerprint.as_str()));
+        outcomes.push(rec.map(|rec| rec.outcome.to_string()));
+        for s in &request.streams {
+            s_request.push(r as i32 + 1);
+            s_stream.push(s.stream.as_str());
+            s_expected.push(s.expected_version as i64);
+            for (i, event) in s.events.iter().enumerate() {
+                let payload = event.event.payload();
+                e_body.push(chain::body(&chain::Canonical {
+                    stream: s.stream.as_str(),
+                    version: s.expected_version + 1 + i as u64,
+                    event_id: event.event_id,
+                    event_type: event.event.event_type(),
+                    schema_version: crate::aggregate::EVENT_SCHEMA_VERSION,
+                    payload: &payload,
+                    metadata: &event.metadata,
+                    // Not part of the body: the function adds the time it takes under the lock.
+                    recorded_at: chrono::DateTime::UNIX_EPOCH,
+                }));
+                e_segment.push(s_stream.len() as i32);
+                e_id.push(event.event_id);
+                e_type.push(event.event.event_type());
+                e_payload.push(payload.to_string());
+                e_metadata.push(event.metadata.to_string());
+            }
+        }
+    }
+    let rows = sqlx::query(
+        "SELECT o_status, o_stream, o_actual, o_positions, o_hashes, o_recorded_at FROM wallet_append(\
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
-    .bind(&names)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .map(|r| {
-        (
-            r.get::<String, _>(0),
-            (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
-        )
+    .bind(APPEND_LOCK)
+    .bind(crate::aggregate::EVENT_SCHEMA_VERSION)
+    .bind(&key_wallets)
+    .bind(&keys)
+    .bind(&fingerprints)
+    .bind(&outcomes)
+    .bind(&s_request)
+    .bind(&s_stream)
+    .bind(&s_expected)
+    .bind(&e_segment)
+    .bind(&e_id)
+    .bind(&e_type)
+    .bind(&e_payload)
+    .bind(&e_metadata)
+    .bind(&e_body)
+    .fetch_all(executor)
+    .await?;
+    if rows.len() != requests.len() {
+        return Err(StoreError::BatchFailed(format!(
+            "wallet_append answered {} rows for {} requests",
+            rows.len(),
+            requests.len()
+        )));
+    }
+
+    let mut plans = Vec::with_capacity(requests.len());
+    let mut positions: Vec<Position> = Vec::new();
+    let mut hashes: Vec<String> = Vec::new();
+    let mut recorded_at = None;
+    for (request, row) in requests.iter().zip(rows) {
+        recorded_at = Some(row.try_get::<chrono::DateTime<chrono::Utc>, _>(5)?);
+        let status: String = row.try_get(0)?;
+        let plan = match status.as_str() {
+            "ok" => {
+                let mine: Vec<Position> = row.try_get::<Option<Vec<Position>>, _>(3)?.unwrap_or_default();
+                let links: Vec<String> = row.try_get::<Option<Vec<String>>, _>(4)?.unwrap_or_default();
+                let plan = Plan::Accepted {
+                    first: positions.len(),
+                    count: mine.len(),
+                };
+                positions.extend(mine);
+                hashes.extend(links);
+                plan
+            }
+            "duplicate" => Plan::Rejected(AppendError::DuplicateRequest),
+            _ => {
+                let stream: String = row.try_get(1)?;
+                let actual: i64 = row.try_get(2)?;
+                let s = request
+                    .streams
+                    .iter()
+                    .find(|s| s.stream.as_str() == stream)
+                    .ok_or_else(|| StoreError::BatchFailed(format!("wallet_append named a foreign stream {stream}")))?;
+                Plan::Rejected(AppendError::Conflict {
+                    stream: s.stream.clone(),
+                    expected: s.expected_version,
+                    actual: actual as u64,
+                })
+            }
+        };
+        plans.push(plan);
+    }
+    if positions.len() != hashes.len() {
+        return Err(StoreError::BatchFailed(
+            "wallet_append: positions and hashes differ".to_owned(),
+        ));
+    }
+    Ok(WrittenBatch {
+        plans,
+        positions,
+        hashes,
+        recorded_at: recorded_at.unwrap_or_else(chrono::Utc::now),
     })
-    .collect();
-    let (key_wallets, keys): (Vec<&str>, Vec<&str>) = requests
-        .iter()
-        .filter_map(|r| r.idempotency.as_ref())
-        .map(|rec| (rec.wallet.as_str(), rec.key.as_str()))
-        .unzip();
-    let taken: HashSet<(String, String)> = if keys.is_empty() {
-        HashSet::new()
-    } else {
-        sqlx::query_as::<_, (String, String)>(
-            "SELECT wallet_id, key FROM idempotency WHERE (wallet_id, key) IN \
-             (SELECT * FROM unnest($1::text[], $2::text[]))",
-        )
-        .bind(&key_wallets)
-        .bind(&keys)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect()
-    };
-
-    // Taken under the lock: event time never decreases along the log.
-    let recorded_at = now();
-    let (rows, plans) = plan_batch(requests, heads, taken, recorded_at);
-    let mut positions: Vec<Position> = Vec::with_capacity(rows.len());
-    if !rows.is_empty() {
-        let mut insert = QueryBuilder::<Postgres>::new(
-            "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
-        );
-        insert.push_values(&rows, |mut b, row| {
-            b.push_bind(row.stream.as_str())
-                .push_bind(row.version as i64)
-                .push_bind(row.event.event_id)
-                .push_bind(row.event.event.event_type())
-                .push_bind(crate::aggregate::EVENT_SCHEMA_VERSION)
-                .push_bind(Json(&row.payload))
-                .push_bind(Json(&row.event.metadata))
-                .push_bind(recorded_at)
-                .push_bind(row.hash.as_str());
-        });
-        insert.push(" RETURNING position");
-        positions = insert.build_query_scalar().fetch_all(&mut *tx).await?;
-        // Identity values are drawn in VALUES order.
-        positions.sort_unstable();
-    }
-    let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
-
-    let records = idempotency_rows(requests, &plans, &positions);
-    if !records.is_empty() {
-        let mut insert =
-            QueryBuilder::<Postgres>::new("INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) ");
-        insert.push_values(&records, |mut b, (rec, position)| {
-            b.push_bind(rec.wallet.as_str())
-                .push_bind(rec.key.as_str())
-                .push_bind(rec.fingerprint.as_str())
-                .push_bind(Json(&rec.outcome))
-                .push_bind(*position);
-        });
-        insert.build().execute(&mut *tx).await?;
-    }
-    Ok((
-        tx,
-        WrittenBatch {
-            plans,
-            positions,
-            hashes,
-            recorded_at,
-        },
-    ))
 }
 
 fn decode_all(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
