@@ -30,7 +30,7 @@ const BATCH_EVENTS: u32 = 5000;
 /// How often the live runner looks for events written by other processes.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// Least time between two partial batches of the live runner.
-const PACE: Duration = Duration::from_millis(25);
+const PACE: Duration = Duration::from_millis(100);
 /// How often `wait_for` re-reads a checkpoint.
 const WAIT_POLL: Duration = Duration::from_millis(5);
 
