@@ -128,6 +128,7 @@ fn appends(events: Vec<WalletEvent>, stream: &WalletId, expected_version: u64) -
         streams: vec![StreamAppend {
             stream: stream.clone(),
             expected_version,
+            expected_last_event: None,
             events: events
                 .into_iter()
                 .map(|event| NewEvent {

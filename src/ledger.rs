@@ -2,23 +2,33 @@
 //!
 //! Every write goes through `Ledger::execute`:
 //! 1. take the stripe locks of the wallets involved (same-wallet commands in
-//!    this process wait for each other instead of conflicting; unrelated
-//!    wallets almost never share a stripe),
-//! 2. take the wallets from the cache of folded wallets (`cache.rs`), or
-//!    fold them from the log, `decide`, and append the events together with
-//!    the idempotency record in one transaction (group commit),
-//! 3. a key that is already recorded makes the append fail as a duplicate:
+//!    this process are decided one after another; unrelated wallets almost
+//!    never share a stripe),
+//! 2. take each wallet's state: the one its in-flight command (enqueued, not
+//!    yet committed) leads to, else the cached one (`cache.rs`), else a fold
+//!    of the log,
+//! 3. `decide` and enqueue the events with the idempotency record to the
+//!    group committer, release the locks and wait for the commit. A command
+//!    decided on an in-flight state expects that command's last event at the
+//!    head of the stream, so it fails if its predecessor did,
+//! 4. a key that is already recorded makes the append fail as a duplicate:
 //!    the stored outcome is the answer (no lookup before the common case of
 //!    a new key),
-//! 4. on a version conflict (another process appended first) forget the
-//!    cached wallets, reload and re-decide, a bounded number of times.
+//! 5. on a conflict (another process appended first, or a predecessor
+//!    failed) forget the wallets' cached and in-flight states, reload and
+//!    re-decide, a bounded number of times. Rejections are decided on the
+//!    log only, with nothing of the wallets in flight.
 
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use dashmap::DashMap;
+use futures_util::future::try_join_all;
 
 use tokio::sync::{Mutex, MutexGuard, Notify};
 use uuid::Uuid;
@@ -126,6 +136,40 @@ pub struct Ledger {
     cache: WalletCache,
     /// Started on first use: a ledger may be built outside the runtime.
     probe: std::sync::OnceLock<VersionProbe>,
+    /// Wallets with enqueued, uncommitted commands: their state after the
+    /// newest one. Entries live only as long as their command is in flight.
+    in_flight: DashMap<WalletId, InFlight>,
+    next_seq: AtomicU64,
+    /// Notified whenever an in-flight entry goes.
+    settled: Notify,
+}
+
+/// A wallet as it will be once its newest enqueued command commits.
+#[derive(Debug)]
+struct InFlight {
+    state: Wallet,
+    /// The command's last event in this wallet's stream: what a command
+    /// stacked on it expects to find at the head.
+    last_event: Uuid,
+    /// Which command wrote the entry.
+    seq: u64,
+}
+
+/// Removes a command's in-flight entries (unless a later command replaced
+/// them) however its request ends, even if its task is dropped.
+struct InFlightGuard<'a> {
+    ledger: &'a Ledger,
+    wallets: &'a [&'a WalletId],
+    seq: u64,
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        for w in self.wallets {
+            self.ledger.in_flight.remove_if(*w, |_, f| f.seq == self.seq);
+        }
+        self.ledger.settled.notify_waiters();
+    }
 }
 
 impl Ledger {
@@ -137,6 +181,9 @@ impl Ledger {
             appended: Arc::new(Notify::new()),
             snapshot_every: snapshots::DEFAULT_SNAPSHOT_EVERY,
             cache: WalletCache::new(DEFAULT_CAPACITY),
+            in_flight: DashMap::new(),
+            next_seq: AtomicU64::new(0),
+            settled: Notify::new(),
         }
     }
 
@@ -277,8 +324,6 @@ impl Ledger {
         let wallets = command.wallets();
         // Idempotency is scoped to the wallet in the path: the first one.
         let scope = wallets[0].clone();
-        let _locks = self.lock(&wallets).await;
-
         let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
         let record = |outcome: serde_json::Value| {
             key.as_ref().map(|key| IdempotencyRecord {
@@ -290,44 +335,67 @@ impl Ledger {
         };
 
         for attempt in 1..=MAX_ATTEMPTS {
-            // Both wallets of a transfer load concurrently: one round trip of latency, not two.
-            let mut states = futures_util::future::try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
-            let mut decided = decide(&command, &states.iter().collect::<Vec<_>>());
-            if decided.is_err() {
-                // A rejection is remembered for good and no version check
-                // guards it: decide it again on the log's state, not on a
-                // cached one another process may have moved on from.
-                wallets.iter().for_each(|w| self.cache.forget(w));
-                states = futures_util::future::try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
-                decided = decide(&command, &states.iter().collect::<Vec<_>>());
+            let locks = self.lock(&wallets).await;
+            // Decide on top of the wallet's commands still in flight, if
+            // any, else on its committed state.
+            let mut bases: Vec<(Wallet, Option<Uuid>)> = Vec::with_capacity(wallets.len());
+            for id in &wallets {
+                let in_flight = self.in_flight.get(*id).map(|f| (f.state.clone(), f.last_event));
+                bases.push(match in_flight {
+                    Some((state, last)) => (state, Some(last)),
+                    None => (self.decidable(id).await?, None),
+                });
             }
-            let decision = match decided {
+            let decision = match decide(&command, &bases.iter().map(|(w, _)| w).collect::<Vec<_>>()) {
                 Ok(decision) => decision,
-                Err(error) => {
-                    let outcome =
-                        serde_json::to_value(Outcome::<R>::Rejected(error.clone())).expect("outcomes serialise");
-                    if let Some(rec) = record(outcome) {
-                        match self.store.remember_rejection(rec).await {
-                            Ok(()) => {}
-                            Err(AppendError::DuplicateRequest) => {
-                                return self.replay_stored(&scope, &key, &fingerprint).await
+                Err(_) => {
+                    // A rejection is remembered for good and no version check
+                    // guards it: decide it again on the log's state, with
+                    // nothing of these wallets in flight (the locks keep new
+                    // commands from stacking meanwhile), not on a state that
+                    // may not commit or that another process has moved on from.
+                    self.settle(&wallets).await;
+                    wallets.iter().for_each(|w| self.cache.forget(w));
+                    let fresh = try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
+                    match decide(&command, &fresh.iter().collect::<Vec<_>>()) {
+                        Ok(decision) => {
+                            bases = fresh.into_iter().map(|w| (w, None)).collect();
+                            decision
+                        }
+                        Err(error) => {
+                            let outcome = serde_json::to_value(Outcome::<R>::Rejected(error.clone()))
+                                .expect("outcomes serialise");
+                            if let Some(rec) = record(outcome) {
+                                match self.store.remember_rejection(rec).await {
+                                    Ok(()) => {}
+                                    Err(AppendError::DuplicateRequest) => {
+                                        return self.replay_stored(&scope, &key, &fingerprint).await
+                                    }
+                                    Err(AppendError::Conflict { .. }) => {
+                                        unreachable!("rejections append no events")
+                                    }
+                                    Err(AppendError::Store(e)) => return Err(e.into()),
+                                }
                             }
-                            Err(AppendError::Conflict { .. }) => {
-                                unreachable!("rejections append no events")
-                            }
-                            Err(AppendError::Store(e)) => return Err(e.into()),
+                            return Err(CommandError::Rejected { error, replayed: false });
                         }
                     }
-                    return Err(CommandError::Rejected { error, replayed: false });
                 }
             };
             let mut answer = receipt(&command, &decision, &request_id);
             let outcome = serde_json::to_value(Outcome::Receipt(&answer)).expect("receipts serialise");
+            let base = |id: &WalletId| {
+                bases
+                    .iter()
+                    .find(|(w, _)| &w.id == id)
+                    .expect("a decision only touches the command's wallets")
+            };
             let append = AppendRequest {
                 streams: decision
                     .streams
                     .into_iter()
                     .map(|s| StreamAppend {
+                        expected_last_event: base(&s.wallet).1,
                         stream: s.wallet,
                         expected_version: s.expected_version,
                         events: s
@@ -348,9 +416,43 @@ impl Ledger {
                     .collect(),
                 idempotency: record(outcome),
             };
-            match self.store.append(append).await {
+            // What the wallets will be once this commits: the next command
+            // on them decides on top of it without waiting for the commit.
+            let afters: Vec<InFlight> = append
+                .streams
+                .iter()
+                .map(|s| InFlight {
+                    state: s
+                        .events
+                        .iter()
+                        .fold(base(&s.stream).0.clone(), |w, e| w.evolve(&e.event)),
+                    last_event: s.events.last().expect("an append carries events").event_id,
+                    seq: 0,
+                })
+                .collect();
+            // Enqueued under the locks: commands on a wallet reach the
+            // committer in the order they were decided.
+            let queued = match self.store.enqueue(append).await {
+                Ok(queued) => queued,
+                Err(e) => return Err(self.failed(&wallets, e)),
+            };
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            for after in afters {
+                self.in_flight.insert(after.state.id.clone(), InFlight { seq, ..after });
+            }
+            drop(locks);
+            let in_flight = InFlightGuard {
+                ledger: self,
+                wallets: &wallets,
+                seq,
+            };
+
+            match queued.committed().await {
                 Ok(recorded) => {
                     self.appended.notify_one();
+                    let states: Vec<Wallet> = bases.into_iter().map(|(w, _)| w).collect();
+                    // The cache first, then the in-flight entry goes: the
+                    // next command finds one or the other, never neither.
                     for state in &states {
                         let after = recorded
                             .iter()
@@ -358,6 +460,7 @@ impl Ledger {
                             .fold(state.clone(), |w, e| w.evolve(&e.event));
                         self.cache.remember(after);
                     }
+                    drop(in_flight);
                     self.snapshot_if_due(&states, &recorded);
                     let last = recorded.last().expect("an append records events").position;
                     answer.set_position(last);
@@ -369,20 +472,59 @@ impl Ledger {
                 Err(AppendError::Conflict { stream, .. }) => {
                     tracing::debug!(%stream, attempt, "version conflict, re-deciding");
                     metrics::counter!("append_conflicts_total").increment(1);
-                    // Another process wrote: what is cached is behind.
-                    wallets.iter().for_each(|w| self.cache.forget(w));
+                    // Another process wrote, or a command this one stacked on
+                    // failed: what is cached or in flight is not the log.
+                    self.abandon(&wallets);
+                    drop(in_flight);
                     tokio::time::sleep(backoff(attempt)).await;
                 }
-                Err(AppendError::DuplicateRequest) => return self.replay_stored(&scope, &key, &fingerprint).await,
-                Err(AppendError::Store(e)) => {
-                    // The commit may have happened: reload next time.
-                    wallets.iter().for_each(|w| self.cache.forget(w));
-                    return Err(e.into());
+                Err(AppendError::DuplicateRequest) => {
+                    self.abandon(&wallets);
+                    drop(in_flight);
+                    return self.replay_stored(&scope, &key, &fingerprint).await;
+                }
+                Err(e) => {
+                    drop(in_flight);
+                    return Err(self.failed(&wallets, e));
                 }
             }
         }
         metrics::counter!("append_conflicts_exhausted_total").increment(1);
         Err(CommandError::Conflict)
+    }
+
+    /// An append whose outcome is unknown (the commit may have happened):
+    /// forget what this process thought of the wallets.
+    fn failed(&self, wallets: &[&WalletId], e: AppendError) -> CommandError {
+        self.abandon(wallets);
+        match e {
+            AppendError::Store(e) => e.into(),
+            AppendError::Conflict { .. } | AppendError::DuplicateRequest => CommandError::Conflict,
+        }
+    }
+
+    /// Forgets the cached and in-flight states of `wallets`: commands
+    /// stacked on a failed one fail too (their expected last event is not
+    /// in the log) and re-decide on the log.
+    fn abandon(&self, wallets: &[&WalletId]) {
+        for w in wallets {
+            self.cache.forget(w);
+            self.in_flight.remove(*w);
+        }
+        self.settled.notify_waiters();
+    }
+
+    /// Waits until no command on `wallets` is in flight.
+    async fn settle(&self, wallets: &[&WalletId]) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if wallets.iter().all(|w| !self.in_flight.contains_key(*w)) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// A concurrent request with the same key committed first: answer from it.

@@ -78,6 +78,7 @@ pub async fn seed(
                 let entry = batch.entry(k).or_insert_with(|| StreamAppend {
                     stream: stream.wallet.clone(),
                     expected_version: states[k].version,
+                    expected_last_event: None,
                     events: Vec::new(),
                 });
                 for event in stream.events {

@@ -94,6 +94,7 @@ async fn relay_delivers_every_event_once_in_order(db: TestDb) {
         let stream = wallet::store::StreamAppend {
             stream: d.wallet,
             expected_version: d.expected_version,
+            expected_last_event: None,
             events: d
                 .events
                 .into_iter()

@@ -29,6 +29,7 @@ fn to_append(stream: WalletId, expected_version: u64, events: Vec<WalletEvent>) 
     StreamAppend {
         stream,
         expected_version,
+        expected_last_event: None,
         events: events
             .into_iter()
             .map(|event| NewEvent {
@@ -267,9 +268,58 @@ async fn events_cannot_be_updated_or_deleted(db: TestDb) {
     assert_eq!(db.store.read_all(0, 10).await.unwrap().len(), 2);
 }
 
+/// The check behind the ledger's stacking of commands on uncommitted ones:
+/// the version alone cannot tell a failed predecessor from another writer's
+/// event that took its place, the expected last event can.
+async fn a_stacked_append_needs_its_predecessor_at_the_head(db: TestDb) {
+    let empty = Wallet::empty(id("a"));
+    db.store.append(single(deposit(&empty, "5"))).await.unwrap();
+    let at2 = fold(&db, "a").await;
+    // Our predecessor (version 3, never committed) was `phantom`; another
+    // writer's deposit took version 3 instead.
+    let phantom = Uuid::now_v7();
+    let theirs = db.store.append(single(deposit(&at2, "1"))).await.unwrap();
+    let at3 = fold(&db, "a").await;
+    let mut stacked = deposit(&at3, "100");
+    stacked.expected_last_event = Some(phantom);
+    let err = db.store.append(single(stacked)).await.unwrap_err();
+    assert!(matches!(err, AppendError::Conflict { actual: 3, .. }), "{err:?}");
+    assert_eq!(fold(&db, "a").await.balance.to_string(), "6.0000", "nothing written");
+
+    // Expecting the event that is there is fine.
+    let mut right = deposit(&at3, "2");
+    right.expected_last_event = Some(theirs.last().unwrap().event_id);
+    db.store.append(single(right)).await.unwrap();
+
+    // Enqueued back to back, a command and the one stacked on it commit
+    // together; when the first fails, the second fails with it.
+    for first_fails in [false, true] {
+        let now = fold(&db, "a").await;
+        let mut first = deposit(&now, "10");
+        if first_fails {
+            first.expected_version = 1;
+        }
+        let first_id = first.events.last().unwrap().event_id;
+        let after_first = first.events.iter().fold(now.clone(), |w, e| w.evolve(&e.event));
+        let mut second = deposit(&after_first, "20");
+        second.expected_last_event = Some(first_id);
+        let q1 = db.store.enqueue(single(first)).await.unwrap();
+        let q2 = db.store.enqueue(single(second)).await.unwrap();
+        let (r1, r2) = (q1.committed().await, q2.committed().await);
+        assert_eq!((r1.is_ok(), r2.is_ok()), (!first_fails, !first_fails), "{r1:?} {r2:?}");
+        let expected = if first_fails {
+            now.balance
+        } else {
+            after_first.balance.checked_add(Amount::parse("20").unwrap()).unwrap()
+        };
+        assert_eq!(fold(&db, "a").await.balance, expected);
+    }
+}
+
 on_both_backends!(
     append_and_read_back,
     stale_expected_version_is_a_conflict,
+    a_stacked_append_needs_its_predecessor_at_the_head,
     a_failed_transfer_changes_neither_stream,
     an_idempotency_key_commits_with_its_events_exactly_once,
     a_reader_never_skips_a_late_commit,

@@ -22,6 +22,7 @@ CREATE FUNCTION wallet_append(
     s_request        integer[],
     s_stream         text[],
     s_expected       bigint[],
+    s_last           uuid[],   -- the stream's newest event must be this one (NULL: any)
     -- one entry per event, grouped by stream append (1-based index)
     e_segment        integer[],
     e_id             uuid[],
@@ -38,7 +39,7 @@ DECLARE
     n_ev  integer := coalesce(array_length(e_id, 1), 0);
     at timestamptz;
     at_field bytea;
-    h_stream text[]; h_version bigint[]; h_hash text[];
+    h_stream text[]; h_version bigint[]; h_hash text[]; h_event uuid[];
     t_wallet text[]; t_key text[];
     status text[] := '{}'; c_stream text[] := '{}'; c_actual bigint[] := '{}';
     row_first integer[] := '{}'; row_count integer[] := '{}';
@@ -46,7 +47,7 @@ DECLARE
     a_payload text[] := '{}'; a_meta text[] := '{}'; a_hash text[] := '{}';
     positions bigint[] := '{}';
     seg integer := 1; ev integer := 1; first_seg integer; idx integer; n_rows integer := 0;
-    cur bigint; v bigint; prev text; verdict text; bad_stream text; bad_actual bigint;
+    cur bigint; v bigint; prev text; last_id uuid; verdict text; bad_stream text; bad_actual bigint;
 BEGIN
     PERFORM pg_advisory_xact_lock(p_lock_key);
     -- Taken under the lock: event time never decreases along the log.
@@ -55,10 +56,11 @@ BEGIN
     at_field := int8send(length(at_field)::bigint) || at_field;
 
     -- One index probe per stream (newest version first), however long the stream.
-    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(h.version), '{}'), coalesce(array_agg(h.hash), '{}')
-      INTO h_stream, h_version, h_hash
+    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(h.version), '{}'), coalesce(array_agg(h.hash), '{}'),
+           coalesce(array_agg(h.event_id), '{}')
+      INTO h_stream, h_version, h_hash, h_event
       FROM (SELECT DISTINCT unnest(s_stream) AS id) s
-      CROSS JOIN LATERAL (SELECT e.version, coalesce(e.hash, '') AS hash FROM events e
+      CROSS JOIN LATERAL (SELECT e.version, coalesce(e.hash, '') AS hash, e.event_id FROM events e
                           WHERE e.stream_id = s.id ORDER BY e.version DESC LIMIT 1) h;
     SELECT coalesce(array_agg(i.wallet_id), '{}'), coalesce(array_agg(i.key), '{}')
       INTO t_wallet, t_key
@@ -71,7 +73,8 @@ BEGIN
             IF verdict = 'ok' THEN
                 idx := array_position(h_stream, s_stream[seg]);
                 cur := CASE WHEN idx IS NULL THEN 0 ELSE h_version[idx] END;
-                IF cur <> s_expected[seg] THEN
+                IF cur <> s_expected[seg]
+                   OR (s_last[seg] IS NOT NULL AND (idx IS NULL OR h_event[idx] <> s_last[seg])) THEN
                     verdict := 'conflict'; bad_stream := s_stream[seg]; bad_actual := cur;
                 END IF;
             END IF;
@@ -94,6 +97,7 @@ BEGIN
         FOR s IN first_seg .. seg - 1 LOOP
             idx := array_position(h_stream, s_stream[s]);
             prev := CASE WHEN idx IS NULL THEN '' ELSE h_hash[idx] END;
+            last_id := CASE WHEN idx IS NULL THEN NULL ELSE h_event[idx] END;
             v := s_expected[s];
             WHILE ev <= n_ev AND e_segment[ev] = s LOOP
                 IF verdict = 'ok' THEN
@@ -103,7 +107,7 @@ BEGIN
                                           e_body[ev] || at_field), 'hex');
                     a_stream := a_stream || s_stream[s]; a_version := a_version || v; a_id := a_id || e_id[ev];
                     a_type := a_type || e_type[ev]; a_payload := a_payload || e_payload[ev];
-                    a_meta := a_meta || e_metadata[ev]; a_hash := a_hash || prev;
+                    a_meta := a_meta || e_metadata[ev]; a_hash := a_hash || prev; last_id := e_id[ev];
                     n_rows := n_rows + 1;
                 END IF;
                 ev := ev + 1;
@@ -111,8 +115,9 @@ BEGIN
             IF verdict = 'ok' THEN
                 IF idx IS NULL THEN
                     h_stream := h_stream || s_stream[s]; h_version := h_version || v; h_hash := h_hash || prev;
+                    h_event := h_event || last_id;
                 ELSE
-                    h_version[idx] := v; h_hash[idx] := prev;
+                    h_version[idx] := v; h_hash[idx] := prev; h_event[idx] := last_id;
                 END IF;
             END IF;
         END LOOP;

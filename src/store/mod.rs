@@ -45,6 +45,11 @@ pub struct NewEvent {
 pub struct StreamAppend {
     pub stream: WalletId,
     pub expected_version: u64,
+    /// When set, the stream's newest event must also be this one. A command
+    /// decided on top of another that is not committed yet carries it: if
+    /// that one fails and another process writes one event in its place,
+    /// the version alone would still match.
+    pub expected_last_event: Option<Uuid>,
     pub events: Vec<NewEvent>,
 }
 
@@ -245,6 +250,20 @@ impl EventStore {
         }
     }
 
+    /// Hands an append to the group committer and returns at once (after
+    /// waiting for room in its queue). Appends enqueued one after another
+    /// are decided in that order, in the same batch or in successive ones.
+    pub async fn enqueue(&self, request: AppendRequest) -> Result<Queued, AppendError> {
+        assert!(
+            request.streams.iter().all(|s| !s.events.is_empty()),
+            "an append carries at least one event per stream"
+        );
+        match self {
+            EventStore::Postgres(s) => enqueue(s.committer(), request).await,
+            EventStore::Sqlite(s) => enqueue(s.committer(), request).await,
+        }
+    }
+
     /// Does all of an append but the commit.
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         assert!(
@@ -397,10 +416,30 @@ where
 
 /// Sends `request` to the committer and waits for its commit.
 pub(crate) async fn submit(committer: &tokio::sync::mpsc::Sender<Job>, request: AppendRequest) -> AppendResult {
+    enqueue(committer, request).await?.committed().await
+}
+
+/// An append handed to the committer, not yet answered.
+pub struct Queued(tokio::sync::oneshot::Receiver<AppendResult>);
+
+impl Queued {
+    /// Waits for the commit (or the reason there was none).
+    pub async fn committed(self) -> AppendResult {
+        self.0.await.map_err(|_| committer_stopped())?
+    }
+}
+
+fn committer_stopped() -> AppendError {
+    AppendError::Store(StoreError::BatchFailed("the committer has stopped".to_owned()))
+}
+
+async fn enqueue(committer: &tokio::sync::mpsc::Sender<Job>, request: AppendRequest) -> Result<Queued, AppendError> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let stopped = || AppendError::Store(StoreError::BatchFailed("the committer has stopped".to_owned()));
-    committer.send(Job { request, reply }).await.map_err(|_| stopped())?;
-    answer.await.map_err(|_| stopped())?
+    committer
+        .send(Job { request, reply })
+        .await
+        .map_err(|_| committer_stopped())?;
+    Ok(Queued(answer))
 }
 
 /// What a batch decided for one of its requests.
@@ -468,7 +507,14 @@ fn plan_batch<'a>(
         }
         let rows = rows(request, &heads, recorded_at);
         for row in &rows {
-            heads.insert(row.stream.to_string(), (row.version, row.hash.clone()));
+            heads.insert(
+                row.stream.to_string(),
+                Head {
+                    version: row.version,
+                    hash: row.hash.clone(),
+                    event_id: row.event.event_id,
+                },
+            );
         }
         plans.push(Plan::Accepted {
             first: all.len(),
@@ -505,15 +551,24 @@ fn batch_failed(n: usize, e: &StoreError) -> Vec<AppendResult> {
         .collect()
 }
 
-/// Each stream's last version and hash, as found under the append lock.
-pub(crate) type StreamHeads = HashMap<String, (u64, String)>;
+/// A stream's newest event, as found under the append lock.
+pub(crate) struct Head {
+    pub version: u64,
+    pub hash: String,
+    pub event_id: Uuid,
+}
 
-/// Checks every stream of `request` against the versions found in the store
+/// Each stream's head, by stream id.
+pub(crate) type StreamHeads = HashMap<String, Head>;
+
+/// Checks every stream of `request` against the heads found in the store
 /// (streams absent from `current` are at version 0).
 fn check_expected_versions(request: &AppendRequest, current: &StreamHeads) -> Result<(), AppendError> {
     for s in &request.streams {
-        let actual = current.get(s.stream.as_str()).map_or(0, |(v, _)| *v);
-        if actual != s.expected_version {
+        let head = current.get(s.stream.as_str());
+        let actual = head.map_or(0, |h| h.version);
+        let last_matches = s.expected_last_event.is_none() || head.map(|h| h.event_id) == s.expected_last_event;
+        if actual != s.expected_version || !last_matches {
             return Err(AppendError::Conflict {
                 stream: s.stream.clone(),
                 expected: s.expected_version,
@@ -536,7 +591,7 @@ struct Row<'a> {
 fn rows<'a>(request: &'a AppendRequest, heads: &StreamHeads, recorded_at: DateTime<Utc>) -> Vec<Row<'a>> {
     let mut out = Vec::with_capacity(request.streams.iter().map(|s| s.events.len()).sum());
     for s in &request.streams {
-        let mut previous = heads.get(s.stream.as_str()).map(|(_, h)| h.clone()).unwrap_or_default();
+        let mut previous = heads.get(s.stream.as_str()).map(|h| h.hash.clone()).unwrap_or_default();
         for (i, event) in s.events.iter().enumerate() {
             let version = s.expected_version + 1 + i as u64;
             let payload = event.event.payload();

@@ -255,7 +255,7 @@ where
     let mut keys: Vec<Option<&str>> = Vec::with_capacity(requests.len());
     let mut fingerprints: Vec<Option<&str>> = Vec::with_capacity(requests.len());
     let mut outcomes: Vec<Option<String>> = Vec::with_capacity(requests.len());
-    let (mut s_request, mut s_stream, mut s_expected) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut s_request, mut s_stream, mut s_expected, mut s_last) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut e_segment, mut e_id, mut e_type, mut e_payload, mut e_metadata, mut e_body) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (r, request) in requests.iter().enumerate() {
@@ -268,6 +268,7 @@ where
             s_request.push(r as i32 + 1);
             s_stream.push(s.stream.as_str());
             s_expected.push(s.expected_version as i64);
+            s_last.push(s.expected_last_event);
             for (i, event) in s.events.iter().enumerate() {
                 let payload = event.event.payload();
                 e_body.push(chain::body(&chain::Canonical {
@@ -291,7 +292,7 @@ where
     }
     let rows = sqlx::query(
         "SELECT o_status, o_stream, o_actual, o_positions, o_hashes, o_recorded_at FROM wallet_append(\
-         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(APPEND_LOCK)
     .bind(crate::aggregate::EVENT_SCHEMA_VERSION)
@@ -302,6 +303,7 @@ where
     .bind(&s_request)
     .bind(&s_stream)
     .bind(&s_expected)
+    .bind(&s_last)
     .bind(&e_segment)
     .bind(&e_id)
     .bind(&e_type)

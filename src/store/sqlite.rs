@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::{
     batch_failed, idempotency_rows, now, plan_batch, spawn_committer, AppendError, AppendRequest, AppendResult, Cutoff,
-    Job, Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamHeads, WrittenBatch,
+    Head, Job, Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamHeads, WrittenBatch,
 };
 use crate::aggregate::WalletId;
 
@@ -311,14 +311,20 @@ async fn write_batch(
                 select.push(" UNION ALL ");
             }
             select
-                .push("SELECT * FROM (SELECT stream_id, version, COALESCE(hash, '') FROM events WHERE stream_id = ")
+                .push("SELECT * FROM (SELECT stream_id, version, COALESCE(hash, ''), event_id FROM events WHERE stream_id = ")
                 .push_bind(*name)
                 .push(" ORDER BY version DESC LIMIT 1)");
         }
         for r in select.build().fetch_all(&mut *tx).await? {
+            let event_id: String = r.try_get(3)?;
             heads.insert(
-                r.get::<String, _>(0),
-                (r.get::<i64, _>(1) as u64, r.get::<String, _>(2)),
+                r.try_get::<String, _>(0)?,
+                Head {
+                    version: r.try_get::<i64, _>(1)? as u64,
+                    hash: r.try_get(2)?,
+                    event_id: Uuid::parse_str(&event_id)
+                        .map_err(|e| StoreError::Database(sqlx::Error::Decode(format!("event_id: {e}").into())))?,
+                },
             );
         }
     }
