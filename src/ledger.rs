@@ -334,8 +334,21 @@ impl Ledger {
             })
         };
 
-        for attempt in 1..=MAX_ATTEMPTS {
+        // Attempts decided on a committed state count toward MAX_ATTEMPTS.
+        // One stacked on an in-flight command that then failed (a client's
+        // retry of a recorded key, say) is not this command's conflict: it
+        // does not count, and the next attempt first lets the wallets settle
+        // and decides on the log, so a failure never cascades further.
+        let mut attempt = 0;
+        let mut settle_first = false;
+        for _ in 0..MAX_ATTEMPTS * 2 {
+            if attempt >= MAX_ATTEMPTS {
+                break;
+            }
             let locks = self.lock(&wallets).await;
+            if std::mem::take(&mut settle_first) {
+                self.settle(&wallets).await;
+            }
             // Decide on top of the wallet's commands still in flight, if
             // any, else on its committed state.
             let mut bases: Vec<(Wallet, Option<Uuid>)> = Vec::with_capacity(wallets.len());
@@ -355,8 +368,10 @@ impl Ledger {
                     // commands from stacking meanwhile), not on a state that
                     // may not commit or that another process has moved on from.
                     self.settle(&wallets).await;
-                    wallets.iter().for_each(|w| self.cache.forget(w));
-                    let fresh = try_join_all(wallets.iter().map(|id| self.decidable(id))).await?;
+                    // Straight from the log: a late cache update of a
+                    // command that already left the in-flight map must not
+                    // count.
+                    let fresh = try_join_all(wallets.iter().map(|id| self.load(id))).await?;
                     match decide(&command, &fresh.iter().collect::<Vec<_>>()) {
                         Ok(decision) => {
                             bases = fresh.into_iter().map(|w| (w, None)).collect();
@@ -432,6 +447,10 @@ impl Ledger {
                 .collect();
             // Enqueued under the locks: commands on a wallet reach the
             // committer in the order they were decided.
+            let stacked = bases.iter().any(|(_, last)| last.is_some());
+            if !stacked {
+                attempt += 1;
+            }
             let queued = match self.store.enqueue(append).await {
                 Ok(queued) => queued,
                 Err(e) => return Err(self.failed(&wallets, e)),
@@ -476,7 +495,11 @@ impl Ledger {
                     // failed: what is cached or in flight is not the log.
                     self.abandon(&wallets);
                     drop(in_flight);
-                    tokio::time::sleep(backoff(attempt)).await;
+                    if stacked {
+                        settle_first = true;
+                    } else {
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
                 }
                 Err(AppendError::DuplicateRequest) => {
                     self.abandon(&wallets);

@@ -234,7 +234,46 @@ async fn a_rejection_is_never_decided_on_a_stale_cache(db: TestDb) {
     assert!(matches!(err, wallet::ledger::CommandError::Rejected { .. }), "{err:?}");
 }
 
+/// Commands on one wallet stack on each other's uncommitted state; a
+/// client retrying a key that is already recorded fails its own append as
+/// a duplicate, and whatever stacked on it fails too. Those commands must
+/// re-decide and succeed, not run out of attempts: every deposit lands
+/// once and every retry replays the recorded receipt.
+async fn retries_of_a_recorded_key_do_not_fail_their_neighbours(db: TestDb) {
+    use std::sync::Arc;
+    use wallet::aggregate::Amount;
+    use wallet::ledger::Ledger;
+    let ledger = Arc::new(Ledger::new(db.store.clone()));
+    let w = WalletId::parse("hot").unwrap();
+    let first = ledger
+        .deposit(w.clone(), Amount::parse("5").unwrap(), Some("recorded".to_owned()))
+        .await
+        .unwrap();
+    let tasks = (0..200).map(|i| {
+        let (ledger, w) = (ledger.clone(), w.clone());
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                let again = ledger
+                    .deposit(w, Amount::parse("5").unwrap(), Some("recorded".to_owned()))
+                    .await
+                    .expect("a retry replays");
+                assert!(again.replayed);
+                None
+            } else {
+                let fresh = ledger.deposit(w, Amount::parse("1").unwrap(), None).await;
+                Some(fresh.expect("a neighbour of a retry still lands"))
+            }
+        })
+    });
+    let landed = join_all(tasks).await.into_iter().filter_map(|r| r.unwrap()).count();
+    assert_eq!(landed, 100);
+    let balance = ledger.wallet(&w, None).await.unwrap().balance;
+    assert_eq!(balance.to_string(), "105.0000", "5 once, then 100 x 1");
+    assert_eq!(first.receipt.balance.to_string(), "5.0000");
+}
+
 on_both_backends!(
+    retries_of_a_recorded_key_do_not_fail_their_neighbours,
     a_rejection_is_never_decided_on_a_stale_cache,
     mixed_writes_conserve_money,
     concurrent_first_deposits_open_the_wallet_once,

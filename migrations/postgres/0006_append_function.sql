@@ -39,8 +39,11 @@ DECLARE
     n_ev  integer := coalesce(array_length(e_id, 1), 0);
     at timestamptz;
     at_field bytea;
-    h_stream text[]; h_version bigint[]; h_hash text[]; h_event uuid[];
-    t_wallet text[]; t_key text[];
+    -- Each distinct stream's head (version 0, hash '' and no event if new),
+    -- and for each stream append the index of its stream's head: no search.
+    h_stream text[]; h_version bigint[]; h_hash text[]; h_event uuid[]; s_head integer[];
+    -- Keys taken, as wallet || chr(31) || key (wallet ids never hold chr(31)).
+    taken text[];
     status text[] := '{}'; c_stream text[] := '{}'; c_actual bigint[] := '{}';
     row_first integer[] := '{}'; row_count integer[] := '{}';
     a_stream text[] := '{}'; a_version bigint[] := '{}'; a_id uuid[] := '{}'; a_type text[] := '{}';
@@ -56,14 +59,16 @@ BEGIN
     at_field := int8send(length(at_field)::bigint) || at_field;
 
     -- One index probe per stream (newest version first), however long the stream.
-    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(h.version), '{}'), coalesce(array_agg(h.hash), '{}'),
-           coalesce(array_agg(h.event_id), '{}')
+    SELECT coalesce(array_agg(d.id ORDER BY d.id), '{}'), coalesce(array_agg(coalesce(h.version, 0) ORDER BY d.id), '{}'),
+           coalesce(array_agg(coalesce(h.hash, '') ORDER BY d.id), '{}'), coalesce(array_agg(h.event_id ORDER BY d.id), '{}')
       INTO h_stream, h_version, h_hash, h_event
-      FROM (SELECT DISTINCT unnest(s_stream) AS id) s
-      CROSS JOIN LATERAL (SELECT e.version, coalesce(e.hash, '') AS hash, e.event_id FROM events e
-                          WHERE e.stream_id = s.id ORDER BY e.version DESC LIMIT 1) h;
-    SELECT coalesce(array_agg(i.wallet_id), '{}'), coalesce(array_agg(i.key), '{}')
-      INTO t_wallet, t_key
+      FROM (SELECT DISTINCT unnest(s_stream) AS id) d
+      LEFT JOIN LATERAL (SELECT e.version, coalesce(e.hash, '') AS hash, e.event_id FROM events e
+                         WHERE e.stream_id = d.id ORDER BY e.version DESC LIMIT 1) h ON true;
+    SELECT coalesce(array_agg(h.i ORDER BY u.seg), '{}') INTO s_head
+      FROM unnest(s_stream) WITH ORDINALITY AS u(id, seg)
+      JOIN unnest(h_stream) WITH ORDINALITY AS h(id, i) ON h.id = u.id;
+    SELECT coalesce(array_agg(i.wallet_id || chr(31) || i.key), '{}') INTO taken
       FROM idempotency i JOIN unnest(r_key_wallet, r_key) AS q(w, k) ON i.wallet_id = q.w AND i.key = q.k;
 
     FOR r IN 1 .. n_req LOOP
@@ -71,33 +76,28 @@ BEGIN
         first_seg := seg;
         WHILE seg <= n_seg AND s_request[seg] = r LOOP
             IF verdict = 'ok' THEN
-                idx := array_position(h_stream, s_stream[seg]);
-                cur := CASE WHEN idx IS NULL THEN 0 ELSE h_version[idx] END;
-                IF cur <> s_expected[seg]
-                   OR (s_last[seg] IS NOT NULL AND (idx IS NULL OR h_event[idx] <> s_last[seg])) THEN
+                idx := s_head[seg];
+                cur := h_version[idx];
+                IF cur <> s_expected[seg] OR (s_last[seg] IS NOT NULL AND h_event[idx] IS DISTINCT FROM s_last[seg]) THEN
                     verdict := 'conflict'; bad_stream := s_stream[seg]; bad_actual := cur;
                 END IF;
             END IF;
             seg := seg + 1;
         END LOOP;
         IF verdict = 'ok' AND r_key[r] IS NOT NULL THEN
-            FOR j IN 1 .. coalesce(array_length(t_key, 1), 0) LOOP
-                IF t_wallet[j] = r_key_wallet[r] AND t_key[j] = r_key[r] THEN
-                    verdict := 'duplicate';
-                END IF;
-            END LOOP;
-            IF verdict = 'ok' THEN
-                t_wallet := t_wallet || r_key_wallet[r];
-                t_key := t_key || r_key[r];
+            IF r_key_wallet[r] || chr(31) || r_key[r] = ANY (taken) THEN
+                verdict := 'duplicate';
+            ELSE
+                taken := taken || (r_key_wallet[r] || chr(31) || r_key[r]);
             END IF;
         END IF;
         status := status || verdict; c_stream := c_stream || bad_stream; c_actual := c_actual || bad_actual;
         row_first := row_first || (n_rows + 1);
 
         FOR s IN first_seg .. seg - 1 LOOP
-            idx := array_position(h_stream, s_stream[s]);
-            prev := CASE WHEN idx IS NULL THEN '' ELSE h_hash[idx] END;
-            last_id := CASE WHEN idx IS NULL THEN NULL ELSE h_event[idx] END;
+            idx := s_head[s];
+            prev := h_hash[idx];
+            last_id := h_event[idx];
             v := s_expected[s];
             WHILE ev <= n_ev AND e_segment[ev] = s LOOP
                 IF verdict = 'ok' THEN
@@ -113,24 +113,21 @@ BEGIN
                 ev := ev + 1;
             END LOOP;
             IF verdict = 'ok' THEN
-                IF idx IS NULL THEN
-                    h_stream := h_stream || s_stream[s]; h_version := h_version || v; h_hash := h_hash || prev;
-                    h_event := h_event || last_id;
-                ELSE
-                    h_version[idx] := v; h_hash[idx] := prev; h_event[idx] := last_id;
-                END IF;
+                h_version[idx] := v; h_hash[idx] := prev; h_event[idx] := last_id;
             END IF;
         END LOOP;
         row_count := row_count || (n_rows + 1 - row_first[r]);
     END LOOP;
 
     IF n_rows > 0 THEN
-        -- Identity values are drawn in row order.
+        -- Identity values are drawn in row order, which the ORDER BY fixes.
         WITH ins AS (
             INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata,
                                 recorded_at, hash)
             SELECT u.s, u.v, u.i, u.t, p_schema_version, u.p::jsonb, u.m::jsonb, at, u.h
-              FROM unnest(a_stream, a_version, a_id, a_type, a_payload, a_meta, a_hash) AS u(s, v, i, t, p, m, h)
+              FROM unnest(a_stream, a_version, a_id, a_type, a_payload, a_meta, a_hash)
+                   WITH ORDINALITY AS u(s, v, i, t, p, m, h, n)
+             ORDER BY u.n
             RETURNING events.position)
         SELECT array_agg(ins.position ORDER BY ins.position) INTO positions FROM ins;
     END IF;

@@ -166,8 +166,9 @@ impl From<sqlx::Error> for StoreError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
-    /// A stream was not at its expected version: someone else appended first.
-    #[error("stream {stream} is at version {actual}, expected {expected}")]
+    /// A stream was not at its expected version (or, when one was expected,
+    /// its newest event was another): someone else appended first.
+    #[error("stream {stream} is at version {actual}, expected {expected} and the expected newest event")]
     Conflict {
         stream: WalletId,
         expected: u64,
@@ -381,10 +382,21 @@ pub(crate) struct Job {
 pub(crate) fn spawn_committer<F, Fut>(commit: F) -> tokio::sync::mpsc::Sender<Job>
 where
     F: Fn(Vec<AppendRequest>) -> Fut + Send + 'static,
-    Fut: Future<Output = Vec<AppendResult>> + Send,
+    Fut: Future<Output = Vec<AppendResult>> + Send + 'static,
+{
+    let (tx, run) = committer(commit);
+    tokio::spawn(run);
+    tx
+}
+
+/// The committer's queue and its loop, for the caller to run where it likes.
+pub(crate) fn committer<F, Fut>(commit: F) -> (tokio::sync::mpsc::Sender<Job>, impl Future<Output = ()> + Send)
+where
+    F: Fn(Vec<AppendRequest>) -> Fut + Send + 'static,
+    Fut: Future<Output = Vec<AppendResult>> + Send + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH_REQUESTS);
-    tokio::spawn(async move {
+    let run = async move {
         while let Some(first) = rx.recv().await {
             let mut events = first.request.streams.iter().map(|s| s.events.len()).sum::<usize>();
             let mut jobs = vec![first];
@@ -410,8 +422,8 @@ where
                 let _ = reply.send(result);
             }
         }
-    });
-    tx
+    };
+    (tx, run)
 }
 
 /// Sends `request` to the committer and waits for its commit.

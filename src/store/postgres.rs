@@ -13,8 +13,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Row as _, Transaction};
 
 use super::{
-    batch_failed, chain, spawn_committer, AppendError, AppendRequest, AppendResult, Cutoff, Job, Plan, Position,
-    RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
+    batch_failed, chain, committer, AppendError, AppendRequest, AppendResult, Cutoff, Job, Plan, Position, RawEvent,
+    RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
 };
 use crate::aggregate::WalletId;
 
@@ -49,13 +49,7 @@ impl PgEventStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        let committer = {
-            let pool = pool.clone();
-            spawn_committer(move |requests| {
-                let pool = pool.clone();
-                async move { commit_batch(&pool, requests).await }
-            })
-        };
+        let committer = spawn_committer_thread(url).await?;
         Ok(Self { pool, committer })
     }
 
@@ -231,6 +225,55 @@ impl PgEventStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// Starts the group committer on a thread of its own, with its own runtime
+/// and connection. Every append waits for the committer, one batch after
+/// another, so its turnaround is the write path's ceiling; on the shared
+/// runtime each answer from PostgreSQL waited for a worker busy with HTTP
+/// before the next batch could go (measured: BENCHMARKS.md).
+async fn spawn_committer_thread(url: &str) -> Result<mpsc::Sender<Job>, StoreError> {
+    let (ready, started) = tokio::sync::oneshot::channel::<Result<mpsc::Sender<Job>, StoreError>>();
+    let url = url.to_owned();
+    let thread = std::thread::Builder::new()
+        .name("wallet-committer".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready.send(Err(StoreError::Io("committer runtime".to_owned(), e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let pool = match PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(&url)
+                    .await
+                {
+                    Ok(pool) => pool,
+                    Err(e) => {
+                        let _ = ready.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let (queue, run) = committer(move |requests| {
+                    let pool = pool.clone();
+                    async move { commit_batch(&pool, requests).await }
+                });
+                if ready.send(Ok(queue)).is_ok() {
+                    // Ends when the last handle to the store is dropped.
+                    run.await;
+                }
+            });
+        })
+        .map_err(|e| StoreError::Io("committer thread".to_owned(), e))?;
+    let queue = started
+        .await
+        .map_err(|_| StoreError::BatchFailed("the committer thread did not start".to_owned()))?;
+    drop(thread);
+    queue
 }
 
 /// Writes and commits one group of appends: one statement, so one round
