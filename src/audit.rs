@@ -142,9 +142,37 @@ macro_rules! insert_rows {
     }};
 }
 
+/// PostgreSQL takes the batch as arrays: one statement text for any batch
+/// size, prepared once per connection.
+async fn insert_pg(pool: &sqlx::PgPool, rows: &[AuditRecord]) -> Result<(), sqlx::Error> {
+    let ids: Vec<String> = rows.iter().map(|r| r.audit_id.to_string()).collect();
+    let column = |f: fn(&AuditRecord) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
+    let optional = |f: fn(&AuditRecord) -> Option<&str>| rows.iter().map(f).collect::<Vec<Option<&str>>>();
+    sqlx::query(
+        "INSERT INTO api_audit (audit_id, recorded_at, method, path, status, wallet_id, request_id, \
+         client_ip, headers, body, duration_ms) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[], \
+         $8::text[], $9::text[], $10::text[], $11::bigint[]) ON CONFLICT (audit_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(column(|r| r.recorded_at.as_str()))
+    .bind(column(|r| r.method.as_str()))
+    .bind(column(|r| r.path.as_str()))
+    .bind(rows.iter().map(|r| i32::from(r.status)).collect::<Vec<i32>>())
+    .bind(optional(|r| r.wallet_id.as_deref()))
+    .bind(optional(|r| r.request_id.as_deref()))
+    .bind(optional(|r| r.client_ip.as_deref()))
+    .bind(column(|r| r.headers.as_str()))
+    .bind(column(|r| r.body.as_str()))
+    .bind(rows.iter().map(|r| r.duration_ms).collect::<Vec<i64>>())
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
 async fn insert(store: &EventStore, rows: &[AuditRecord]) -> Result<(), sqlx::Error> {
     match store {
-        EventStore::Postgres(s) => insert_rows!(sqlx::Postgres, s.pool(), rows),
+        EventStore::Postgres(s) => insert_pg(s.pool(), rows).await,
         EventStore::Sqlite(s) => insert_rows!(sqlx::Sqlite, s.writer(), rows),
     }
 }

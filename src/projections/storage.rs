@@ -267,6 +267,20 @@ impl Tx {
     pub async fn load(&mut self, table: &str, keys: &[String]) -> Result<Vec<Doc>, StoreError> {
         check_table_name(table);
         let mut docs = Vec::with_capacity(keys.len());
+        if let Tx::Pg(conn) = self {
+            // One statement text whatever the number of keys: prepared once
+            // per connection, not once per batch size.
+            let rows = sqlx::query(&format!(
+                "SELECT key, kind, wallet_id, sort, tag, body FROM {table} WHERE key = ANY($1)"
+            ))
+            .bind(keys)
+            .fetch_all(&mut **conn)
+            .await?;
+            for row in rows {
+                docs.push(row_to_doc(row)?);
+            }
+            return Ok(docs);
+        }
         for chunk in keys.chunks(CHUNK) {
             on_tx!(self, conn, Db, FOR_UPDATE => {
                 let mut q = QueryBuilder::<Db>::new(format!(
@@ -287,6 +301,43 @@ impl Tx {
 
     pub async fn upsert(&mut self, table: &str, docs: &[Doc]) -> Result<(), StoreError> {
         check_table_name(table);
+        if let Tx::Pg(conn) = self {
+            if docs.is_empty() {
+                return Ok(());
+            }
+            // Columns as arrays: one statement text for any batch (see `load`).
+            let mut columns = (
+                Vec::with_capacity(docs.len()),
+                Vec::with_capacity(docs.len()),
+                Vec::with_capacity(docs.len()),
+                Vec::with_capacity(docs.len()),
+                Vec::with_capacity(docs.len()),
+                Vec::with_capacity(docs.len()),
+            );
+            for d in docs {
+                columns.0.push(d.key.as_str());
+                columns.1.push(d.kind.as_str());
+                columns.2.push(d.wallet_id.as_str());
+                columns.3.push(d.sort);
+                columns.4.push(d.tag.as_deref());
+                columns.5.push(d.body.as_str());
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {table} (key, kind, wallet_id, sort, tag, body) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[]) \
+                 ON CONFLICT (key) DO UPDATE SET kind = excluded.kind, wallet_id = excluded.wallet_id, \
+                 sort = excluded.sort, tag = excluded.tag, body = excluded.body"
+            ))
+            .bind(&columns.0)
+            .bind(&columns.1)
+            .bind(&columns.2)
+            .bind(&columns.3)
+            .bind(&columns.4)
+            .bind(&columns.5)
+            .execute(&mut **conn)
+            .await?;
+            return Ok(());
+        }
         for chunk in docs.chunks(CHUNK) {
             on_tx!(self, conn, Db, FOR_UPDATE => {
                 let mut q = QueryBuilder::<Db>::new(format!(
