@@ -102,13 +102,17 @@ impl PgEventStore {
     }
 
     pub async fn stream_versions(&self, streams: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut q = QueryBuilder::<Postgres>::new("SELECT stream_id, MAX(version) FROM events WHERE stream_id IN (");
-        let mut list = q.separated(", ");
-        for s in streams {
-            list.push_bind(*s);
-        }
-        q.push(") GROUP BY stream_id");
-        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+        // One backward index probe per stream, however long it is (a
+        // GROUP BY over `IN (...)` scanned every version of every stream),
+        // and one statement text for any number of streams.
+        Ok(sqlx::query_as(
+            "SELECT s.id, e.version FROM unnest($1::text[]) AS s(id) \
+             CROSS JOIN LATERAL (SELECT version FROM events WHERE stream_id = s.id \
+             ORDER BY version DESC LIMIT 1) e",
+        )
+        .bind(streams)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     pub async fn read_stream_backwards(

@@ -146,13 +146,17 @@ impl SqliteEventStore {
     }
 
     pub async fn stream_versions(&self, streams: &[&str]) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT stream_id, MAX(version) FROM events WHERE stream_id IN (");
-        let mut list = q.separated(", ");
-        for s in streams {
-            list.push_bind(*s);
-        }
-        q.push(") GROUP BY stream_id");
-        Ok(q.build_query_as().fetch_all(&self.reader).await?)
+        // A MAX per stream is one index probe; the streams travel as one
+        // JSON array, so the statement text never changes.
+        let list = serde_json::to_string(streams).expect("strings serialise");
+        Ok(sqlx::query_as(
+            "SELECT id, v FROM (SELECT j.value AS id, \
+             (SELECT MAX(version) FROM events WHERE stream_id = j.value) AS v FROM json_each(?) j) \
+             WHERE v IS NOT NULL",
+        )
+        .bind(list)
+        .fetch_all(&self.reader)
+        .await?)
     }
 
     pub async fn read_stream_backwards(
