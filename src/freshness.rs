@@ -4,9 +4,9 @@
 //! A read answered from the wallet cache must still be as fresh as the log
 //! (another `serve` process may have written the wallet). Asking the log for
 //! each wallet's current version separately would make every read a round
-//! trip; instead, reads that arrive together are answered by one
-//! `SELECT stream_id, MAX(version) ... WHERE stream_id IN (...)`, the way
-//! group commit batches appends. A wallet whose version moved is then read
+//! trip; instead, reads that arrive together are answered by one query
+//! (`EventStore::stream_versions`: one backward index probe per wallet), the
+//! way group commit batches appends. A wallet whose version moved is then read
 //! in full by the caller (rare: only after another process wrote it).
 
 use std::collections::HashMap;

@@ -14,6 +14,7 @@ use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 use super::problem::Problem;
 use super::AppState;
@@ -150,7 +151,7 @@ fn needed_scope(method: &Method, path: &str) -> Option<Scope> {
 }
 
 /// The middleware: 401 without a valid key, 403 without the scope.
-pub async fn require_key(State(app): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_key(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if app.keys.is_open() {
         return next.run(request).await;
     }

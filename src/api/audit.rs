@@ -9,6 +9,7 @@
 //! stored as `[redacted]`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -96,7 +97,7 @@ async fn read_body(body: Body) -> Result<Bytes, Problem> {
     Ok(Bytes::from(kept))
 }
 
-pub async fn record(State(app): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn record(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(request).await;
     }

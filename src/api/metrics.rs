@@ -7,6 +7,7 @@
 //! values that live elsewhere: projection checkpoints and lag, parked
 //! events, the relay's gauges and the dead-letter queue's depth.
 
+use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,7 @@ pub async fn track(request: Request, next: Next) -> Response {
 }
 
 /// GET /metrics
-pub async fn render(State(app): State<AppState>) -> Response {
+pub async fn render(State(app): State<Arc<AppState>>) -> Response {
     if let Ok(status) = app.projections.status().await {
         for s in status {
             let labels = [("projection", s.name.clone())];

@@ -107,6 +107,8 @@ impl AppState {
 pub struct ApiDoc;
 
 pub fn router(state: AppState) -> Router {
+    // Shared, not copied: axum hands every extractor and middleware its own clone.
+    let state = Arc::new(state);
     let x_request_id = axum::http::HeaderName::from_static("x-request-id");
     Router::new()
         .route("/wallet/{id}", get(wallet::balance))

@@ -8,6 +8,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
+use std::sync::Arc;
 
 use super::input::{parse_wallet_id, WalletPath};
 use super::problem::{Problem, ProblemBody};
@@ -147,7 +148,7 @@ fn page(rows: Vec<(i64, String)>, limit: u32, position: Position) -> Response {
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn history(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     WalletPath(wallet): WalletPath,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
@@ -173,7 +174,7 @@ pub async fn history(
               (status = 400, body = ProblemBody, content_type = "application/problem+json"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn stats(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     WalletPath(wallet): WalletPath,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
@@ -223,7 +224,7 @@ async fn list_flags(
     responses((status = 200, body = [Flag]), (status = 400, body = ProblemBody, content_type = "application/problem+json"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn wallet_flags(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     WalletPath(wallet): WalletPath,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
@@ -246,7 +247,7 @@ pub async fn wallet_flags(
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_RULE, INVALID_WALLET_ID, INVALID_LIMIT, INVALID_CURSOR"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn flags(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     query: Result<Query<FlagsQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = query.map_err(bad_query)?;

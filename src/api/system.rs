@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
@@ -22,7 +23,7 @@ const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// one is configured.
 #[utoipa::path(get, path = "/ready", tag = "system",
     responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "database or broker unreachable")))]
-pub async fn ready(State(app): State<AppState>) -> Result<Json<Value>, Problem> {
+pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Problem> {
     app.store.ping().await?;
     if let Some((url, _)) = &app.broker {
         match tokio::time::timeout(BROKER_CHECK, crate::broker::connect(url)).await {

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::sync::Arc;
 
 use super::input::{idempotency_key, parse_amount, parse_wallet_id, JsonBody, WalletPath};
 use super::problem::{Problem, ProblemBody};
@@ -58,7 +59,7 @@ fn created<R: Serialize>(answer: Answer<R>) -> Response {
               (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT")))]
 pub async fn deposit(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     WalletPath(wallet): WalletPath,
     headers: HeaderMap,
     JsonBody(body): JsonBody<MoneyBody>,
@@ -82,7 +83,7 @@ pub async fn deposit(
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn withdraw(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     WalletPath(wallet): WalletPath,
     headers: HeaderMap,
     JsonBody(body): JsonBody<MoneyBody>,
@@ -106,7 +107,7 @@ pub async fn withdraw(
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn transfer(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     WalletPath(from): WalletPath,
     headers: HeaderMap,
     JsonBody(body): JsonBody<TransferBody>,
@@ -142,7 +143,7 @@ pub struct BalanceView {
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_AT"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn balance(
-    State(app): State<AppState>,
+    State(app): State<Arc<AppState>>,
     WalletPath(wallet): WalletPath,
     query: Result<Query<BalanceQuery>, QueryRejection>,
 ) -> Result<Json<BalanceView>, Problem> {

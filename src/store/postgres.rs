@@ -225,7 +225,11 @@ impl PgEventStore {
         .collect()
     }
 
+    /// Readiness: the database answers and the committer is running.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        if self.committer.is_closed() {
+            return Err(StoreError::BatchFailed("the committer has stopped".to_owned()));
+        }
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
@@ -253,6 +257,10 @@ async fn spawn_committer_thread(url: &str) -> Result<mpsc::Sender<Job>, StoreErr
                 let pool = match PgPoolOptions::new()
                     .max_connections(1)
                     .acquire_timeout(Duration::from_secs(5))
+                    // No ping before each batch: that was a second round trip
+                    // per commit. A dead connection fails one batch, whose
+                    // appends the ledger already treats as of unknown outcome.
+                    .test_before_acquire(false)
                     .connect(&url)
                     .await
                 {
@@ -262,14 +270,16 @@ async fn spawn_committer_thread(url: &str) -> Result<mpsc::Sender<Job>, StoreErr
                         return;
                     }
                 };
+                let writer = pool.clone();
                 let (queue, run) = committer(move |requests| {
-                    let pool = pool.clone();
+                    let pool = writer.clone();
                     async move { commit_batch(&pool, requests).await }
                 });
                 if ready.send(Ok(queue)).is_ok() {
                     // Ends when the last handle to the store is dropped.
                     run.await;
                 }
+                pool.close().await;
             });
         })
         .map_err(|e| StoreError::Io("committer thread".to_owned(), e))?;

@@ -272,7 +272,11 @@ impl SqliteEventStore {
         .collect()
     }
 
+    /// Readiness: the database answers and the committer is running.
     pub async fn ping(&self) -> Result<(), StoreError> {
+        if self.committer.is_closed() {
+            return Err(StoreError::BatchFailed("the committer has stopped".to_owned()));
+        }
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
