@@ -241,14 +241,7 @@ impl EventStore {
     /// idempotency key (if any) must be new, or nothing is written. Goes
     /// through the group committer; answers only after the commit.
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, AppendError> {
-        assert!(
-            request.streams.iter().all(|s| !s.events.is_empty()),
-            "an append carries at least one event per stream"
-        );
-        match self {
-            EventStore::Postgres(s) => submit(s.committer(), request).await,
-            EventStore::Sqlite(s) => submit(s.committer(), request).await,
-        }
+        self.enqueue(request).await?.committed().await
     }
 
     /// Hands an append to the group committer and returns at once (after
