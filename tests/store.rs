@@ -292,8 +292,11 @@ async fn a_stacked_append_needs_its_predecessor_at_the_head(db: TestDb) {
     db.store.append(single(right)).await.unwrap();
 
     // Enqueued back to back, a command and the one stacked on it commit
-    // together; when the first fails, the second fails with it.
+    // together; when the first fails, the second fails with it, and an
+    // unrelated append in between commits either way: a conflict fails
+    // only the requests it touches, never the whole group commit.
     for first_fails in [false, true] {
+        let other = fold(&db, "b").await;
         let now = fold(&db, "a").await;
         let mut first = deposit(&now, "10");
         if first_fails {
@@ -304,9 +307,15 @@ async fn a_stacked_append_needs_its_predecessor_at_the_head(db: TestDb) {
         let mut second = deposit(&after_first, "20");
         second.expected_last_event = Some(first_id);
         let q1 = db.store.enqueue(single(first)).await.unwrap();
+        let q_other = db.store.enqueue(single(deposit(&other, "3"))).await.unwrap();
         let q2 = db.store.enqueue(single(second)).await.unwrap();
-        let (r1, r2) = (q1.committed().await, q2.committed().await);
+        let (r1, r_other, r2) = (q1.committed().await, q_other.committed().await, q2.committed().await);
         assert_eq!((r1.is_ok(), r2.is_ok()), (!first_fails, !first_fails), "{r1:?} {r2:?}");
+        r_other.expect("an unrelated append in the same queue commits");
+        assert_eq!(
+            fold(&db, "b").await.balance,
+            other.balance.checked_add(Amount::parse("3").unwrap()).unwrap()
+        );
         let expected = if first_fails {
             now.balance
         } else {
