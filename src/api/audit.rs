@@ -47,20 +47,38 @@ fn truncate(text: &str, max: usize) -> String {
     }
 }
 
+/// The headers as a JSON object, written straight into the string: the
+/// audit is on every write's path, so no intermediate map. A header sent
+/// several times is one entry, its values joined by ", " (as HTTP reads it).
 fn headers_json(headers: &HeaderMap) -> String {
-    let map: serde_json::Map<String, serde_json::Value> = headers
-        .iter()
-        .take(MAX_HEADERS)
-        .map(|(name, value)| {
-            let value = if REDACTED.contains(&name.as_str()) {
-                "[redacted]".to_owned()
-            } else {
-                truncate(&String::from_utf8_lossy(value.as_bytes()), MAX_FIELD)
-            };
-            (name.as_str().to_owned(), value.into())
-        })
-        .collect();
-    serde_json::Value::Object(map).to_string()
+    struct Bounded<'a>(&'a HeaderMap);
+    impl serde::Serialize for Bounded<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeMap;
+            let mut map = s.serialize_map(None)?;
+            for name in self.0.keys().take(MAX_HEADERS) {
+                if REDACTED.contains(&name.as_str()) {
+                    map.serialize_entry(name.as_str(), "[redacted]")?;
+                    continue;
+                }
+                let mut values = self.0.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()));
+                let first = values.next().unwrap_or_default();
+                let joined = match values.next() {
+                    None => first,
+                    Some(second) => std::borrow::Cow::Owned(
+                        std::iter::once(first).chain(std::iter::once(second)).chain(values).collect::<Vec<_>>().join(", "),
+                    ),
+                };
+                if joined.chars().nth(MAX_FIELD).is_some() {
+                    map.serialize_entry(name.as_str(), &truncate(&joined, MAX_FIELD))?;
+                } else {
+                    map.serialize_entry(name.as_str(), joined.as_ref())?;
+                }
+            }
+            map.end()
+        }
+    }
+    serde_json::to_string(&Bounded(headers)).unwrap_or_else(|_| "{}".to_owned())
 }
 
 /// `{id}` of `/wallet/{id}/...`, bounded.
@@ -182,6 +200,10 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&headers_json(&h)).unwrap();
         assert_eq!(json["authorization"], "[redacted]");
         assert_eq!(json["cookie"], "[redacted]");
+        h.append("accept", HeaderValue::from_static("a/b"));
+        h.append("accept", HeaderValue::from_static("c/d"));
+        let json: serde_json::Value = serde_json::from_str(&headers_json(&h)).unwrap();
+        assert_eq!(json["accept"], "a/b, c/d");
         assert!(json["x-long"].as_str().unwrap().chars().count() <= MAX_FIELD + 1);
         assert_eq!(wallet_of("/wallet/alice/deposit").as_deref(), Some("alice"));
         assert_eq!(wallet_of("/flags"), None);
