@@ -447,10 +447,6 @@ impl Ledger {
                 .collect();
             // Enqueued under the locks: commands on a wallet reach the
             // committer in the order they were decided.
-            let stacked = bases.iter().any(|(_, last)| last.is_some());
-            if !stacked {
-                attempt += 1;
-            }
             let queued = match self.store.enqueue(append).await {
                 Ok(queued) => queued,
                 Err(e) => return Err(self.failed(&wallets, e)),
@@ -495,9 +491,12 @@ impl Ledger {
                     // failed: what is cached or in flight is not the log.
                     self.abandon(&wallets);
                     drop(in_flight);
+                    // The stream that conflicted decides whose conflict it was.
+                    let stacked = bases.iter().any(|(w, last)| w.id == stream && last.is_some());
                     if stacked {
                         settle_first = true;
                     } else {
+                        attempt += 1;
                         tokio::time::sleep(backoff(attempt)).await;
                     }
                 }

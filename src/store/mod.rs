@@ -405,9 +405,18 @@ where
             metrics::histogram!("append_batch_events").record(events as f64);
             let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.request, j.reply)).unzip();
             let started = std::time::Instant::now();
-            let results = commit(requests).await;
+            let mut results = commit(requests).await;
             metrics::histogram!("append_batch_commit_seconds").record(started.elapsed().as_secs_f64());
-            debug_assert_eq!(results.len(), replies.len());
+            if results.len() != replies.len() {
+                // Never silently drop a reply: whatever committed is of
+                // unknown outcome to its client, like any failed batch.
+                let e = StoreError::BatchFailed(format!(
+                    "the batch answered {} results for {} requests",
+                    results.len(),
+                    replies.len()
+                ));
+                results = batch_failed(replies.len(), &e);
+            }
             for (reply, result) in replies.into_iter().zip(results) {
                 // The requester may have gone away (client disconnected); the
                 // append stands either way.

@@ -348,8 +348,11 @@ where
         }
     }
     let rows = sqlx::query(
+        // The rows pair with the requests by position: ordered explicitly,
+        // not by the function scan's habit.
         "SELECT o_status, o_stream, o_actual, o_positions, o_hashes, o_recorded_at FROM wallet_append(\
-         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) WITH ORDINALITY AS r \
+         ORDER BY r.ordinality",
     )
     .bind(APPEND_LOCK)
     .bind(crate::aggregate::EVENT_SCHEMA_VERSION)
