@@ -61,14 +61,13 @@ fn headers_json(headers: &HeaderMap) -> String {
                     map.serialize_entry(name.as_str(), "[redacted]")?;
                     continue;
                 }
-                let mut values = self.0.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()));
+                let mut values = self
+                    .0
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()));
                 let first = values.next().unwrap_or_default();
-                let joined = match values.next() {
-                    None => first,
-                    Some(second) => std::borrow::Cow::Owned(
-                        std::iter::once(first).chain(std::iter::once(second)).chain(values).collect::<Vec<_>>().join(", "),
-                    ),
-                };
+                let joined = values.fold(first, |all, v| format!("{all}, {v}").into());
                 if joined.chars().nth(MAX_FIELD).is_some() {
                     map.serialize_entry(name.as_str(), &truncate(&joined, MAX_FIELD))?;
                 } else {
