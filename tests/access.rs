@@ -174,6 +174,36 @@ async fn audit_rows(store: &EventStore) -> Vec<(String, i32, Option<String>, Str
     }
 }
 
+/// The audit writer paces its inserts under load; that must neither lose a
+/// record nor hold back a flush (shutdown waits on one).
+async fn a_burst_of_audit_records_is_written_whole_and_flushes_promptly(db: TestDb) {
+    use wallet::audit::{AuditLog, AuditRecord};
+    let log = AuditLog::spawn(db.store.clone());
+    let record = |i: usize| AuditRecord {
+        audit_id: uuid::Uuid::now_v7(),
+        recorded_at: chrono::Utc::now().to_rfc3339(),
+        method: "POST".to_owned(),
+        path: format!("/wallet/w{i}/deposit"),
+        status: 201,
+        wallet_id: Some(format!("w{i}")),
+        request_id: None,
+        client_ip: None,
+        headers: "{}".to_owned(),
+        body: "{}".to_owned(),
+        duration_ms: 1,
+    };
+    // More than one insert's worth, so later inserts wait on the pace.
+    for i in 0..2_500 {
+        log.record(record(i)).await;
+    }
+    assert!(log.flush(Duration::from_secs(10)).await, "flush timed out");
+    assert_eq!(audit_rows(&db.store).await.len(), 2_500, "every record written once");
+    // Right after an insert (inside the pace), a flush still writes at once.
+    log.record(record(2_500)).await;
+    assert!(log.flush(Duration::from_secs(10)).await, "flush timed out");
+    assert_eq!(audit_rows(&db.store).await.len(), 2_501);
+}
+
 async fn every_mutating_request_is_audited(db: TestDb) {
     let base = serve_with(db.store.clone(), |_| {}).await;
     let http = Client::new();
@@ -331,5 +361,6 @@ on_both_backends!(
     keys_and_scopes,
     overload_is_shed_with_503,
     metrics_are_exposed,
-    every_mutating_request_is_audited
+    every_mutating_request_is_audited,
+    a_burst_of_audit_records_is_written_whole_and_flushes_promptly
 );

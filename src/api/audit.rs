@@ -8,6 +8,7 @@
 //! path and ids truncated. `Authorization`, cookies and API-key headers are
 //! stored as `[redacted]`.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,10 +41,11 @@ const REDACTED: &[&str] = &[
     "x-api-key",
 ];
 
-fn truncate(text: &str, max: usize) -> String {
+/// `text` cut to `max` characters (plus "…"); borrowed when it fits.
+fn truncate(text: &str, max: usize) -> Cow<'_, str> {
     match text.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
+        Some((cut, _)) => Cow::Owned(format!("{}…", &text[..cut])),
+        None => Cow::Borrowed(text),
     }
 }
 
@@ -67,12 +69,8 @@ fn headers_json(headers: &HeaderMap) -> String {
                     .iter()
                     .map(|v| String::from_utf8_lossy(v.as_bytes()));
                 let first = values.next().unwrap_or_default();
-                let joined = values.fold(first, |all, v| format!("{all}, {v}").into());
-                if joined.chars().nth(MAX_FIELD).is_some() {
-                    map.serialize_entry(name.as_str(), &truncate(&joined, MAX_FIELD))?;
-                } else {
-                    map.serialize_entry(name.as_str(), joined.as_ref())?;
-                }
+                let joined: Cow<str> = values.fold(first, |all, v| format!("{all}, {v}").into());
+                map.serialize_entry(name.as_str(), &truncate(&joined, MAX_FIELD))?;
             }
             map.end()
         }
@@ -84,7 +82,7 @@ fn headers_json(headers: &HeaderMap) -> String {
 fn wallet_of(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/wallet/")?;
     let id = rest.split('/').next().filter(|s| !s.is_empty())?;
-    Some(truncate(id, 128))
+    Some(truncate(id, 128).into_owned())
 }
 
 /// The body, at most `MAX_BODY_BYTES`. A longer one is read on (and
@@ -125,11 +123,11 @@ pub async fn record(State(app): State<Arc<AppState>>, request: Request, next: Ne
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip().to_string());
-    let path = truncate(parts.uri.path(), MAX_PATH);
+    let path = truncate(parts.uri.path(), MAX_PATH).into_owned();
     let request_id = parts
         .headers
         .get("x-request-id")
-        .map(|v| truncate(&String::from_utf8_lossy(v.as_bytes()), 128));
+        .map(|v| truncate(&String::from_utf8_lossy(v.as_bytes()), 128).into_owned());
     let headers = headers_json(&parts.headers);
     let method = parts.method.as_str().to_owned();
 
