@@ -123,12 +123,12 @@ async fn postgres() -> Option<EventStore> {
     wallet::config::open_store(&url).await.ok()
 }
 
-fn appends(events: Vec<WalletEvent>, stream: &WalletId, expected_version: u64) -> AppendRequest {
+/// An append of `events` to a new stream.
+fn appends(events: Vec<WalletEvent>, stream: &WalletId) -> AppendRequest {
     AppendRequest {
         streams: vec![StreamAppend {
             stream: stream.clone(),
-            expected_version,
-            expected_last_event: None,
+            expected: wallet::store::Head::EMPTY,
             events: events
                 .into_iter()
                 .map(|event| NewEvent {
@@ -151,7 +151,7 @@ fn database(c: &mut Criterion) {
     rt.block_on(async {
         for (w, snapshot) in [(&with, true), (&without, false)] {
             let evs: Vec<WalletEvent> = events.iter().map(|e| rename(e, w)).collect();
-            let recorded = store.append(appends(evs.clone(), w, 0)).await.unwrap();
+            let recorded = store.append(appends(evs.clone(), w)).await.unwrap();
             if snapshot {
                 let state = Wallet::fold(w.clone(), evs.iter());
                 snapshots::save(&store, &state, recorded.last().unwrap().position)
@@ -175,7 +175,7 @@ fn database(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let w = id(&format!("a{}", Uuid::new_v4().simple()));
             let evs: Vec<WalletEvent> = history(100).iter().map(|e| rename(e, &w)).collect();
-            store.append(appends(evs, &w, 0)).await.unwrap()
+            store.append(appends(evs, &w)).await.unwrap()
         })
     });
 }

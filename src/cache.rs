@@ -1,15 +1,15 @@
-//! Folded wallets at known versions, in memory: the write path decides
-//! against them with no query, and a balance read only asks the log for
-//! the events after the cached version (usually none) instead of folding
-//! from a snapshot.
+//! The committer's state of the wallets it wrote: folded wallets at known
+//! versions, in memory. The committer decides against them with no query,
+//! and a balance read only asks the log for the events after the held
+//! version (usually none) instead of folding from a snapshot.
 //!
-//! Correctness never depends on the cache. Appends still carry each
-//! stream's expected version, so a stale entry (another process wrote the
-//! wallet) costs one conflict, after which the ledger drops the entry and
-//! reloads the wallet from the log. Entries only move forward: a state
-//! replaces a cached one only if its version is higher, so a slow reader can
-//! never put back a state older than a write it raced with, and a client
-//! always reads at least its own last write.
+//! One writer: only the committer (`ledger/committer.rs`) changes it, and
+//! only with states the database confirmed (an append or a head assertion
+//! that committed, or the heads a conflict answered with). Request tasks
+//! read it. Correctness never depends on it: every append states the head
+//! it was decided on, so a stale entry (another process wrote the wallet)
+//! costs one conflict, whose answer carries the actual head. Entries only
+//! move forward: a state replaces a held one only if its version is higher.
 //!
 //! Bounded: at `capacity` wallets, inserting a new one first evicts another
 //! (an arbitrary one; eviction only costs a reload).
@@ -35,6 +35,10 @@ impl WalletCache {
             map: DashMap::with_capacity(capacity.min(1 << 16)),
             capacity,
         }
+    }
+
+    pub fn contains(&self, id: &WalletId) -> bool {
+        self.map.contains_key(id)
     }
 
     pub fn get(&self, id: &WalletId) -> Option<Wallet> {

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::aggregate::{decide, Amount, Command, Wallet, WalletId};
 use crate::snapshots;
-use crate::store::{AppendRequest, EventStore, NewEvent, StoreError, StreamAppend};
+use crate::store::{AppendRequest, EventStore, Head, NewEvent, StoreError, StreamAppend};
 
 /// Commands decided per append.
 const COMMANDS_PER_APPEND: usize = 200;
@@ -77,8 +77,7 @@ pub async fn seed(
             for (stream, &k) in decision.streams.into_iter().zip(&touched) {
                 let entry = batch.entry(k).or_insert_with(|| StreamAppend {
                     stream: stream.wallet.clone(),
-                    expected_version: states[k].version,
-                    expected_last_event: None,
+                    expected: Head::of(&states[k]),
                     events: Vec::new(),
                 });
                 for event in stream.events {
@@ -98,7 +97,7 @@ pub async fn seed(
             .filter(|(k, s)| {
                 snapshots::due(
                     snapshots::DEFAULT_SNAPSHOT_EVERY,
-                    s.expected_version,
+                    s.expected.version,
                     states[**k].version,
                 )
             })

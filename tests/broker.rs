@@ -93,8 +93,7 @@ async fn relay_delivers_every_event_once_in_order(db: TestDb) {
             .remove(0);
         let stream = wallet::store::StreamAppend {
             stream: d.wallet,
-            expected_version: d.expected_version,
-            expected_last_event: None,
+            expected: wallet::store::Head::of(&wallet),
             events: d
                 .events
                 .into_iter()

@@ -125,11 +125,31 @@ impl Answer {
         );
     }
 
-    /// Only two answers are acceptable to a write under database faults:
-    /// it happened (201), or retry it (503). A 500 or a 409 is a bug.
+    /// The contract of a write whose outcome the service could not learn:
+    /// 503 `OUTCOME_UNKNOWN`, and no `Retry-After` (retry only with the
+    /// same requestId).
+    fn assert_outcome_unknown(&self, what: &str) {
+        assert_eq!(self.status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {self:?}");
+        assert_eq!(self.body["code"], "OUTCOME_UNKNOWN", "{what}: {self:?}");
+        assert_eq!(self.retry_after, None, "{what}: never told to retry blindly: {self:?}");
+    }
+
+    /// A 503 under database faults: not applied (`UNAVAILABLE`), or of
+    /// unknown outcome (`OUTCOME_UNKNOWN`), each with its own contract.
+    fn assert_outage(&self, what: &str) {
+        if self.body["code"] == "OUTCOME_UNKNOWN" {
+            self.assert_outcome_unknown(what);
+        } else {
+            self.assert_unavailable(what);
+        }
+    }
+
+    /// Only these answers are acceptable to a write under database faults:
+    /// it happened (201), it did not (503 `UNAVAILABLE`), or the service
+    /// could not find out (503 `OUTCOME_UNKNOWN`). A 500 or a 409 is a bug.
     fn assert_created_or_unavailable(&self, what: &str) {
         if self.status != StatusCode::CREATED {
-            self.assert_unavailable(what);
+            self.assert_outage(what);
         }
     }
 }
@@ -256,7 +276,12 @@ async fn database_unreachable_gives_503_and_recovers() {
         get(&http, &ready_url),
     );
     let write = write.expect("the API answers even when its database does not");
-    write.assert_unavailable("a deposit while the database is unreachable");
+    // Its batch went out on a connection the outage had just cut: the
+    // service cannot know whether it arrived, and says so.
+    write.assert_outage("a deposit while the database is unreachable");
+    // With no connection at all, a write certainly does not happen.
+    let again = post(&http, &deposit_url, &during).await.unwrap();
+    again.assert_unavailable("a deposit with no connection to the database");
     // The cached balance is not served as if it were current.
     balance.assert_unavailable("a balance while the database is unreachable");
     // Not ready: a load balancer stops sending traffic here.
@@ -425,7 +450,7 @@ async fn cut_during_transfers_is_all_or_nothing_and_retry_is_exact() {
     // Retry every request with its requestId until it succeeds. A request
     // answered 201 is replayed exactly; a 503 one is either replayed (its
     // commit did happen) or takes effect now.
-    let mut committed_unseen = 0;
+    let (mut committed_unseen, mut not_applied) = (0, 0);
     for (&n, first) in &first_answers {
         let (from, body) = transfer_body(n);
         let url = format!("{base}/wallet/{from}/transfer");
@@ -433,6 +458,13 @@ async fn cut_during_transfers_is_all_or_nothing_and_retry_is_exact() {
         if first.status == StatusCode::CREATED {
             assert!(retried.replayed, "t-{n} was done: its retry is a replay: {retried:?}");
             assert_eq!(retried.body, first.body, "t-{n}: a replay is the original answer");
+        } else if first.body["code"] == "UNAVAILABLE" {
+            // No answer lies: UNAVAILABLE means it did not happen.
+            assert!(
+                !retried.replayed,
+                "t-{n} was answered UNAVAILABLE yet had committed: {retried:?}"
+            );
+            not_applied += 1;
         } else if retried.replayed {
             committed_unseen += 1; // the cut lost the answer, not the commit
         }
@@ -440,7 +472,8 @@ async fn cut_during_transfers_is_all_or_nothing_and_retry_is_exact() {
         assert_eq!(retried.body["status"], "completed", "{retried:?}");
     }
     eprintln!(
-        "{} transfers, {} cuts, {failed} answered 503 ({committed_unseen} of them had committed)",
+        "{} transfers, {} cuts, {failed} answered 503: {not_applied} UNAVAILABLE (none had committed), \
+         the others OUTCOME_UNKNOWN ({committed_unseen} of which had committed)",
         ids.len(),
         cuts.load(Ordering::SeqCst)
     );
@@ -511,6 +544,137 @@ async fn cut_during_transfers_is_all_or_nothing_and_retry_is_exact() {
     }
     let total: Decimal = expected.values().sum();
     assert_eq!(total, Decimal::from(SEED * 4), "money is conserved");
+}
+
+// ---------------------------------------------------------------------------
+// 2b. A commit whose answer is lost; a database that goes silent
+// ---------------------------------------------------------------------------
+
+/// PostgreSQL commits a batch, and its answer never reaches the service
+/// (held by the proxy, then the connection is cut). The requests carry no
+/// key: a client told "retry" would pay twice. The committer finds the
+/// batch's events on a fresh connection and answers each request 201.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_whose_answer_is_lost_is_answered_with_the_truth() {
+    let db = common::postgres().await;
+    let (proxy, store) = store_through_proxy(&db).await;
+    let base = common::serve(store).await;
+    let http = client();
+    let url = format!("{base}/wallet/lost/deposit");
+    let opened = post(&http, &url, &json!({"amount": "100"})).await.unwrap();
+    assert_eq!(opened.status, StatusCode::CREATED, "{opened:?}");
+    let head_before = db.store.head_position().await.unwrap();
+
+    proxy.set_hold_replies(true);
+    let sends: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { post(&http, &url, &json!({"amount": "1"})).await.unwrap() })
+        })
+        .collect();
+    // The batch reached PostgreSQL and committed; its answer is held.
+    eventually("the held batch commits", Duration::from_secs(10), || async {
+        (db.store.head_position().await.unwrap() > head_before).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(proxy.held_bytes() > 0, "the commit's answer was held back");
+    proxy.cut();
+    proxy.set_hold_replies(false);
+
+    let mut answers = Vec::new();
+    for send in sends {
+        answers.push(send.await.unwrap());
+    }
+    for a in &answers {
+        assert_eq!(
+            a.status,
+            StatusCode::CREATED,
+            "a committed write is answered 201: {a:?}"
+        );
+    }
+    // Exactly the answered deposits are in the log, each once, at the
+    // position its answer names.
+    let events = all_events(&db.store).await;
+    let deposits: Vec<&RecordedEvent> = events
+        .iter()
+        .filter(|e| e.position > head_before && matches!(e.event, WalletEvent::FundsDeposited(_)))
+        .collect();
+    assert_eq!(deposits.len(), answers.len(), "one deposit per 201, no more");
+    for a in &answers {
+        let position = a.body["position"].as_i64().unwrap();
+        let found = deposits
+            .iter()
+            .find(|e| e.position == position)
+            .expect("the answer names its event");
+        assert_eq!(request_id(found), a.body["requestId"].as_str().unwrap());
+    }
+    assert_eq!(folded_balance(&db.store, "lost").await, Decimal::new(108, 0));
+}
+
+/// The database goes silent without closing anything (the proxy holds every
+/// byte). A write is answered within the committer's deadlines, never as
+/// "retry"; `/ready` turns 503 while commands wait; when the database
+/// speaks again the service recovers by itself, and the retried request
+/// takes effect once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_database_fails_writes_in_time_and_turns_ready_off() {
+    let db = common::postgres().await;
+    let (proxy, store) = store_through_proxy(&db).await;
+    let options = wallet::store::WriterOptions {
+        batch_deadline: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        statement_timeout: Duration::from_millis(900),
+        resolve_deadline: Duration::from_secs(1),
+        stall_after: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let ledger = wallet::ledger::Ledger::new(store.clone()).with_writer_options(options);
+    let base = common::serve_with_ledger(store, ledger).await;
+    let http = client();
+    let url = format!("{base}/wallet/quiet/deposit");
+    let opened = post(&http, &url, &json!({"amount": "10", "requestId": "s0"}))
+        .await
+        .unwrap();
+    assert_eq!(opened.status, StatusCode::CREATED, "{opened:?}");
+
+    proxy.set_stalled(true);
+    let started = Instant::now();
+    let body = json!({"amount": "5", "requestId": "s1"});
+    let write = {
+        let (http, url, body) = (http.clone(), url.clone(), body.clone());
+        tokio::spawn(async move { post(&http, &url, &body).await.unwrap() })
+    };
+    let ready_url = format!("{base}/ready");
+    let not_ready = eventually(
+        "/ready turns 503 while the committer waits",
+        Duration::from_secs(5),
+        || async {
+            let r = get(&http, &ready_url).await;
+            (r.status == StatusCode::SERVICE_UNAVAILABLE).then_some(r)
+        },
+    )
+    .await;
+    not_ready.assert_unavailable("/ready during the stall");
+    let write = write.await.unwrap();
+    write.assert_outcome_unknown("a write sent to a silent database");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "answered within the deadlines, not hung ({:?})",
+        started.elapsed()
+    );
+
+    proxy.set_stalled(false);
+    let retried = post_until_created(&http, &url, &body, "the retry after the stall").await;
+    assert_eq!(retried.body["balance"], "15.0000", "{retried:?}");
+    eventually("/ready after the stall", Duration::from_secs(30), || async {
+        (get(&http, &ready_url).await.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    let events = all_events(&db.store).await;
+    let s1 = events.iter().filter(|e| request_id(e) == "s1").count();
+    assert_eq!(s1, 1, "the stalled write took effect once, whichever attempt landed");
+    assert_eq!(folded_balance(&db.store, "quiet").await, Decimal::new(15, 0));
 }
 
 // ---------------------------------------------------------------------------

@@ -410,6 +410,7 @@ fn from_error(e: CommandError) -> Got {
         CommandError::KeyReused => Got::KeyReused,
         CommandError::Conflict => Got::Conflict,
         CommandError::Store(e) => Got::Failed(e.to_string()),
+        CommandError::OutcomeUnknown(e) => Got::Failed(e),
     }
 }
 

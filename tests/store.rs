@@ -9,7 +9,9 @@ use common::TestDb;
 use serde_json::json;
 use uuid::Uuid;
 use wallet::aggregate::{decide, Amount, Command, Wallet, WalletEvent, WalletId};
-use wallet::store::{AppendError, AppendRequest, Cutoff, IdempotencyRecord, NewEvent, StreamAppend};
+use wallet::store::{
+    AppendError, AppendOutcome, AppendRequest, Cutoff, Head, IdempotencyRecord, NewEvent, StreamAppend,
+};
 
 fn id(s: &str) -> WalletId {
     WalletId::parse(s).unwrap()
@@ -22,14 +24,13 @@ fn deposit(state: &Wallet, amount: &str) -> StreamAppend {
         amount: Amount::parse(amount).unwrap(),
     };
     let d = decide(&cmd, &[state]).unwrap().streams.remove(0);
-    to_append(d.wallet, d.expected_version, d.events)
+    to_append(d.wallet, Head::of(state), d.events)
 }
 
-fn to_append(stream: WalletId, expected_version: u64, events: Vec<WalletEvent>) -> StreamAppend {
+fn to_append(stream: WalletId, expected: Head, events: Vec<WalletEvent>) -> StreamAppend {
     StreamAppend {
         stream,
-        expected_version,
-        expected_last_event: None,
+        expected,
         events: events
             .into_iter()
             .map(|event| NewEvent {
@@ -104,8 +105,8 @@ async fn stale_expected_version_is_a_conflict(db: TestDb) {
         matches!(
             err,
             AppendError::Conflict {
-                expected: 0,
-                actual: 2,
+                expected: Head { version: 0, .. },
+                actual: Head { version: 2, .. },
                 ..
             }
         ),
@@ -113,7 +114,7 @@ async fn stale_expected_version_is_a_conflict(db: TestDb) {
     );
     // An expected version ahead of the stream is a conflict too, not a gap.
     let mut ahead = deposit(&fold(&db, "a").await, "1");
-    ahead.expected_version = 9;
+    ahead.expected.version = 9;
     assert!(matches!(
         db.store.append(single(ahead)).await,
         Err(AppendError::Conflict { .. })
@@ -139,6 +140,7 @@ async fn a_failed_transfer_changes_neither_stream(db: TestDb) {
         transfer_id: Uuid::now_v7(),
     };
     let decision = decide(&cmd, &[&a, &b]).unwrap();
+    let heads = [Head::of(&a), Head::of(&b)];
     // Someone moves b first.
     db.store.append(single(deposit(&b, "1"))).await.unwrap();
     let head = db.store.head_position().await.unwrap();
@@ -146,7 +148,8 @@ async fn a_failed_transfer_changes_neither_stream(db: TestDb) {
     let streams = decision
         .streams
         .into_iter()
-        .map(|s| to_append(s.wallet, s.expected_version, s.events))
+        .zip(heads)
+        .map(|(s, head)| to_append(s.wallet, head, s.events))
         .collect();
     let err = db
         .store
@@ -195,8 +198,21 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
         head,
         "the duplicate wrote no events"
     );
+    // A recorded key wins over a stale head: the stored answer is the truth.
+    let stale = AppendRequest {
+        streams: vec![deposit(&Wallet::empty(id("a")), "5")],
+        idempotency: Some(record("deposit:5")),
+    };
     assert!(matches!(
-        db.store.remember_rejection(record("x")).await,
+        db.store.append(stale).await,
+        Err(AppendError::DuplicateRequest)
+    ));
+    let rejection = AppendRequest {
+        streams: Vec::new(),
+        idempotency: Some(record("x")),
+    };
+    assert!(matches!(
+        db.store.append(rejection).await,
         Err(AppendError::DuplicateRequest)
     ));
     // Keys are scoped to the wallet.
@@ -268,50 +284,109 @@ async fn events_cannot_be_updated_or_deleted(db: TestDb) {
     assert_eq!(db.store.read_all(0, 10).await.unwrap().len(), 2);
 }
 
-/// The check behind the ledger's stacking of commands on uncommitted ones:
-/// the version alone cannot tell a failed predecessor from another writer's
-/// event that took its place, the expected last event can.
-async fn a_stacked_append_needs_its_predecessor_at_the_head(db: TestDb) {
+/// The database checks a stream's whole head, not only its version: an
+/// append decided on a wrong balance at the right version is refused,
+/// nothing is written, and the conflict answers with the actual head.
+async fn a_wrong_balance_at_the_right_version_is_refused(db: TestDb) {
     let empty = Wallet::empty(id("a"));
     db.store.append(single(deposit(&empty, "5"))).await.unwrap();
     let at2 = fold(&db, "a").await;
-    // Our predecessor (version 3, never committed) was `phantom`; another
-    // writer's deposit took version 3 instead.
-    let phantom = Uuid::now_v7();
-    let theirs = db.store.append(single(deposit(&at2, "1"))).await.unwrap();
-    let at3 = fold(&db, "a").await;
-    let mut stacked = deposit(&at3, "100");
-    stacked.expected_last_event = Some(phantom);
-    let err = db.store.append(single(stacked)).await.unwrap_err();
-    assert!(matches!(err, AppendError::Conflict { actual: 3, .. }), "{err:?}");
-    assert_eq!(fold(&db, "a").await.balance.to_string(), "6.0000", "nothing written");
+    let planted = Wallet {
+        balance: at2.balance.checked_add(Amount::parse("1000").unwrap()).unwrap(),
+        ..at2.clone()
+    };
+    let head = db.store.head_position().await.unwrap();
+    // A withdrawal the planted balance would allow, the real one not.
+    let cmd = Command::Withdraw {
+        wallet: id("a"),
+        amount: Amount::parse("500").unwrap(),
+    };
+    let d = decide(&cmd, &[&planted]).unwrap().streams.remove(0);
+    let err = db
+        .store
+        .append(single(to_append(d.wallet, Head::of(&planted), d.events)))
+        .await
+        .unwrap_err();
+    match err {
+        AppendError::Conflict {
+            stream,
+            expected,
+            actual,
+        } => {
+            assert_eq!(stream, id("a"));
+            assert_eq!(expected, Head::of(&planted));
+            assert_eq!(actual, Head::of(&at2), "the conflict carries the log's head");
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(db.store.head_position().await.unwrap(), head, "nothing was written");
+    assert_eq!(fold(&db, "a").await, at2);
 
-    // Expecting the event that is there is fine.
-    let mut right = deposit(&at3, "2");
-    right.expected_last_event = Some(theirs.last().unwrap().event_id);
-    db.store.append(single(right)).await.unwrap();
+    // A head assertion with no events (how a rejection is guarded) is
+    // refused the same way, and its key is not recorded.
+    let record = IdempotencyRecord {
+        wallet: id("a"),
+        key: "r1".into(),
+        fingerprint: "withdraw:500".into(),
+        outcome: json!({"rejected": {}}),
+    };
+    let assertion = |head| AppendRequest {
+        streams: vec![StreamAppend {
+            stream: id("a"),
+            expected: head,
+            events: Vec::new(),
+        }],
+        idempotency: Some(record.clone()),
+    };
+    assert!(matches!(
+        db.store.append(assertion(Head::of(&planted))).await,
+        Err(AppendError::Conflict { .. })
+    ));
+    assert!(db.store.find_idempotency(&id("a"), "r1").await.unwrap().is_none());
+    assert_eq!(db.store.append(assertion(Head::of(&at2))).await.unwrap(), vec![]);
+    assert!(db.store.find_idempotency(&id("a"), "r1").await.unwrap().is_some());
+}
 
-    // Enqueued back to back, a command and the one stacked on it commit
-    // together; when the first fails, the second fails with it, and an
-    // unrelated append in between commits either way: a conflict fails
-    // only the requests it touches, never the whole group commit.
+/// A batch is one transaction, but each request is checked on its own
+/// against the heads the batch's earlier requests leave: a conflict fails
+/// that request (and whatever was decided on top of it), never the batch.
+async fn a_batch_guards_each_request_against_its_predecessors(db: TestDb) {
+    db.store
+        .append(single(deposit(&Wallet::empty(id("a")), "5")))
+        .await
+        .unwrap();
     for first_fails in [false, true] {
         let other = fold(&db, "b").await;
         let now = fold(&db, "a").await;
         let mut first = deposit(&now, "10");
         if first_fails {
-            first.expected_version = 1;
+            first.expected.version = 1;
         }
-        let first_id = first.events.last().unwrap().event_id;
         let after_first = first.events.iter().fold(now.clone(), |w, e| w.evolve(&e.event));
-        let mut second = deposit(&after_first, "20");
-        second.expected_last_event = Some(first_id);
-        let q1 = db.store.enqueue(single(first)).await.unwrap();
-        let q_other = db.store.enqueue(single(deposit(&other, "3"))).await.unwrap();
-        let q2 = db.store.enqueue(single(second)).await.unwrap();
-        let (r1, r_other, r2) = (q1.committed().await, q_other.committed().await, q2.committed().await);
-        assert_eq!((r1.is_ok(), r2.is_ok()), (!first_fails, !first_fails), "{r1:?} {r2:?}");
-        r_other.expect("an unrelated append in the same queue commits");
+        let second = deposit(&after_first, "20");
+        let outcomes = db
+            .store
+            .append_batch(vec![single(first), single(deposit(&other, "3")), single(second)])
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcomes[1], AppendOutcome::Appended(_)),
+            "an unrelated append commits"
+        );
+        if first_fails {
+            let actual = vec![(id("a"), Head::of(&now))];
+            assert_eq!(outcomes[0], AppendOutcome::Conflict(actual.clone()));
+            assert_eq!(
+                outcomes[2],
+                AppendOutcome::Conflict(actual),
+                "decided on a state that never was"
+            );
+        } else {
+            assert!(
+                outcomes.iter().all(|o| matches!(o, AppendOutcome::Appended(_))),
+                "{outcomes:?}"
+            );
+        }
         assert_eq!(
             fold(&db, "b").await.balance,
             other.balance.checked_add(Amount::parse("3").unwrap()).unwrap()
@@ -328,7 +403,8 @@ async fn a_stacked_append_needs_its_predecessor_at_the_head(db: TestDb) {
 on_both_backends!(
     append_and_read_back,
     stale_expected_version_is_a_conflict,
-    a_stacked_append_needs_its_predecessor_at_the_head,
+    a_wrong_balance_at_the_right_version_is_refused,
+    a_batch_guards_each_request_against_its_predecessors,
     a_failed_transfer_changes_neither_stream,
     an_idempotency_key_commits_with_its_events_exactly_once,
     a_reader_never_skips_a_late_commit,

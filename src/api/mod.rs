@@ -126,7 +126,12 @@ pub fn router(state: AppState) -> Router {
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(time_limit))
+        // A write is answered truthfully before this limit: the ledger's own
+        // deadline is shorter, so the 408 never stands in for a commit.
+        .layer(axum::middleware::from_fn_with_state(
+            REQUEST_TIMEOUT.max(state.ledger.answer_deadline() + Duration::from_secs(5)),
+            time_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::require_key))
         .layer(
             ServiceBuilder::new()
@@ -156,12 +161,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Answers 408 (problem+json) to a request still running after
-/// `REQUEST_TIMEOUT`. The work is dropped at that point: an append already
-/// queued still commits, so only a keyed request can be retried safely.
-async fn time_limit(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+/// Answers 408 (problem+json) to a request still running after `limit`.
+/// A write never reaches it: the ledger answers every command it handed to
+/// the committer (201, 503 `UNAVAILABLE` or 503 `OUTCOME_UNKNOWN`) within
+/// its own, shorter deadline.
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+    match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
             StatusCode::REQUEST_TIMEOUT,

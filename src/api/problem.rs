@@ -85,7 +85,8 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        // A write that may have committed is never told to retry blindly.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE && self.code != "OUTCOME_UNKNOWN" {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         if self.replayed {
@@ -134,6 +135,14 @@ impl From<CommandError> for Problem {
                 "the wallet kept changing under this request; retry it",
             ),
             CommandError::Store(e) => e.into(),
+            CommandError::OutcomeUnknown(cause) => {
+                tracing::error!(error = %cause, "write outcome unknown");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "OUTCOME_UNKNOWN",
+                    "the write may or may not have been applied; retry only with the same requestId",
+                )
+            }
         }
     }
 }

@@ -19,11 +19,14 @@ pub async fn health() -> Json<Value> {
 /// Longest `/ready` waits for the broker.
 const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The process can serve: the database answers, and the broker too when
-/// one is configured.
+/// The process can serve: the committer is making progress, the database
+/// answers, and the broker too when one is configured.
 #[utoipa::path(get, path = "/ready", tag = "system",
-    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "database or broker unreachable")))]
+    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "committer stalled, database or broker unreachable")))]
 pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Problem> {
+    // The write path first: a committer stuck on a silent database is not
+    // ready even when a fresh connection would answer.
+    app.ledger.committer_status().map_err(Problem::unavailable)?;
     app.store.ping().await?;
     if let Some((url, _)) = &app.broker {
         match tokio::time::timeout(BROKER_CHECK, crate::broker::connect(url)).await {

@@ -15,19 +15,20 @@ pub mod chain;
 mod leader;
 mod postgres;
 mod sqlite;
+mod writer;
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::aggregate::{EventDecodeError, WalletEvent, WalletId};
+use crate::aggregate::{Balance, EventDecodeError, Wallet, WalletEvent, WalletId};
 
 pub use leader::LeaderLock;
 pub use postgres::PgEventStore;
 pub use sqlite::SqliteEventStore;
+pub use writer::{BatchWriter, Resolution, WriteFailure, WriterOptions};
 
 /// A log position: the global order of committed events, starting at 1.
 pub type Position = i64;
@@ -40,16 +41,45 @@ pub struct NewEvent {
     pub metadata: Value,
 }
 
-/// New events for one stream and the version the stream must be at.
+/// A stream's decision state as its newest event records it: what an
+/// append states it expects, and what a conflict answers with. It is the
+/// wallet's whole state (`Wallet` less its id), so a head alone is enough to
+/// decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub version: u64,
+    pub balance: Balance,
+}
+
+impl Head {
+    /// An empty stream: the wallet does not exist yet.
+    pub const EMPTY: Head = Head {
+        version: 0,
+        balance: Balance::ZERO,
+    };
+
+    pub fn of(wallet: &Wallet) -> Head {
+        Head {
+            version: wallet.version,
+            balance: wallet.balance,
+        }
+    }
+
+    pub fn wallet(self, id: WalletId) -> Wallet {
+        Wallet {
+            id,
+            balance: self.balance,
+            version: self.version,
+        }
+    }
+}
+
+/// New events for one stream and the head the stream must be at. With no
+/// events it only asserts the head (a remembered rejection does).
 #[derive(Debug, Clone)]
 pub struct StreamAppend {
     pub stream: WalletId,
-    pub expected_version: u64,
-    /// When set, the stream's newest event must also be this one. A command
-    /// decided on top of another that is not committed yet carries it: if
-    /// that one fails and another process writes one event in its place,
-    /// the version alone would still match.
-    pub expected_last_event: Option<Uuid>,
+    pub expected: Head,
     pub events: Vec<NewEvent>,
 }
 
@@ -145,9 +175,12 @@ pub enum StoreError {
     BadUrl(String),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
-    /// The group commit this append was part of failed as a whole.
+    /// The batch this append was part of failed as a whole.
     #[error("append batch failed: {0}")]
     BatchFailed(String),
+    /// The database is set up in a way the service cannot be correct on.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -166,19 +199,29 @@ impl From<sqlx::Error> for StoreError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
-    /// A stream was not at its expected version (or, when one was expected,
-    /// its newest event was another): someone else appended first.
-    #[error("stream {stream} is at version {actual}, expected {expected} and the expected newest event")]
+    /// A stream was not at its expected head: someone else appended first.
+    #[error("stream {stream} is at {actual:?}, expected {expected:?}")]
     Conflict {
         stream: WalletId,
-        expected: u64,
-        actual: u64,
+        expected: Head,
+        actual: Head,
     },
-    /// The idempotency key was taken by a concurrent request that committed first.
+    /// The idempotency key was taken by a request that committed first.
     #[error("idempotency key already recorded")]
     DuplicateRequest,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What an append of a batch came to, for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    Appended(Vec<RecordedEvent>),
+    /// A stream was not at its expected head; the actual heads of all the
+    /// request's streams, as the batch's earlier requests left them.
+    Conflict(Vec<(WalletId, Head)>),
+    /// Its idempotency key was already recorded (this wins over a conflict).
+    Duplicate,
 }
 
 /// The store, on whichever backend the database URL selected.
@@ -237,33 +280,42 @@ impl EventStore {
         dispatch!(self, s => s.migrate().await)
     }
 
-    /// Appends atomically: every stream must be at its expected version, the
-    /// idempotency key (if any) must be new, or nothing is written. Goes
-    /// through the group committer; answers only after the commit.
+    /// Appends one request atomically: every stream must be at its
+    /// expected head, the idempotency key (if any) must be new, or nothing
+    /// is written. Its own transaction; the ledger's committer writes
+    /// batches through a `BatchWriter` instead.
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, AppendError> {
-        self.enqueue(request).await?.committed().await
+        let expected: Vec<(WalletId, Head)> = request.streams.iter().map(|s| (s.stream.clone(), s.expected)).collect();
+        let outcome = self.append_batch(vec![request]).await?.pop();
+        match outcome {
+            Some(AppendOutcome::Appended(events)) => Ok(events),
+            Some(AppendOutcome::Duplicate) => Err(AppendError::DuplicateRequest),
+            Some(AppendOutcome::Conflict(actual)) => Err(first_difference(&expected, &actual)),
+            None => Err(StoreError::BatchFailed("the append answered nothing".to_owned()).into()),
+        }
     }
 
-    /// Hands an append to the group committer and returns at once (after
-    /// waiting for room in its queue). Appends enqueued one after another
-    /// are decided in that order, in the same batch or in successive ones.
-    pub async fn enqueue(&self, request: AppendRequest) -> Result<Queued, AppendError> {
-        assert!(
-            request.streams.iter().all(|s| !s.events.is_empty()),
-            "an append carries at least one event per stream"
-        );
+    /// Appends several requests in one transaction, each checked on its own
+    /// (against the heads the earlier ones leave), in order.
+    pub async fn append_batch(&self, requests: Vec<AppendRequest>) -> Result<Vec<AppendOutcome>, StoreError> {
+        let written = match self {
+            EventStore::Postgres(s) => s.append_batch(&requests).await?,
+            EventStore::Sqlite(s) => s.append_batch(&requests).await?,
+        };
+        Ok(written.finish(requests))
+    }
+
+    /// The one writer of the ledger's committer: its own connection with
+    /// deadlines (see `writer.rs`).
+    pub fn batch_writer(&self, options: WriterOptions) -> BatchWriter {
         match self {
-            EventStore::Postgres(s) => enqueue(s.committer(), request).await,
-            EventStore::Sqlite(s) => enqueue(s.committer(), request).await,
+            EventStore::Postgres(s) => BatchWriter::Postgres(s.batch_writer(options)),
+            EventStore::Sqlite(s) => BatchWriter::Sqlite(s.batch_writer(options)),
         }
     }
 
     /// Does all of an append but the commit.
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
-        assert!(
-            request.streams.iter().all(|s| !s.events.is_empty()),
-            "an append carries at least one event per stream"
-        );
         match self {
             EventStore::Postgres(s) => s.begin_append(request).await.map(PendingAppend::Postgres),
             EventStore::Sqlite(s) => s.begin_append(request).await.map(PendingAppend::Sqlite),
@@ -314,19 +366,6 @@ impl EventStore {
         dispatch!(self, s => s.find_idempotency(wallet, key).await)
     }
 
-    /// Remembers a decided rejection (an append of no events with an
-    /// idempotency record). `DuplicateRequest` if the key is taken.
-    pub async fn remember_rejection(&self, record: IdempotencyRecord) -> Result<(), AppendError> {
-        let request = AppendRequest {
-            streams: Vec::new(),
-            idempotency: Some(record),
-        };
-        match self {
-            EventStore::Postgres(s) => submit(s.committer(), request).await.map(drop),
-            EventStore::Sqlite(s) => submit(s.committer(), request).await.map(drop),
-        }
-    }
-
     pub async fn save_snapshot(&self, snapshot: &SnapshotRecord) -> Result<(), StoreError> {
         dispatch!(self, s => s.save_snapshot(snapshot).await)
     }
@@ -352,112 +391,30 @@ impl EventStore {
     }
 }
 
-/// The result of one append.
-pub type AppendResult = Result<Vec<RecordedEvent>, AppendError>;
-
-/// Appends waiting for the next group commit, per transaction at most this
-/// many requests and this many events.
-const MAX_BATCH_REQUESTS: usize = 512;
-const MAX_BATCH_EVENTS: usize = 2048;
-
-/// One append handed to the committer, and where its answer goes.
-pub(crate) struct Job {
-    request: AppendRequest,
-    reply: tokio::sync::oneshot::Sender<AppendResult>,
-}
-
-/// Group commit: one task per store takes every append that is waiting,
-/// writes them in one transaction (each still checked against its own
-/// expected versions and idempotency key), and answers each only after the
-/// commit. Requests that arrive while a commit is in flight form the next
-/// batch, so batching costs no added latency when the store is idle.
-pub(crate) fn spawn_committer<F, Fut>(commit: F) -> tokio::sync::mpsc::Sender<Job>
-where
-    F: Fn(Vec<AppendRequest>) -> Fut + Send + 'static,
-    Fut: Future<Output = Vec<AppendResult>> + Send + 'static,
-{
-    let (tx, run) = committer(commit);
-    tokio::spawn(run);
-    tx
-}
-
-/// The committer's queue and its loop, for the caller to run where it likes.
-pub(crate) fn committer<F, Fut>(commit: F) -> (tokio::sync::mpsc::Sender<Job>, impl Future<Output = ()> + Send)
-where
-    F: Fn(Vec<AppendRequest>) -> Fut + Send + 'static,
-    Fut: Future<Output = Vec<AppendResult>> + Send + 'static,
-{
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(4 * MAX_BATCH_REQUESTS);
-    let run = async move {
-        while let Some(first) = rx.recv().await {
-            let mut events = first.request.streams.iter().map(|s| s.events.len()).sum::<usize>();
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH_REQUESTS && events < MAX_BATCH_EVENTS {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        events += job.request.streams.iter().map(|s| s.events.len()).sum::<usize>();
-                        jobs.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
-            metrics::histogram!("append_batch_requests").record(jobs.len() as f64);
-            metrics::histogram!("append_batch_events").record(events as f64);
-            let (requests, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.request, j.reply)).unzip();
-            let started = std::time::Instant::now();
-            let mut results = commit(requests).await;
-            metrics::histogram!("append_batch_commit_seconds").record(started.elapsed().as_secs_f64());
-            if results.len() != replies.len() {
-                // Never silently drop a reply: whatever committed is of
-                // unknown outcome to its client, like any failed batch.
-                let e = StoreError::BatchFailed(format!(
-                    "the batch answered {} results for {} requests",
-                    results.len(),
-                    replies.len()
-                ));
-                results = batch_failed(replies.len(), &e);
-            }
-            for (reply, result) in replies.into_iter().zip(results) {
-                // The requester may have gone away (client disconnected); the
-                // append stands either way.
-                let _ = reply.send(result);
-            }
-        }
-    };
-    (tx, run)
-}
-
-/// Sends `request` to the committer and waits for its commit.
-pub(crate) async fn submit(committer: &tokio::sync::mpsc::Sender<Job>, request: AppendRequest) -> AppendResult {
-    enqueue(committer, request).await?.committed().await
-}
-
-/// An append handed to the committer, not yet answered.
-pub struct Queued(tokio::sync::oneshot::Receiver<AppendResult>);
-
-impl Queued {
-    /// Waits for the commit (or the reason there was none).
-    pub async fn committed(self) -> AppendResult {
-        self.0.await.map_err(|_| committer_stopped())?
+/// The first stream whose actual head differs from the expected one.
+fn first_difference(expected: &[(WalletId, Head)], actual: &[(WalletId, Head)]) -> AppendError {
+    let (stream, expected, actual) = expected
+        .iter()
+        .zip(actual)
+        .map(|((stream, e), (_, a))| (stream.clone(), *e, *a))
+        .find(|(_, e, a)| e != a)
+        .or_else(|| {
+            let ((stream, e), (_, a)) = expected.iter().zip(actual).next()?;
+            Some((stream.clone(), *e, *a))
+        })
+        .unwrap_or((WalletId::parse("-").expect("a valid id"), Head::EMPTY, Head::EMPTY));
+    AppendError::Conflict {
+        stream,
+        expected,
+        actual,
     }
 }
 
-fn committer_stopped() -> AppendError {
-    AppendError::Store(StoreError::BatchFailed("the committer has stopped".to_owned()))
-}
-
-async fn enqueue(committer: &tokio::sync::mpsc::Sender<Job>, request: AppendRequest) -> Result<Queued, AppendError> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    committer
-        .send(Job { request, reply })
-        .await
-        .map_err(|_| committer_stopped())?;
-    Ok(Queued(answer))
-}
-
 /// What a batch decided for one of its requests.
+#[derive(Debug)]
 enum Plan {
-    Rejected(AppendError),
+    Duplicate,
+    Conflict(Vec<(WalletId, Head)>),
     /// Its rows are `rows[first..first + count]`.
     Accepted {
         first: usize,
@@ -465,8 +422,10 @@ enum Plan {
     },
 }
 
-/// A batch written but not yet committed.
-pub(crate) struct WrittenBatch {
+/// A batch written (and, from a `BatchWriter`, committed): what each
+/// request came to, with the positions and links of the rows it inserted.
+#[derive(Debug)]
+pub struct WrittenBatch {
     plans: Vec<Plan>,
     positions: Vec<Position>,
     hashes: Vec<String>,
@@ -474,17 +433,18 @@ pub(crate) struct WrittenBatch {
 }
 
 impl WrittenBatch {
-    /// Each request's result, in order (call after the commit succeeded).
-    fn finish(self, requests: Vec<AppendRequest>) -> Vec<AppendResult> {
+    /// Each request's outcome, in order (call after the commit succeeded).
+    pub fn finish(self, requests: Vec<AppendRequest>) -> Vec<AppendOutcome> {
         let mut hashes = self.hashes.into_iter();
         requests
             .into_iter()
             .zip(self.plans)
             .map(|(request, plan)| match plan {
-                Plan::Rejected(e) => Err(e),
+                Plan::Duplicate => AppendOutcome::Duplicate,
+                Plan::Conflict(heads) => AppendOutcome::Conflict(heads),
                 Plan::Accepted { first, count } => {
                     let mine: Vec<String> = hashes.by_ref().take(count).collect();
-                    Ok(recorded(
+                    AppendOutcome::Appended(recorded(
                         request,
                         &self.positions[first..first + count],
                         mine,
@@ -496,36 +456,43 @@ impl WrittenBatch {
     }
 }
 
-/// Decides, in order, which requests of a batch can be written: each must
-/// find its streams at their expected versions (after the batch's earlier
-/// requests) and its idempotency key unused.
+/// Guards, in order, which requests of a batch can be written: a request
+/// whose key is already recorded is a duplicate (the recorded answer wins);
+/// one whose streams are not at their expected heads (after the batch's
+/// earlier requests) is a conflict. No business rule is checked here: the
+/// committer decided; the store only refuses a state it did not expect.
 fn plan_batch<'a>(
     requests: &'a [AppendRequest],
-    mut heads: StreamHeads,
+    mut tips: StreamTips,
     mut taken: HashSet<(String, String)>,
     recorded_at: DateTime<Utc>,
 ) -> (Vec<Row<'a>>, Vec<Plan>) {
     let mut all = Vec::new();
     let mut plans = Vec::with_capacity(requests.len());
     for request in requests {
-        if let Err(e) = check_expected_versions(request, &heads) {
-            plans.push(Plan::Rejected(e));
-            continue;
-        }
         if let Some(rec) = &request.idempotency {
-            if !taken.insert((rec.wallet.to_string(), rec.key.clone())) {
-                plans.push(Plan::Rejected(AppendError::DuplicateRequest));
+            if taken.contains(&(rec.wallet.to_string(), rec.key.clone())) {
+                plans.push(Plan::Duplicate);
                 continue;
             }
         }
-        let rows = rows(request, &heads, recorded_at);
+        if let Some(actual) = heads_if_moved(request, &tips) {
+            plans.push(Plan::Conflict(actual));
+            continue;
+        }
+        if let Some(rec) = &request.idempotency {
+            taken.insert((rec.wallet.to_string(), rec.key.clone()));
+        }
+        let rows = rows(request, &tips, recorded_at);
         for row in &rows {
-            heads.insert(
+            tips.insert(
                 row.stream.to_string(),
-                Head {
-                    version: row.version,
+                Tip {
+                    head: Head {
+                        version: row.version,
+                        balance: row.event.event.balance_after(),
+                    },
                     hash: row.hash.clone(),
-                    event_id: row.event.event_id,
                 },
             );
         }
@@ -556,40 +523,24 @@ fn idempotency_rows<'a>(
         .collect()
 }
 
-/// Fans a whole-batch failure out to every request of the batch.
-fn batch_failed(n: usize, e: &StoreError) -> Vec<AppendResult> {
-    tracing::error!(error = %e, requests = n, "append batch failed");
-    (0..n)
-        .map(|_| Err(AppendError::Store(StoreError::BatchFailed(e.to_string()))))
-        .collect()
-}
-
-/// A stream's newest event, as found under the append lock.
-pub(crate) struct Head {
-    pub version: u64,
+/// A stream's newest event, as found under the append lock: its head and
+/// its link in the hash chain.
+pub(crate) struct Tip {
+    pub head: Head,
     pub hash: String,
-    pub event_id: Uuid,
 }
 
-/// Each stream's head, by stream id.
-pub(crate) type StreamHeads = HashMap<String, Head>;
+/// Each stream's tip, by stream id (absent: an empty stream).
+pub(crate) type StreamTips = HashMap<String, Tip>;
 
-/// Checks every stream of `request` against the heads found in the store
-/// (streams absent from `current` are at version 0).
-fn check_expected_versions(request: &AppendRequest, current: &StreamHeads) -> Result<(), AppendError> {
-    for s in &request.streams {
-        let head = current.get(s.stream.as_str());
-        let actual = head.map_or(0, |h| h.version);
-        let last_matches = s.expected_last_event.is_none() || head.map(|h| h.event_id) == s.expected_last_event;
-        if actual != s.expected_version || !last_matches {
-            return Err(AppendError::Conflict {
-                stream: s.stream.clone(),
-                expected: s.expected_version,
-                actual,
-            });
-        }
+/// `None` when every stream of `request` is at its expected head, else the
+/// actual heads of all its streams.
+fn heads_if_moved(request: &AppendRequest, tips: &StreamTips) -> Option<Vec<(WalletId, Head)>> {
+    let actual = |s: &StreamAppend| tips.get(s.stream.as_str()).map_or(Head::EMPTY, |t| t.head);
+    if request.streams.iter().all(|s| actual(s) == s.expected) {
+        return None;
     }
-    Ok(())
+    Some(request.streams.iter().map(|s| (s.stream.clone(), actual(s))).collect())
 }
 
 /// Rows to insert, in order, with their stream versions and chain links.
@@ -601,12 +552,12 @@ struct Row<'a> {
     hash: String,
 }
 
-fn rows<'a>(request: &'a AppendRequest, heads: &StreamHeads, recorded_at: DateTime<Utc>) -> Vec<Row<'a>> {
+fn rows<'a>(request: &'a AppendRequest, tips: &StreamTips, recorded_at: DateTime<Utc>) -> Vec<Row<'a>> {
     let mut out = Vec::with_capacity(request.streams.iter().map(|s| s.events.len()).sum());
     for s in &request.streams {
-        let mut previous = heads.get(s.stream.as_str()).map(|h| h.hash.clone()).unwrap_or_default();
+        let mut previous = tips.get(s.stream.as_str()).map(|t| t.hash.clone()).unwrap_or_default();
         for (i, event) in s.events.iter().enumerate() {
-            let version = s.expected_version + 1 + i as u64;
+            let version = s.expected.version + 1 + i as u64;
             let payload = event.event.payload();
             let hash = chain::link(
                 &previous,
@@ -651,7 +602,7 @@ fn recorded(
             out.push(RecordedEvent {
                 position,
                 stream: s.stream.clone(),
-                version: s.expected_version + 1 + i as u64,
+                version: s.expected.version + 1 + i as u64,
                 event_id: e.event_id,
                 schema_version: crate::aggregate::EVENT_SCHEMA_VERSION,
                 event: e.event,

@@ -6,17 +6,21 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{Postgres, QueryBuilder, Row as _, Transaction};
 
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::Connection as _;
+use uuid::Uuid;
+
+use super::writer::{Found, Reconnect, WriteFailure, WriterOptions};
 use super::{
-    batch_failed, chain, committer, AppendError, AppendRequest, AppendResult, Cutoff, Job, Plan, Position, RawEvent,
-    RecordedEvent, SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
+    chain, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, Plan, Position, RawEvent, RecordedEvent,
+    SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
 };
-use crate::aggregate::WalletId;
+use crate::aggregate::{Balance, WalletId};
 
 /// Key of the advisory lock that serialises appends (per database).
 const APPEND_LOCK: i64 = 0x7761_6c6c_6574; // "wallet"
@@ -27,7 +31,6 @@ const EVENT_COLUMNS: &str =
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
     pool: PgPool,
-    committer: mpsc::Sender<Job>,
 }
 
 pub struct PendingAppend {
@@ -49,29 +52,56 @@ impl PgEventStore {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        let committer = spawn_committer_thread(url).await?;
-        Ok(Self { pool, committer })
+        Ok(Self { pool })
     }
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
 
+    /// Applies the migrations, then checks what correctness depends on.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/postgres").run(&self.pool).await?;
-        Ok(())
+        // Readers by position rely on positions becoming visible in order:
+        // a sequence cache above 1 hands each session its own block of
+        // positions, so a later commit could carry a lower position.
+        let cache: Option<i64> = sqlx::query_scalar(
+            "SELECT s.seqcache FROM pg_sequence s \
+             WHERE s.seqrelid = pg_get_serial_sequence('events', 'position')::regclass",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        match cache {
+            Some(1) => Ok(()),
+            other => Err(StoreError::Misconfigured(format!(
+                "the identity sequence of events.position has cache {other:?}; it must be 1, or readers \
+                 of the log could skip events (ALTER TABLE events ALTER COLUMN position SET CACHE 1)"
+            ))),
+        }
     }
 
-    pub(crate) fn committer(&self) -> &mpsc::Sender<Job> {
-        &self.committer
+    /// Several appends in one transaction on a pooled connection.
+    pub(crate) async fn append_batch(&self, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError> {
+        write_batch(&self.pool, requests).await
+    }
+
+    /// The committer's writer: a connection of its own with explicit limits.
+    pub(crate) fn batch_writer(&self, options: WriterOptions) -> PgWriter {
+        PgWriter::new((*self.pool.connect_options()).clone(), options)
     }
 
     /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
+        let expected: Vec<(WalletId, Head)> = request.streams.iter().map(|s| (s.stream.clone(), s.expected)).collect();
         let requests = vec![request];
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let written = write_batch(&mut *tx, &requests).await?;
-        let events = written.finish(requests).pop().expect("one result per request")?;
+        let events = match written.finish(requests).pop() {
+            Some(AppendOutcome::Appended(events)) => events,
+            Some(AppendOutcome::Duplicate) => return Err(AppendError::DuplicateRequest),
+            Some(AppendOutcome::Conflict(actual)) => return Err(super::first_difference(&expected, &actual)),
+            None => return Err(StoreError::BatchFailed("no outcome".to_owned()).into()),
+        };
         Ok(PendingAppend { tx, events })
     }
 
@@ -225,153 +255,112 @@ impl PgEventStore {
         .collect()
     }
 
-    /// Readiness: the database answers and the committer is running.
+    /// Readiness: the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        if self.committer.is_closed() {
-            return Err(StoreError::BatchFailed("the committer has stopped".to_owned()));
-        }
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 }
 
-/// Starts the group committer on a thread of its own, with its own runtime
-/// and connection. Every append waits for the committer, one batch after
-/// another, so its turnaround is the write path's ceiling; on the shared
-/// runtime each answer from PostgreSQL waited for a worker busy with HTTP
-/// before the next batch could go (measured: BENCHMARKS.md).
-async fn spawn_committer_thread(url: &str) -> Result<mpsc::Sender<Job>, StoreError> {
-    let (ready, started) = tokio::sync::oneshot::channel::<Result<mpsc::Sender<Job>, StoreError>>();
-    let url = url.to_owned();
-    let thread = std::thread::Builder::new()
-        .name("wallet-committer".to_owned())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    let _ = ready.send(Err(StoreError::Io("committer runtime".to_owned(), e)));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let pool = match PgPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(Duration::from_secs(5))
-                    // No ping before each batch: that was a second round trip
-                    // per commit. A dead connection fails one batch, whose
-                    // appends the ledger already treats as of unknown outcome.
-                    .test_before_acquire(false)
-                    .connect(&url)
-                    .await
-                {
-                    Ok(pool) => pool,
-                    Err(e) => {
-                        let _ = ready.send(Err(e.into()));
-                        return;
-                    }
-                };
-                let writer = pool.clone();
-                let (queue, run) = committer(move |requests| {
-                    let pool = writer.clone();
-                    async move { commit_batch(&pool, requests).await }
-                });
-                if ready.send(Ok(queue)).is_ok() {
-                    // Ends when the last handle to the store is dropped.
-                    run.await;
-                }
-                pool.close().await;
-            });
-        })
-        .map_err(|e| StoreError::Io("committer thread".to_owned(), e))?;
-    let queue = started
-        .await
-        .map_err(|_| StoreError::BatchFailed("the committer thread did not start".to_owned()))?;
-    drop(thread);
-    queue
-}
-
-/// Writes and commits one group of appends: one statement, so one round
-/// trip and an implicit transaction.
-async fn commit_batch(pool: &PgPool, requests: Vec<AppendRequest>) -> Vec<AppendResult> {
-    match write_batch(pool, &requests).await {
-        Ok(written) => written.finish(requests),
-        Err(e) => batch_failed(requests.len(), &e),
-    }
-}
-
-/// Everything of a group commit but the commit, in one statement: the
-/// `wallet_append` function (migration 0006) takes the append lock, reads
-/// the stream heads and idempotency keys of the whole batch, decides each
-/// request in order, links the hash chains and inserts. One round trip
-/// keeps the time the lock is held (which serialises all appends) short.
+/// Everything of a group commit, in one statement: the `wallet_append`
+/// function (migration 0007) takes the append lock, reads the stream heads
+/// and idempotency keys of the whole batch, guards each request in order
+/// (key, then expected heads), links the hash chains and inserts. One round
+/// trip keeps the time the lock is held (which serialises all appends)
+/// short.
 async fn write_batch<'c, E>(executor: E, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError>
 where
     E: sqlx::PgExecutor<'c>,
 {
-    let mut key_wallets: Vec<Option<&str>> = Vec::with_capacity(requests.len());
-    let mut keys: Vec<Option<&str>> = Vec::with_capacity(requests.len());
-    let mut fingerprints: Vec<Option<&str>> = Vec::with_capacity(requests.len());
-    let mut outcomes: Vec<Option<String>> = Vec::with_capacity(requests.len());
-    let (mut s_request, mut s_stream, mut s_expected, mut s_last) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut e_segment, mut e_id, mut e_type, mut e_payload, mut e_metadata, mut e_body) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (r, request) in requests.iter().enumerate() {
-        let rec = request.idempotency.as_ref();
-        key_wallets.push(rec.map(|rec| rec.wallet.as_str()));
-        keys.push(rec.map(|rec| rec.key.as_str()));
-        fingerprints.push(rec.map(|rec| rec.fingerprint.as_str()));
-        outcomes.push(rec.map(|rec| rec.outcome.to_string()));
-        for s in &request.streams {
-            s_request.push(r as i32 + 1);
-            s_stream.push(s.stream.as_str());
-            s_expected.push(s.expected_version as i64);
-            s_last.push(s.expected_last_event);
-            for (i, event) in s.events.iter().enumerate() {
-                let payload = event.event.payload();
-                e_body.push(chain::body(&chain::Canonical {
-                    stream: s.stream.as_str(),
-                    version: s.expected_version + 1 + i as u64,
-                    event_id: event.event_id,
-                    event_type: event.event.event_type(),
-                    schema_version: crate::aggregate::EVENT_SCHEMA_VERSION,
-                    payload: &payload,
-                    metadata: &event.metadata,
-                    // Not part of the body: the function adds the time it takes under the lock.
-                    recorded_at: chrono::DateTime::UNIX_EPOCH,
-                }));
-                e_segment.push(s_stream.len() as i32);
-                e_id.push(event.event_id);
-                e_type.push(event.event.event_type());
-                e_payload.push(payload.to_string());
-                e_metadata.push(event.metadata.to_string());
-            }
-        }
-    }
+    let args = BatchArgs::of(requests);
     let rows = sqlx::query(
         // The rows pair with the requests by position: ordered explicitly,
         // not by the function scan's habit.
-        "SELECT o_status, o_stream, o_actual, o_positions, o_hashes, o_recorded_at FROM wallet_append(\
+        "SELECT o_status, o_positions, o_hashes, o_versions, o_balances, o_recorded_at FROM wallet_append(\
          $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) WITH ORDINALITY AS r \
          ORDER BY r.ordinality",
     )
     .bind(APPEND_LOCK)
     .bind(crate::aggregate::EVENT_SCHEMA_VERSION)
-    .bind(&key_wallets)
-    .bind(&keys)
-    .bind(&fingerprints)
-    .bind(&outcomes)
-    .bind(&s_request)
-    .bind(&s_stream)
-    .bind(&s_expected)
-    .bind(&s_last)
-    .bind(&e_segment)
-    .bind(&e_id)
-    .bind(&e_type)
-    .bind(&e_payload)
-    .bind(&e_metadata)
-    .bind(&e_body)
+    .bind(&args.key_wallets)
+    .bind(&args.keys)
+    .bind(&args.fingerprints)
+    .bind(&args.outcomes)
+    .bind(&args.s_request)
+    .bind(&args.s_stream)
+    .bind(&args.s_version)
+    .bind(&args.s_balance)
+    .bind(&args.e_segment)
+    .bind(&args.e_id)
+    .bind(&args.e_type)
+    .bind(&args.e_payload)
+    .bind(&args.e_metadata)
+    .bind(&args.e_body)
     .fetch_all(executor)
     .await?;
+    written_batch(requests, rows)
+}
+
+/// A batch as the parallel arrays `wallet_append` takes.
+#[derive(Default)]
+struct BatchArgs<'a> {
+    key_wallets: Vec<Option<&'a str>>,
+    keys: Vec<Option<&'a str>>,
+    fingerprints: Vec<Option<&'a str>>,
+    outcomes: Vec<Option<String>>,
+    s_request: Vec<i32>,
+    s_stream: Vec<&'a str>,
+    s_version: Vec<i64>,
+    s_balance: Vec<String>,
+    e_segment: Vec<i32>,
+    e_id: Vec<Uuid>,
+    e_type: Vec<&'static str>,
+    e_payload: Vec<String>,
+    e_metadata: Vec<String>,
+    e_body: Vec<Vec<u8>>,
+}
+
+impl<'a> BatchArgs<'a> {
+    fn of(requests: &'a [AppendRequest]) -> Self {
+        let mut a = BatchArgs::default();
+        for (r, request) in requests.iter().enumerate() {
+            let rec = request.idempotency.as_ref();
+            a.key_wallets.push(rec.map(|rec| rec.wallet.as_str()));
+            a.keys.push(rec.map(|rec| rec.key.as_str()));
+            a.fingerprints.push(rec.map(|rec| rec.fingerprint.as_str()));
+            a.outcomes.push(rec.map(|rec| rec.outcome.to_string()));
+            for s in &request.streams {
+                a.s_request.push(r as i32 + 1);
+                a.s_stream.push(s.stream.as_str());
+                a.s_version.push(s.expected.version as i64);
+                a.s_balance.push(s.expected.balance.to_string());
+                for (i, event) in s.events.iter().enumerate() {
+                    let payload = event.event.payload();
+                    a.e_body.push(chain::body(&chain::Canonical {
+                        stream: s.stream.as_str(),
+                        version: s.expected.version + 1 + i as u64,
+                        event_id: event.event_id,
+                        event_type: event.event.event_type(),
+                        schema_version: crate::aggregate::EVENT_SCHEMA_VERSION,
+                        payload: &payload,
+                        metadata: &event.metadata,
+                        // Not part of the body: the function adds the time it takes under the lock.
+                        recorded_at: chrono::DateTime::UNIX_EPOCH,
+                    }));
+                    a.e_segment.push(a.s_stream.len() as i32);
+                    a.e_id.push(event.event_id);
+                    a.e_type.push(event.event.event_type());
+                    a.e_payload.push(payload.to_string());
+                    a.e_metadata.push(event.metadata.to_string());
+                }
+            }
+        }
+        a
+    }
+}
+
+/// Reads `wallet_append`'s rows, one per request, into each request's plan.
+fn written_batch(requests: &[AppendRequest], rows: Vec<PgRow>) -> Result<WrittenBatch, StoreError> {
     if rows.len() != requests.len() {
         return Err(StoreError::BatchFailed(format!(
             "wallet_append answered {} rows for {} requests",
@@ -379,18 +368,17 @@ where
             requests.len()
         )));
     }
-
     let mut plans = Vec::with_capacity(requests.len());
     let mut positions: Vec<Position> = Vec::new();
     let mut hashes: Vec<String> = Vec::new();
     let mut recorded_at = None;
     for (request, row) in requests.iter().zip(rows) {
-        recorded_at = Some(row.try_get::<chrono::DateTime<chrono::Utc>, _>(5)?);
+        recorded_at = Some(row.try_get::<DateTime<Utc>, _>(5)?);
         let status: String = row.try_get(0)?;
         let plan = match status.as_str() {
             "ok" => {
-                let mine: Vec<Position> = row.try_get::<Option<Vec<Position>>, _>(3)?.unwrap_or_default();
-                let links: Vec<String> = row.try_get::<Option<Vec<String>>, _>(4)?.unwrap_or_default();
+                let mine: Vec<Position> = row.try_get::<Option<Vec<Position>>, _>(1)?.unwrap_or_default();
+                let links: Vec<String> = row.try_get::<Option<Vec<String>>, _>(2)?.unwrap_or_default();
                 let plan = Plan::Accepted {
                     first: positions.len(),
                     count: mine.len(),
@@ -399,21 +387,8 @@ where
                 hashes.extend(links);
                 plan
             }
-            "duplicate" => Plan::Rejected(AppendError::DuplicateRequest),
-            _ => {
-                let stream: String = row.try_get(1)?;
-                let actual: i64 = row.try_get(2)?;
-                let s = request
-                    .streams
-                    .iter()
-                    .find(|s| s.stream.as_str() == stream)
-                    .ok_or_else(|| StoreError::BatchFailed(format!("wallet_append named a foreign stream {stream}")))?;
-                Plan::Rejected(AppendError::Conflict {
-                    stream: s.stream.clone(),
-                    expected: s.expected_version,
-                    actual: actual as u64,
-                })
-            }
+            "duplicate" => Plan::Duplicate,
+            _ => Plan::Conflict(conflict_heads(request, &row)?),
         };
         plans.push(plan);
     }
@@ -426,8 +401,196 @@ where
         plans,
         positions,
         hashes,
-        recorded_at: recorded_at.unwrap_or_else(chrono::Utc::now),
+        recorded_at: recorded_at.unwrap_or_else(Utc::now),
     })
+}
+
+/// The actual heads a conflicting request's row carries, one per stream.
+fn conflict_heads(request: &AppendRequest, row: &PgRow) -> Result<Vec<(WalletId, Head)>, StoreError> {
+    let versions: Vec<i64> = row.try_get::<Option<Vec<i64>>, _>(3)?.unwrap_or_default();
+    let balances: Vec<String> = row.try_get::<Option<Vec<String>>, _>(4)?.unwrap_or_default();
+    if versions.len() != request.streams.len() || balances.len() != request.streams.len() {
+        return Err(StoreError::BatchFailed(
+            "wallet_append: a conflict without its heads".to_owned(),
+        ));
+    }
+    request
+        .streams
+        .iter()
+        .zip(versions.into_iter().zip(balances))
+        .map(|(s, (version, balance))| {
+            let balance = balance
+                .parse()
+                .ok()
+                .and_then(Balance::from_decimal)
+                .ok_or_else(|| StoreError::BatchFailed(format!("wallet_append: head balance {balance:?}")))?;
+            Ok((
+                s.stream.clone(),
+                Head {
+                    version: version as u64,
+                    balance,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The committer's connection to PostgreSQL: its own session with explicit
+/// settings, a deadline per batch, and reconnection with backoff.
+pub struct PgWriter {
+    connect: PgConnectOptions,
+    options: WriterOptions,
+    session: Option<Session>,
+    /// The session of a batch whose answer was lost: ended before the
+    /// batch's outcome is read, so it cannot commit after we looked.
+    suspect: Option<(i32, DateTime<Utc>)>,
+    reconnect: Reconnect,
+}
+
+struct Session {
+    conn: PgConnection,
+    pid: i32,
+    started: DateTime<Utc>,
+}
+
+impl PgWriter {
+    fn new(connect: PgConnectOptions, options: WriterOptions) -> Self {
+        let ms = |d: Duration| d.as_millis().to_string();
+        let connect = connect.application_name("wallet-committer").options([
+            // What correctness depends on, pinned rather than inherited.
+            ("synchronous_commit", "on".to_owned()),
+            // Spaces in a startup option are escaped.
+            ("default_transaction_isolation", "read\\ committed".to_owned()),
+            ("statement_timeout", ms(options.statement_timeout)),
+            ("lock_timeout", ms(options.lock_timeout)),
+            ("idle_in_transaction_session_timeout", ms(options.batch_deadline)),
+            // The server notices a dead committer in ~25 s, not two hours;
+            // the committer notices a dead server by its batch deadline.
+            ("tcp_keepalives_idle", "10".to_owned()),
+            ("tcp_keepalives_interval", "5".to_owned()),
+            ("tcp_keepalives_count", "3".to_owned()),
+            ("tcp_user_timeout", "25000".to_owned()),
+        ]);
+        Self {
+            reconnect: Reconnect::new(&options),
+            connect,
+            options,
+            session: None,
+            suspect: None,
+        }
+    }
+
+    pub(crate) async fn write(&mut self, requests: &[AppendRequest]) -> Result<WrittenBatch, WriteFailure> {
+        let deadline = self.options.batch_deadline;
+        let session = self.session().await.map_err(WriteFailure::NotCommitted)?;
+        match tokio::time::timeout(deadline, write_batch(&mut session.conn, requests)).await {
+            Ok(Ok(written)) => Ok(written),
+            // The server refused the statement: its implicit transaction
+            // rolled back, and the session is still good.
+            Ok(Err(e @ StoreError::Database(sqlx::Error::Database(_)))) => Err(WriteFailure::NotCommitted(e)),
+            Ok(Err(e)) => Err(self.lost(e)),
+            Err(_) => Err(self.lost(StoreError::BatchFailed(format!(
+                "no answer from PostgreSQL within {deadline:?}"
+            )))),
+        }
+    }
+
+    /// The batch was sent and its answer lost: drop the session, remember it.
+    fn lost(&mut self, e: StoreError) -> WriteFailure {
+        if let Some(s) = self.session.take() {
+            self.suspect = Some((s.pid, s.started));
+        }
+        WriteFailure::Unknown(e)
+    }
+
+    async fn session(&mut self) -> Result<&mut Session, StoreError> {
+        if self.session.is_none() {
+            if !self.reconnect.due() {
+                return Err(StoreError::BatchFailed(
+                    "the committer is reconnecting to PostgreSQL".to_owned(),
+                ));
+            }
+            match self.open().await {
+                Ok(session) => {
+                    self.reconnect.succeeded();
+                    self.session = Some(session);
+                }
+                Err(e) => {
+                    self.reconnect.failed();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.session.as_mut().expect("just opened"))
+    }
+
+    async fn open(&self) -> Result<Session, StoreError> {
+        let timeout = self.options.connect_timeout;
+        let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&self.connect))
+            .await
+            .map_err(|_| StoreError::BatchFailed(format!("could not connect to PostgreSQL within {timeout:?}")))??;
+        let (pid, started): (i32, DateTime<Utc>) = tokio::time::timeout(
+            timeout,
+            sqlx::query_as("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut conn),
+        )
+        .await
+        .map_err(|_| StoreError::BatchFailed("no answer from PostgreSQL".to_owned()))??;
+        Ok(Session { conn, pid, started })
+    }
+
+    /// On a fresh connection: end the lost batch's session (if it still
+    /// runs), wait for the append lock (so nothing of it is in progress),
+    /// and read which of its events and keys are in the log.
+    pub(crate) async fn find(&mut self, ids: &[Uuid], keys: &[(String, String)]) -> Result<Found, StoreError> {
+        let deadline = self.options.resolve_deadline;
+        let suspect = self.suspect.take();
+        let found = tokio::time::timeout(deadline, async {
+            let mut conn = self.open().await?.conn;
+            if let Some((pid, started)) = suspect {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity \
+                     WHERE pid = $1 AND backend_start = $2",
+                )
+                .bind(pid)
+                .bind(started)
+                .execute(&mut conn)
+                .await?;
+            }
+            let mut tx = conn.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(APPEND_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            let events: Vec<(Uuid, Position, String, DateTime<Utc>)> = sqlx::query_as(
+                "SELECT event_id, position, coalesce(hash, ''), recorded_at FROM events WHERE event_id = ANY($1)",
+            )
+            .bind(ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let (wallets, names): (Vec<&str>, Vec<&str>) = keys.iter().map(|(w, k)| (w.as_str(), k.as_str())).unzip();
+            let taken: Vec<(String, String)> = sqlx::query_as(
+                "SELECT i.wallet_id, i.key FROM unnest($1::text[], $2::text[]) AS q(w, k) \
+                 JOIN idempotency i ON i.wallet_id = q.w AND i.key = q.k",
+            )
+            .bind(&wallets)
+            .bind(&names)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(Found {
+                events: events.into_iter().map(|(id, p, h, t)| (id, (p, h, t))).collect(),
+                keys: taken.into_iter().collect(),
+            })
+        })
+        .await
+        .map_err(|_| StoreError::BatchFailed(format!("could not read the lost batch's outcome within {deadline:?}")))?;
+        if found.is_err() {
+            // Still unknown: the next resolve must end that session too.
+            self.suspect = self.suspect.or(suspect);
+        }
+        found
+    }
 }
 
 fn decode_all(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {

@@ -5,6 +5,7 @@
 //! writer means appends commit in position order, so `read_all` never skips.
 
 use std::collections::HashSet;
+
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -13,14 +14,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row as _, Sqlite, Transaction};
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::writer::{Found, WriteFailure, WriterOptions};
 use super::{
-    batch_failed, idempotency_rows, now, plan_batch, spawn_committer, AppendError, AppendRequest, AppendResult, Cutoff,
-    Head, Job, Position, RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamHeads, WrittenBatch,
+    idempotency_rows, now, plan_batch, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, Position, RawEvent,
+    RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamTips, Tip, WrittenBatch,
 };
-use crate::aggregate::WalletId;
+use crate::aggregate::{Balance, WalletId};
 
 const EVENT_COLUMNS: &str =
     "position, stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash";
@@ -29,7 +30,6 @@ const EVENT_COLUMNS: &str =
 pub struct SqliteEventStore {
     writer: SqlitePool,
     reader: SqlitePool,
-    committer: mpsc::Sender<Job>,
     /// The database file, `None` for an in-memory database.
     file: Option<std::path::PathBuf>,
 }
@@ -74,17 +74,9 @@ impl SqliteEventStore {
                 .connect_with(options)
                 .await?
         };
-        let committer = {
-            let writer = writer.clone();
-            spawn_committer(move |requests| {
-                let writer = writer.clone();
-                async move { commit_batch(&writer, requests).await }
-            })
-        };
         Ok(Self {
             writer,
             reader,
-            committer,
             file: database_file(url),
         })
     }
@@ -107,15 +99,32 @@ impl SqliteEventStore {
         Ok(())
     }
 
-    pub(crate) fn committer(&self) -> &mpsc::Sender<Job> {
-        &self.committer
+    /// Several appends in one transaction on the writer connection.
+    pub(crate) async fn append_batch(&self, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError> {
+        let (tx, written) = write_batch(&self.writer, requests).await?;
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    /// The committer's writer: the single writer connection, with a deadline.
+    pub(crate) fn batch_writer(&self, options: WriterOptions) -> SqliteWriter {
+        SqliteWriter {
+            pool: self.writer.clone(),
+            options,
+        }
     }
 
     /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
+        let expected: Vec<(WalletId, Head)> = request.streams.iter().map(|s| (s.stream.clone(), s.expected)).collect();
         let requests = vec![request];
         let (tx, written) = write_batch(&self.writer, &requests).await?;
-        let events = written.finish(requests).pop().expect("one result per request")?;
+        let events = match written.finish(requests).pop() {
+            Some(AppendOutcome::Appended(events)) => events,
+            Some(AppendOutcome::Duplicate) => return Err(AppendError::DuplicateRequest),
+            Some(AppendOutcome::Conflict(actual)) => return Err(super::first_difference(&expected, &actual)),
+            None => return Err(StoreError::BatchFailed("no outcome".to_owned()).into()),
+        };
         Ok(PendingAppend { tx, events })
     }
 
@@ -272,25 +281,76 @@ impl SqliteEventStore {
         .collect()
     }
 
-    /// Readiness: the database answers and the committer is running.
+    /// Readiness: the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        if self.committer.is_closed() {
-            return Err(StoreError::BatchFailed("the committer has stopped".to_owned()));
-        }
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
     }
 }
 
-/// Writes and commits one group of appends.
-async fn commit_batch(writer: &SqlitePool, requests: Vec<AppendRequest>) -> Vec<AppendResult> {
-    let written = match write_batch(writer, &requests).await {
-        Ok((tx, written)) => tx.commit().await.map(|_| written).map_err(StoreError::from),
-        Err(e) => Err(e),
-    };
-    match written {
-        Ok(written) => written.finish(requests),
-        Err(e) => batch_failed(requests.len(), &e),
+/// The committer's writer on SQLite: the one writer connection, each batch
+/// under a deadline. The connection runs on sqlx's own thread, so a batch
+/// that overran its deadline may still finish; `find` waits for the
+/// connection, which is free only once that batch has ended.
+pub struct SqliteWriter {
+    pool: SqlitePool,
+    options: WriterOptions,
+}
+
+impl SqliteWriter {
+    pub(crate) async fn write(&mut self, requests: &[AppendRequest]) -> Result<WrittenBatch, WriteFailure> {
+        let deadline = self.options.batch_deadline;
+        let write = async {
+            let (tx, written) = write_batch(&self.pool, requests).await?;
+            tx.commit().await?;
+            Ok::<_, StoreError>(written)
+        };
+        match tokio::time::timeout(deadline, write).await {
+            Ok(Ok(written)) => Ok(written),
+            // In process, an error means the transaction rolled back.
+            Ok(Err(e)) => Err(WriteFailure::NotCommitted(e)),
+            Err(_) => Err(WriteFailure::Unknown(StoreError::BatchFailed(format!(
+                "the SQLite writer did not finish within {deadline:?}"
+            )))),
+        }
+    }
+
+    pub(crate) async fn find(&mut self, ids: &[Uuid], keys: &[(String, String)]) -> Result<Found, StoreError> {
+        let deadline = self.options.resolve_deadline;
+        let find = async {
+            let mut conn = self.pool.acquire().await?;
+            let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+            let events: Vec<(String, Position, String, String)> = sqlx::query_as(
+                "SELECT event_id, position, COALESCE(hash, ''), recorded_at FROM events \
+                 WHERE event_id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(serde_json::to_string(&ids).expect("strings serialise"))
+            .fetch_all(&mut *conn)
+            .await?;
+            let pairs: Vec<[&str; 2]> = keys.iter().map(|(w, k)| [w.as_str(), k.as_str()]).collect();
+            let taken: Vec<(String, String)> = sqlx::query_as(
+                "SELECT i.wallet_id, i.key FROM json_each(?) q \
+                 JOIN idempotency i ON i.wallet_id = json_extract(q.value, '$[0]') \
+                 AND i.key = json_extract(q.value, '$[1]')",
+            )
+            .bind(serde_json::to_string(&pairs).expect("strings serialise"))
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut found = Found::default();
+            for (id, position, hash, at) in events {
+                let bad = |e: &dyn std::fmt::Display| StoreError::Database(sqlx::Error::Decode(format!("{e}").into()));
+                let id = Uuid::parse_str(&id).map_err(|e| bad(&e))?;
+                let at = DateTime::parse_from_rfc3339(&at)
+                    .map_err(|e| bad(&e))?
+                    .with_timezone(&Utc);
+                found.events.insert(id, (position, hash, at));
+            }
+            found.keys = taken.into_iter().collect();
+            Ok::<_, StoreError>(found)
+        };
+        tokio::time::timeout(deadline, find).await.map_err(|_| {
+            StoreError::BatchFailed(format!("could not read the lost batch's outcome within {deadline:?}"))
+        })?
     }
 }
 
@@ -311,7 +371,7 @@ async fn write_batch(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let mut heads = StreamHeads::new();
+    let mut tips = StreamTips::new();
     for chunk in names.chunks(100) {
         let mut select = QueryBuilder::<Sqlite>::new("");
         for (i, name) in chunk.iter().enumerate() {
@@ -319,19 +379,27 @@ async fn write_batch(
                 select.push(" UNION ALL ");
             }
             select
-                .push("SELECT * FROM (SELECT stream_id, version, COALESCE(hash, ''), event_id FROM events WHERE stream_id = ")
+                .push(
+                    "SELECT * FROM (SELECT stream_id, version, COALESCE(hash, ''), \
+                     COALESCE(json_extract(payload, '$.newBalance'), '0') FROM events WHERE stream_id = ",
+                )
                 .push_bind(*name)
                 .push(" ORDER BY version DESC LIMIT 1)");
         }
         for r in select.build().fetch_all(&mut *tx).await? {
-            let event_id: String = r.try_get(3)?;
-            heads.insert(
+            let balance: String = r.try_get(3)?;
+            let balance =
+                balance.parse().ok().and_then(Balance::from_decimal).ok_or_else(|| {
+                    StoreError::Database(sqlx::Error::Decode(format!("head balance {balance:?}").into()))
+                })?;
+            tips.insert(
                 r.try_get::<String, _>(0)?,
-                Head {
-                    version: r.try_get::<i64, _>(1)? as u64,
+                Tip {
+                    head: Head {
+                        version: r.try_get::<i64, _>(1)? as u64,
+                        balance,
+                    },
                     hash: r.try_get(2)?,
-                    event_id: Uuid::parse_str(&event_id)
-                        .map_err(|e| StoreError::Database(sqlx::Error::Decode(format!("event_id: {e}").into())))?,
                 },
             );
         }
@@ -361,7 +429,7 @@ async fn write_batch(
 
     let recorded_at = now();
     let at_text = time_text(recorded_at);
-    let (rows, plans) = plan_batch(requests, heads, taken, recorded_at);
+    let (rows, plans) = plan_batch(requests, tips, taken, recorded_at);
     let mut positions: Vec<Position> = Vec::with_capacity(rows.len());
     if !rows.is_empty() {
         let mut insert = QueryBuilder::<Sqlite>::new(

@@ -133,11 +133,24 @@ impl Observer {
 }
 
 /// Forwards local connections to `target`; `cut()` drops every open one.
+/// It can also go silent without closing anything: `stall` holds every
+/// byte in both directions (new connections are accepted and then hear
+/// nothing), `hold_replies` holds what the server sends. Held bytes are
+/// forwarded once the hold ends, unless the connection is cut first.
 pub struct TcpProxy {
     pub port: u16,
-    down: Arc<std::sync::atomic::AtomicBool>,
+    flags: Arc<Flags>,
     live: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Flags {
+    down: std::sync::atomic::AtomicBool,
+    stall: std::sync::atomic::AtomicBool,
+    hold_replies: std::sync::atomic::AtomicBool,
+    /// Bytes that had to wait for a hold to end.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 impl TcpProxy {
@@ -145,20 +158,24 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let live: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let flags: Arc<Flags> = Arc::default();
         let target = target.to_owned();
         let accept = {
             let live = live.clone();
-            let down = down.clone();
+            let flags = flags.clone();
             tokio::spawn(async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    if down.load(std::sync::atomic::Ordering::SeqCst) {
+                while let Ok((client, _)) = listener.accept().await {
+                    if flags.down.load(std::sync::atomic::Ordering::SeqCst) {
                         continue; // dropped: the server is "unreachable"
                     }
-                    let target = target.clone();
+                    let (target, flags) = (target.clone(), flags.clone());
                     let pipe = tokio::spawn(async move {
-                        if let Ok(mut server) = TcpStream::connect(&target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        if let Ok(server) = TcpStream::connect(&target).await {
+                            let (client_read, client_write) = client.into_split();
+                            let (server_read, server_write) = server.into_split();
+                            let up = forward(client_read, server_write, flags.clone(), false);
+                            let down = forward(server_read, client_write, flags, true);
+                            tokio::join!(up, down);
                         }
                     });
                     live.lock().unwrap().push(pipe);
@@ -167,7 +184,7 @@ impl TcpProxy {
         };
         Self {
             port,
-            down,
+            flags,
             live,
             accept,
         }
@@ -175,10 +192,27 @@ impl TcpProxy {
 
     /// While down, new connections are dropped at once and open ones cut.
     pub fn set_down(&self, down: bool) {
-        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        self.flags.down.store(down, std::sync::atomic::Ordering::SeqCst);
         if down {
             self.cut();
         }
+    }
+
+    /// While stalled, nothing is forwarded either way and nothing is closed:
+    /// a peer that went silent (a half-open link, a frozen host).
+    pub fn set_stalled(&self, stalled: bool) {
+        self.flags.stall.store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// While set, what the server sends is held back (its answers are lost
+    /// if the connection is cut meanwhile).
+    pub fn set_hold_replies(&self, hold: bool) {
+        self.flags.hold_replies.store(hold, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Bytes that have had to wait for a stall or hold so far.
+    pub fn held_bytes(&self) -> usize {
+        self.flags.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Drops every proxied connection (new ones still get through).
@@ -187,6 +221,35 @@ impl TcpProxy {
             pipe.abort();
         }
     }
+}
+
+/// Copies one direction, waiting while the flags hold it.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    flags: Arc<Flags>,
+    reply: bool,
+) {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let held = || flags.stall.load(SeqCst) || (reply && flags.hold_replies.load(SeqCst));
+        if held() {
+            flags.held.fetch_add(n, SeqCst);
+            while held() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl Drop for TcpProxy {

@@ -72,9 +72,14 @@ pub async fn sqlite() -> TestDb {
 /// Runs the API and its in-process projection runner on 127.0.0.1 with a
 /// random port; returns its base URL.
 pub async fn serve(store: EventStore) -> String {
+    serve_with_ledger(store.clone(), wallet::ledger::Ledger::new(store)).await
+}
+
+/// `serve` with a ledger configured by the test (its deadlines, say).
+pub async fn serve_with_ledger(store: EventStore, ledger: wallet::ledger::Ledger) -> String {
     let projections = Arc::new(Projections::new(store.clone(), FraudRules::default()));
     projections.ensure().await.expect("create read models");
-    let mut state = AppState::new(store, projections);
+    let mut state = AppState::with_ledger(ledger, store, projections);
     // A loaded CI machine may need longer than the product's 2 s for a
     // projection to catch up; tests assert the position, not the timing.
     state.read_wait = std::time::Duration::from_secs(20);

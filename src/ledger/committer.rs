@@ -1,0 +1,556 @@
+//! The committer: the one owner of the wallets' decision state.
+//!
+//! One loop per process takes the commands waiting, decides each in arrival
+//! order against the running state (a wallet's later command in the batch
+//! sees the earlier one's result), appends the whole batch in one
+//! transaction through its own writer, and answers each command. It is the
+//! only writer of the state (`cache.rs`); request tasks only read it.
+//!
+//! The database guards every decision: each stream's append states the head
+//! (version and balance) it was decided on, a rejection asserts the heads it
+//! was decided on, and the store refuses anything else. So a state made
+//! stale by another process costs a conflict, answered with the actual
+//! heads; the committer takes them as its state and decides the command
+//! again in the next batch, with no query of its own.
+//!
+//! After a batch whose answer was lost, the writer finds out what it did
+//! (`BatchWriter::resolve`), and each command is answered with the truth.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use uuid::Uuid;
+
+use super::{Outcome, Receipt, TransferReceipt, WalletReceipt, MAX_CONFLICTS};
+use crate::aggregate::{decide, Command, Decision, DomainError, Wallet, WalletId};
+use crate::cache::WalletCache;
+use crate::snapshots;
+use crate::store::{
+    AppendOutcome, AppendRequest, BatchWriter, Head, IdempotencyRecord, NewEvent, Position, RecordedEvent, Resolution,
+    StoreError, StreamAppend, WriteFailure,
+};
+
+/// Commands per batch, and events per batch, at most.
+const MAX_BATCH_COMMANDS: usize = 512;
+const MAX_BATCH_EVENTS: usize = 2048;
+/// Commands waiting for the committer, at most (senders wait beyond it).
+const QUEUE: usize = 4 * MAX_BATCH_COMMANDS;
+
+/// A command handed to the committer.
+pub(crate) struct Job {
+    pub command: Command,
+    pub key: Option<String>,
+    pub fingerprint: String,
+    pub request_id: String,
+    pub metadata: serde_json::Value,
+    /// Wallets the request task loaded because the committer did not hold them.
+    pub loaded: Vec<Wallet>,
+    /// Not decided after this: answered as not applied.
+    pub deadline: tokio::time::Instant,
+    pub reply: oneshot::Sender<Verdict>,
+}
+
+/// The committer's answer to one command.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    Committed {
+        receipt: Receipt,
+        /// Snapshots due: the state after this command, and its position.
+        snapshots: Vec<(Wallet, Position)>,
+    },
+    Rejected(DomainError),
+    /// Its key is recorded: the stored answer is the answer.
+    Duplicate,
+    /// A wallet it needs is neither held nor loaded: load it and resubmit.
+    NeedsState,
+    /// The wallet kept changing under it (other processes).
+    Conflict,
+    NotCommitted(StoreError),
+    Unknown(StoreError),
+}
+
+/// How the committer is doing, for `/ready`.
+#[derive(Debug)]
+pub struct CommitterStatus {
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last progress: a batch the
+    /// database answered, or work arriving at an idle committer.
+    progress: AtomicU64,
+    /// Commands handed over and not answered yet.
+    waiting: AtomicUsize,
+    /// With work waiting and no progress for this long: not ready.
+    stall_after: Duration,
+}
+
+impl CommitterStatus {
+    /// `Err` while commands wait and no batch has got an answer from the
+    /// database for longer than the stall limit.
+    pub fn check(&self) -> Result<(), String> {
+        let waiting = self.waiting.load(Ordering::Acquire);
+        if waiting == 0 {
+            return Ok(());
+        }
+        let since = self.now().saturating_sub(self.progress.load(Ordering::Acquire));
+        let stalled = Duration::from_millis(since);
+        if stalled > self.stall_after {
+            return Err(format!(
+                "the committer has had no answer from the database for {stalled:?} ({waiting} commands waiting)"
+            ));
+        }
+        Ok(())
+    }
+
+    fn progressed(&self) {
+        self.progress.store(self.now(), Ordering::Release);
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// The handle request tasks submit to.
+#[derive(Debug)]
+pub(crate) struct Committer {
+    queue: mpsc::Sender<Job>,
+    status: Arc<CommitterStatus>,
+}
+
+impl Committer {
+    /// Starts the loop: on PostgreSQL on a thread of its own (its turnaround
+    /// is the write path's ceiling, and on the shared runtime every answer
+    /// waited for a worker busy with HTTP), on SQLite on the shared runtime
+    /// (the writer connection already has sqlx's thread).
+    pub fn start(
+        writer: BatchWriter,
+        cache: Arc<WalletCache>,
+        appended: Arc<Notify>,
+        snapshot_every: u64,
+        stall_after: Duration,
+    ) -> Self {
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        let status = Arc::new(CommitterStatus {
+            epoch: Instant::now(),
+            progress: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            stall_after,
+        });
+        let owner = Owner {
+            writer,
+            cache,
+            appended,
+            snapshot_every,
+            status: status.clone(),
+            retry: VecDeque::new(),
+        };
+        match matches!(owner.writer, BatchWriter::Postgres(_)) {
+            true => {
+                let spawned = std::thread::Builder::new()
+                    .name("wallet-committer".to_owned())
+                    .spawn(
+                        move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                            Ok(runtime) => runtime.block_on(owner.run(jobs)),
+                            Err(e) => tracing::error!(error = %e, "the committer's runtime did not start"),
+                        },
+                    );
+                if let Err(e) = spawned {
+                    // The queue's receiver is gone: every submit answers 503.
+                    tracing::error!(error = %e, "the committer's thread did not start");
+                }
+            }
+            false => {
+                tokio::spawn(owner.run(jobs));
+            }
+        }
+        Self { queue, status }
+    }
+
+    pub fn status(&self) -> &CommitterStatus {
+        &self.status
+    }
+
+    pub async fn submit(&self, job: Job) -> Result<(), StoreError> {
+        if self.status.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            // Idle until now: the stall clock starts with this work.
+            self.status.progressed();
+        }
+        self.queue.send(job).await.map_err(|_| {
+            self.status.waiting.fetch_sub(1, Ordering::Relaxed);
+            StoreError::BatchFailed("the committer has stopped".to_owned())
+        })
+    }
+}
+
+/// A command in the committer's hands, and the conflicts it has met.
+struct Pending {
+    job: Job,
+    conflicts: u32,
+}
+
+/// What the committer decided for one command of a batch.
+enum Decided {
+    /// Events to append; the receipt; the states before and after.
+    Accepted {
+        receipt: Receipt,
+        before: Vec<Wallet>,
+        after: Vec<Wallet>,
+    },
+    /// A rejection, asserting the heads it was decided on.
+    Rejected { error: DomainError, on: Vec<Wallet> },
+}
+
+/// The loop's own state: nobody else touches it.
+struct Owner {
+    writer: BatchWriter,
+    cache: Arc<WalletCache>,
+    appended: Arc<Notify>,
+    snapshot_every: u64,
+    status: Arc<CommitterStatus>,
+    /// Commands that conflicted, decided again first, in arrival order.
+    retry: VecDeque<Pending>,
+}
+
+impl Owner {
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(batch) = self.take(&mut jobs).await {
+            self.commit(batch).await;
+        }
+    }
+
+    /// The next batch: conflicted commands first, then whatever waits (at
+    /// least one: this waits for it). `None` once every sender is gone.
+    async fn take(&mut self, jobs: &mut mpsc::Receiver<Job>) -> Option<Vec<Pending>> {
+        let mut batch: Vec<Pending> = self.retry.drain(..).collect();
+        if batch.is_empty() {
+            let job = jobs.recv().await?;
+            batch.push(Pending { job, conflicts: 0 });
+        }
+        let mut events: usize = batch.len() * 2;
+        while batch.len() < MAX_BATCH_COMMANDS && events < MAX_BATCH_EVENTS {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    events += 2 * job.command.wallets().len();
+                    batch.push(Pending { job, conflicts: 0 });
+                }
+                Err(_) => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Decides the batch, appends it, answers every command of it.
+    async fn commit(&mut self, batch: Vec<Pending>) {
+        let mut overlay: HashMap<WalletId, Wallet> = HashMap::new();
+        let mut planned: Vec<(Pending, Decided)> = Vec::with_capacity(batch.len());
+        let mut requests: Vec<AppendRequest> = Vec::with_capacity(batch.len());
+        for pending in batch {
+            if tokio::time::Instant::now() > pending.job.deadline {
+                let e = StoreError::BatchFailed("the command waited too long for the committer".to_owned());
+                self.answer(pending, Verdict::NotCommitted(e));
+                continue;
+            }
+            let Some(states) = self.states_of(&pending.job, &overlay) else {
+                self.answer(pending, Verdict::NeedsState);
+                continue;
+            };
+            let (request, decided) = plan(&pending.job, states);
+            if let Decided::Accepted { after, .. } = &decided {
+                for state in after {
+                    overlay.insert(state.id.clone(), state.clone());
+                }
+            }
+            requests.push(request);
+            planned.push((pending, decided));
+        }
+        if planned.is_empty() {
+            return;
+        }
+        record_batch_size(&requests);
+        let started = Instant::now();
+        let written = self.writer.write(&requests).await;
+        metrics::histogram!("append_batch_commit_seconds").record(started.elapsed().as_secs_f64());
+        match written {
+            Ok(written) => {
+                self.status.progressed();
+                self.settle(planned, written.finish(requests));
+            }
+            Err(WriteFailure::NotCommitted(e)) => {
+                tracing::error!(error = %e, commands = planned.len(), "append batch not committed");
+                for (pending, _) in planned {
+                    self.answer(pending, Verdict::NotCommitted(StoreError::BatchFailed(e.to_string())));
+                }
+            }
+            Err(WriteFailure::Unknown(e)) => self.resolve(planned, requests, e).await,
+        }
+    }
+
+    /// Each wallet the command needs: as this batch left it, else as the
+    /// committer holds it, else as the request task loaded it.
+    fn states_of(&self, job: &Job, overlay: &HashMap<WalletId, Wallet>) -> Option<Vec<Wallet>> {
+        job.command
+            .wallets()
+            .into_iter()
+            .map(|id| {
+                overlay
+                    .get(id)
+                    .cloned()
+                    .or_else(|| self.cache.get(id))
+                    .or_else(|| job.loaded.iter().find(|w| &w.id == id).cloned())
+            })
+            .collect()
+    }
+
+    /// The database answered: every command gets its outcome. Conflicts
+    /// take the actual heads as the state and go round again.
+    fn settle(&mut self, planned: Vec<(Pending, Decided)>, outcomes: Vec<AppendOutcome>) {
+        let mut appended = false;
+        for ((pending, decided), outcome) in planned.into_iter().zip(outcomes) {
+            match outcome {
+                AppendOutcome::Appended(recorded) => {
+                    appended |= !recorded.is_empty();
+                    let verdict = self.accepted(decided, &recorded);
+                    self.answer(pending, verdict);
+                }
+                AppendOutcome::Duplicate => self.answer(pending, Verdict::Duplicate),
+                AppendOutcome::Conflict(heads) => self.conflicted(pending, heads),
+            }
+        }
+        if appended {
+            self.appended.notify_one();
+        }
+    }
+
+    /// A command whose append (or asserted heads) committed.
+    fn accepted(&self, decided: Decided, recorded: &[RecordedEvent]) -> Verdict {
+        match decided {
+            Decided::Rejected { error, on } => {
+                for state in on {
+                    self.cache.remember(state);
+                }
+                Verdict::Rejected(error)
+            }
+            Decided::Accepted {
+                mut receipt,
+                before,
+                after,
+            } => {
+                let snapshots = self.snapshots_due(&before, &after, recorded);
+                for state in after {
+                    self.cache.remember(state);
+                }
+                receipt.set_position(recorded.last().map_or(0, |e| e.position));
+                Verdict::Committed { receipt, snapshots }
+            }
+        }
+    }
+
+    fn conflicted(&mut self, mut pending: Pending, heads: Vec<(WalletId, Head)>) {
+        metrics::counter!("append_conflicts_total").increment(1);
+        pending.conflicts += 1;
+        // The heads are the log's truth as of this batch: the state to
+        // decide on next, here and for the command's own retry.
+        pending.job.loaded.clear();
+        for (id, head) in heads {
+            let state = head.wallet(id);
+            self.cache.remember(state.clone());
+            pending.job.loaded.push(state);
+        }
+        if pending.conflicts >= MAX_CONFLICTS {
+            metrics::counter!("append_conflicts_exhausted_total").increment(1);
+            self.answer(pending, Verdict::Conflict);
+        } else {
+            self.retry.push_back(pending);
+        }
+    }
+
+    /// The batch's answer was lost: find out what it did, answer the truth.
+    async fn resolve(&mut self, planned: Vec<(Pending, Decided)>, requests: Vec<AppendRequest>, lost: StoreError) {
+        tracing::warn!(error = %lost, commands = planned.len(), "append batch answer lost; resolving");
+        // Whatever happened, what the committer held of these wallets may
+        // not be the log: they are loaded again, and the heads guard them.
+        for request in &requests {
+            for s in &request.streams {
+                self.cache.forget(&s.stream);
+            }
+        }
+        match self.writer.resolve(requests).await {
+            Ok(resolutions) => {
+                self.status.progressed();
+                for ((pending, decided), resolution) in planned.into_iter().zip(resolutions) {
+                    let verdict = match resolution {
+                        Resolution::Committed(recorded) => self.accepted(decided, &recorded),
+                        Resolution::Duplicate => Verdict::Duplicate,
+                        Resolution::NotCommitted => Verdict::NotCommitted(StoreError::BatchFailed(lost.to_string())),
+                    };
+                    self.answer(pending, verdict);
+                }
+                self.appended.notify_one();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the lost batch's outcome could not be read");
+                for (pending, _) in planned {
+                    self.answer(pending, Verdict::Unknown(StoreError::BatchFailed(lost.to_string())));
+                }
+            }
+        }
+    }
+
+    fn snapshots_due(
+        &self,
+        before: &[Wallet],
+        after: &[Wallet],
+        recorded: &[RecordedEvent],
+    ) -> Vec<(Wallet, Position)> {
+        let mut due = Vec::new();
+        for (b, a) in before.iter().zip(after) {
+            if snapshots::due(self.snapshot_every, b.version, a.version) {
+                let position = recorded
+                    .iter()
+                    .rev()
+                    .find(|e| e.stream == a.id)
+                    .map_or(0, |e| e.position);
+                due.push((a.clone(), position));
+            }
+        }
+        due
+    }
+
+    fn answer(&self, pending: Pending, verdict: Verdict) {
+        self.status.waiting.fetch_sub(1, Ordering::Relaxed);
+        // The requester may have gone away; the outcome stands either way.
+        let _ = pending.job.reply.send(verdict);
+    }
+}
+
+/// Decides one command on `states` (its wallets, in order) and builds the
+/// append that states what it was decided on.
+fn plan(job: &Job, states: Vec<Wallet>) -> (AppendRequest, Decided) {
+    let refs: Vec<&Wallet> = states.iter().collect();
+    match decide(&job.command, &refs) {
+        Ok(decision) => {
+            let receipt = receipt(&job.command, &decision, &job.request_id);
+            let after: Vec<Wallet> = decision
+                .streams
+                .iter()
+                .map(|s| {
+                    let before = states
+                        .iter()
+                        .find(|w| w.id == s.wallet)
+                        .expect("decided on its own wallets");
+                    s.events.iter().fold(before.clone(), |w, e| w.evolve(e))
+                })
+                .collect();
+            let record = record(job, Outcome::Receipt(receipt.clone()));
+            let streams = decision
+                .streams
+                .into_iter()
+                .map(|s| StreamAppend {
+                    expected: Head {
+                        version: s.expected_version,
+                        balance: states
+                            .iter()
+                            .find(|w| w.id == s.wallet)
+                            .map_or(Head::EMPTY.balance, |w| w.balance),
+                    },
+                    stream: s.wallet,
+                    events: s
+                        .events
+                        .into_iter()
+                        .map(|event| new_event(event, &job.metadata))
+                        .collect(),
+                })
+                .collect();
+            let request = AppendRequest {
+                streams,
+                idempotency: record,
+            };
+            (
+                request,
+                Decided::Accepted {
+                    receipt,
+                    before: states,
+                    after,
+                },
+            )
+        }
+        Err(error) => {
+            // Remembered under the key, and guarded like an append: the heads
+            // it was decided on must still be the log's.
+            let on: Vec<Wallet> = if error == DomainError::SameWallet {
+                Vec::new()
+            } else {
+                states
+            };
+            let request = AppendRequest {
+                streams: on
+                    .iter()
+                    .map(|w| StreamAppend {
+                        stream: w.id.clone(),
+                        expected: Head::of(w),
+                        events: Vec::new(),
+                    })
+                    .collect(),
+                idempotency: record(job, Outcome::Rejected(error.clone())),
+            };
+            (request, Decided::Rejected { error, on })
+        }
+    }
+}
+
+fn new_event(event: crate::aggregate::WalletEvent, metadata: &serde_json::Value) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event,
+        metadata: metadata.clone(),
+    }
+}
+
+fn record(job: &Job, outcome: Outcome) -> Option<IdempotencyRecord> {
+    let key = job.key.as_ref()?;
+    Some(IdempotencyRecord {
+        wallet: job.command.wallets()[0].clone(),
+        key: key.clone(),
+        fingerprint: job.fingerprint.clone(),
+        outcome: serde_json::to_value(outcome).expect("outcomes serialise"),
+    })
+}
+
+fn record_batch_size(requests: &[AppendRequest]) {
+    let events: usize = requests.iter().flat_map(|r| &r.streams).map(|s| s.events.len()).sum();
+    metrics::histogram!("append_batch_requests").record(requests.len() as f64);
+    metrics::histogram!("append_batch_events").record(events as f64);
+}
+
+fn receipt(command: &Command, decision: &Decision, request_id: &str) -> Receipt {
+    match command {
+        Command::Transfer {
+            from,
+            to,
+            amount,
+            transfer_id,
+        } => Receipt::Transfer(TransferReceipt {
+            transfer_id: *transfer_id,
+            from_wallet_id: from.clone(),
+            to_wallet_id: to.clone(),
+            amount: *amount,
+            status: "completed".to_owned(),
+            request_id: request_id.to_owned(),
+            from_balance: decision.streams[0].balance,
+            to_balance: decision.streams[1].balance,
+            position: 0,
+        }),
+        Command::Deposit { .. } | Command::Withdraw { .. } => {
+            let s = &decision.streams[0];
+            Receipt::Wallet(WalletReceipt {
+                wallet_id: s.wallet.clone(),
+                balance: s.balance,
+                request_id: request_id.to_owned(),
+                created: s.created,
+                position: 0,
+            })
+        }
+    }
+}

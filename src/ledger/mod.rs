@@ -1,0 +1,407 @@
+//! The command path: a request task validates and, for a wallet the
+//! committer does not hold, loads it; the committer (`committer.rs`) decides
+//! every command, appends, and answers. Nothing is decided outside it.
+//!
+//! `Ledger::execute` for every write:
+//! 1. load the command's wallets that the committer's state (`cache.rs`,
+//!    written by the committer alone) does not hold, from the log;
+//! 2. hand the command to the committer and wait for its verdict, within a
+//!    deadline derived from the committer's own;
+//! 3. turn the verdict into the answer: a receipt (201), a rejection, the
+//!    stored answer of a recorded key (a replay), or 503: `UNAVAILABLE` for
+//!    what certainly did not commit, `OUTCOME_UNKNOWN` for what may have.
+//!
+//! Balance reads (`Ledger::wallet`) take the committer's state and ask the
+//! log whether the wallet moved since (`freshness.rs`); they never write
+//! the state.
+
+mod committer;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::aggregate::{Amount, Balance, Command, DomainError, Wallet, WalletId};
+use crate::cache::{WalletCache, DEFAULT_CAPACITY};
+use crate::freshness::VersionProbe;
+use crate::snapshots;
+use crate::store::{Cutoff, EventStore, Position, StoreError, StoredOutcome, WriterOptions};
+
+pub use committer::CommitterStatus;
+use committer::{Committer, Job, Verdict};
+
+/// Conflicts (another process wrote first) a command may meet before it is
+/// answered `CONCURRENCY_CONFLICT`.
+const MAX_CONFLICTS: u32 = 10;
+/// Longest a command waits in the committer's queue before it is answered,
+/// not applied, with 503 `UNAVAILABLE`.
+const QUEUE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Answer to a deposit or withdrawal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WalletReceipt {
+    #[schema(value_type = String, example = "alice")]
+    pub wallet_id: WalletId,
+    /// Balance right after this operation.
+    #[schema(value_type = String, example = "150.5000")]
+    pub balance: Balance,
+    pub request_id: String,
+    /// Whether this operation opened the wallet.
+    pub created: bool,
+    /// Log position of the last event written; use as `minPosition`.
+    pub position: Position,
+}
+
+/// Answer to a transfer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferReceipt {
+    pub transfer_id: Uuid,
+    #[schema(value_type = String)]
+    pub from_wallet_id: WalletId,
+    #[schema(value_type = String)]
+    pub to_wallet_id: WalletId,
+    #[schema(value_type = String, example = "25.0000")]
+    pub amount: Amount,
+    /// Always "completed": a transfer is one atomic append.
+    #[schema(example = "completed")]
+    pub status: String,
+    pub request_id: String,
+    #[schema(value_type = String)]
+    pub from_balance: Balance,
+    #[schema(value_type = String)]
+    pub to_balance: Balance,
+    pub position: Position,
+}
+
+/// Either receipt; stored under a key in this shape (untagged).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Receipt {
+    Transfer(TransferReceipt),
+    Wallet(WalletReceipt),
+}
+
+impl Receipt {
+    fn set_position(&mut self, position: Position) {
+        match self {
+            Receipt::Transfer(r) => r.position = position,
+            Receipt::Wallet(r) => r.position = position,
+        }
+    }
+}
+
+/// What an idempotency row remembers.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) enum Outcome {
+    Receipt(Receipt),
+    Rejected(DomainError),
+}
+
+/// A receipt, and whether it was replayed from an earlier identical request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer<R> {
+    pub receipt: R,
+    pub replayed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{error}")]
+    Rejected { error: DomainError, replayed: bool },
+    #[error("idempotency key was already used for a different request")]
+    KeyReused,
+    #[error("the wallet kept changing: {MAX_CONFLICTS} conflicting attempts")]
+    Conflict,
+    /// Certainly not applied.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// May have been applied: only a retry with the same key is safe.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    store: EventStore,
+    /// The committer's state of the wallets it wrote; it is the only writer.
+    cache: Arc<WalletCache>,
+    /// Started on first use: a ledger may be built outside the runtime.
+    committer: OnceLock<Committer>,
+    /// Started on first use, like the committer.
+    probe: OnceLock<VersionProbe>,
+    appended: Arc<Notify>,
+    snapshot_every: u64,
+    writer: WriterOptions,
+}
+
+impl Ledger {
+    pub fn new(store: EventStore) -> Self {
+        Self {
+            store,
+            cache: Arc::new(WalletCache::new(DEFAULT_CAPACITY)),
+            committer: OnceLock::new(),
+            probe: OnceLock::new(),
+            appended: Arc::new(Notify::new()),
+            snapshot_every: snapshots::DEFAULT_SNAPSHOT_EVERY,
+            writer: WriterOptions::default(),
+        }
+    }
+
+    /// Folded wallets the committer keeps (0: it loads each command's).
+    pub fn with_cache_capacity(mut self, wallets: usize) -> Self {
+        self.cache = Arc::new(WalletCache::new(wallets));
+        self
+    }
+
+    /// Events between snapshots of a stream (0 disables snapshots).
+    pub fn with_snapshot_every(mut self, events: u64) -> Self {
+        self.snapshot_every = events;
+        self
+    }
+
+    /// The committer's deadlines and session limits.
+    pub fn with_writer_options(mut self, options: WriterOptions) -> Self {
+        self.writer = options;
+        self
+    }
+
+    /// Notified after every batch that appended: wakes the in-process
+    /// projection runner and the relay without polling.
+    pub fn appended(&self) -> Arc<Notify> {
+        self.appended.clone()
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    /// Whether the committer is making progress (for `/ready`).
+    pub fn committer_status(&self) -> Result<(), String> {
+        match self.committer.get() {
+            Some(c) => c.status().check(),
+            None => Ok(()),
+        }
+    }
+
+    pub async fn deposit(
+        &self,
+        wallet: WalletId,
+        amount: Amount,
+        key: Option<String>,
+    ) -> Result<Answer<WalletReceipt>, CommandError> {
+        let fingerprint = format!("deposit:{amount}");
+        wallet_answer(
+            self.execute(Command::Deposit { wallet, amount }, key, fingerprint)
+                .await?,
+        )
+    }
+
+    pub async fn withdraw(
+        &self,
+        wallet: WalletId,
+        amount: Amount,
+        key: Option<String>,
+    ) -> Result<Answer<WalletReceipt>, CommandError> {
+        let fingerprint = format!("withdraw:{amount}");
+        wallet_answer(
+            self.execute(Command::Withdraw { wallet, amount }, key, fingerprint)
+                .await?,
+        )
+    }
+
+    pub async fn transfer(
+        &self,
+        from: WalletId,
+        to: WalletId,
+        amount: Amount,
+        key: Option<String>,
+    ) -> Result<Answer<TransferReceipt>, CommandError> {
+        let fingerprint = format!("transfer:{to}:{amount}");
+        let command = Command::Transfer {
+            from,
+            to,
+            amount,
+            transfer_id: Uuid::now_v7(),
+        };
+        match self.execute(command, key, fingerprint).await? {
+            Answer {
+                receipt: Receipt::Transfer(receipt),
+                replayed,
+            } => Ok(Answer { receipt, replayed }),
+            // A stored answer of another shape under a transfer's fingerprint.
+            _ => Err(CommandError::KeyReused),
+        }
+    }
+
+    /// A wallet's state, up to `cutoff` if given. The current state is the
+    /// committer's if the log's version of the wallet (asked together with
+    /// other concurrent reads, `freshness.rs`) has not moved past it, else
+    /// that state brought up to date with the events after it: fresh even
+    /// when another process wrote the wallet.
+    pub async fn wallet(&self, id: &WalletId, cutoff: Option<Cutoff>) -> Result<Wallet, StoreError> {
+        if cutoff.is_some() {
+            return snapshots::load(&self.store, id, cutoff).await;
+        }
+        let Some(known) = self.cache.get(id) else {
+            return snapshots::load(&self.store, id, None).await;
+        };
+        let probe = self.probe.get_or_init(|| VersionProbe::spawn(self.store.clone()));
+        if probe.version(id).await? <= known.version {
+            return Ok(known);
+        }
+        let tail = self.store.read_stream(id, known.version, None).await?;
+        Ok(tail.iter().fold(known, |w, e| w.evolve(&e.event)))
+    }
+
+    fn committer(&self) -> &Committer {
+        self.committer.get_or_init(|| {
+            Committer::start(
+                self.store.batch_writer(self.writer),
+                self.cache.clone(),
+                self.appended.clone(),
+                self.snapshot_every,
+                self.writer.stall_after,
+            )
+        })
+    }
+
+    /// Longest a request waits for its verdict: the queue deadline, then at
+    /// most one batch (connect, write, resolve). Past it the command may be
+    /// in a batch whose answer never came.
+    pub fn answer_deadline(&self) -> Duration {
+        let w = &self.writer;
+        QUEUE_DEADLINE + w.connect_timeout + w.batch_deadline + w.resolve_deadline + Duration::from_secs(2)
+    }
+
+    async fn execute(
+        &self,
+        command: Command,
+        key: Option<String>,
+        fingerprint: String,
+    ) -> Result<Answer<Receipt>, CommandError> {
+        let scope = command.wallets()[0].clone();
+        let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
+        let metadata = serde_json::json!({
+            "requestId": request_id,
+            "idempotencyKey": key,
+            "correlationId": request_id,
+            "auditId": crate::audit::current_audit_id(),
+        });
+        // A cold wallet evicted from the committer's state between our look
+        // and its decision sends the command back here to load it again.
+        for _ in 0..3 {
+            let (reply, verdict) = tokio::sync::oneshot::channel();
+            let job = Job {
+                loaded: self.cold_states(&command).await?,
+                command: command.clone(),
+                key: key.clone(),
+                fingerprint: fingerprint.clone(),
+                request_id: request_id.clone(),
+                metadata: metadata.clone(),
+                deadline: tokio::time::Instant::now() + QUEUE_DEADLINE,
+                reply,
+            };
+            self.committer().submit(job).await?;
+            let verdict = match tokio::time::timeout(self.answer_deadline(), verdict).await {
+                Ok(Ok(verdict)) => verdict,
+                Ok(Err(_)) => return Err(CommandError::OutcomeUnknown("the committer stopped".to_owned())),
+                Err(_) => {
+                    return Err(CommandError::OutcomeUnknown(
+                        "no verdict within the deadline".to_owned(),
+                    ))
+                }
+            };
+            match verdict {
+                Verdict::NeedsState => continue,
+                Verdict::Duplicate => return self.replay_stored(&scope, key.as_deref(), &fingerprint).await,
+                other => return self.answer(other),
+            }
+        }
+        Err(CommandError::Conflict)
+    }
+
+    fn answer(&self, verdict: Verdict) -> Result<Answer<Receipt>, CommandError> {
+        match verdict {
+            Verdict::Committed { receipt, snapshots } => {
+                for (state, position) in snapshots {
+                    let store = self.store.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = snapshots::save(&store, &state, position).await {
+                            tracing::warn!(wallet = %state.id, error = %e, "snapshot not written");
+                        }
+                    });
+                }
+                Ok(Answer {
+                    receipt,
+                    replayed: false,
+                })
+            }
+            Verdict::Rejected(error) => Err(CommandError::Rejected { error, replayed: false }),
+            Verdict::Conflict => Err(CommandError::Conflict),
+            Verdict::NotCommitted(e) => Err(CommandError::Store(e)),
+            Verdict::Unknown(e) => Err(CommandError::OutcomeUnknown(e.to_string())),
+            Verdict::NeedsState | Verdict::Duplicate => unreachable!("handled by execute"),
+        }
+    }
+
+    /// The command's wallets the committer does not hold, folded from the
+    /// log (snapshot + tail) here, so the committer never waits on a read.
+    async fn cold_states(&self, command: &Command) -> Result<Vec<Wallet>, StoreError> {
+        let mut loaded = Vec::new();
+        for id in command.wallets() {
+            if !self.cache.contains(id) {
+                loaded.push(snapshots::load(&self.store, id, None).await?);
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// A request with the same key committed first: answer from it.
+    async fn replay_stored(
+        &self,
+        scope: &WalletId,
+        key: Option<&str>,
+        fingerprint: &str,
+    ) -> Result<Answer<Receipt>, CommandError> {
+        let key = key.ok_or_else(|| CommandError::OutcomeUnknown("a duplicate without a key".to_owned()))?;
+        match self.store.find_idempotency(scope, key).await? {
+            Some(found) => replay(found, fingerprint),
+            None => Err(CommandError::Conflict),
+        }
+    }
+}
+
+fn wallet_answer(answer: Answer<Receipt>) -> Result<Answer<WalletReceipt>, CommandError> {
+    match answer.receipt {
+        Receipt::Wallet(receipt) => Ok(Answer {
+            receipt,
+            replayed: answer.replayed,
+        }),
+        // A stored answer of another shape under this fingerprint.
+        Receipt::Transfer(_) => Err(CommandError::KeyReused),
+    }
+}
+
+fn replay(found: StoredOutcome, fingerprint: &str) -> Result<Answer<Receipt>, CommandError> {
+    if found.fingerprint != fingerprint {
+        return Err(CommandError::KeyReused);
+    }
+    let outcome: Outcome = serde_json::from_value(found.outcome)
+        .map_err(|e| StoreError::Database(sqlx::Error::Decode(format!("stored idempotency outcome: {e}").into())))?;
+    match outcome {
+        Outcome::Receipt(mut receipt) => {
+            receipt.set_position(found.position.unwrap_or(0));
+            Ok(Answer {
+                receipt,
+                replayed: true,
+            })
+        }
+        Outcome::Rejected(error) => Err(CommandError::Rejected { error, replayed: true }),
+    }
+}
