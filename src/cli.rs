@@ -229,6 +229,10 @@ pub struct LoadArgs {
     /// Base URL of the server under load.
     #[arg(long, default_value = "http://127.0.0.1:3000")]
     pub url: String,
+    /// Another server on the same database (repeatable): connections are
+    /// spread over all of them, so they write the same wallets.
+    #[arg(long = "also-url")]
+    pub also_urls: Vec<String>,
     /// Wallets the workload spreads over (created by the run).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=100_000))]
     pub wallets: u64,
@@ -681,6 +685,7 @@ async fn verify(store: &crate::store::EventStore, projections: &Projections, jso
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let cfg = crate::load::LoadConfig {
         base_url: args.url,
+        other_urls: args.also_urls,
         wallets: args.wallets as usize,
         concurrency: args.concurrency as usize,
         duration: Duration::from_secs(args.seconds),

@@ -21,6 +21,8 @@ pub const MAX_REQUESTS: u64 = 10_000_000;
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
     pub base_url: String,
+    /// Other servers on the same database: workers are spread over all.
+    pub other_urls: Vec<String>,
     pub wallets: usize,
     pub concurrency: usize,
     pub duration: Duration,
@@ -117,8 +119,12 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     let budget = cfg.max_requests.min(MAX_REQUESTS);
     let per_worker = budget.div_ceil(cfg.concurrency as u64);
     let mut tasks = Vec::with_capacity(cfg.concurrency);
+    let servers: Vec<String> = std::iter::once(base.clone())
+        .chain(cfg.other_urls.iter().map(|u| u.trim_end_matches('/').to_owned()))
+        .collect();
     for k in 0..cfg.concurrency {
-        let (http, base, wallets, cfg) = (http.clone(), base.clone(), wallets.clone(), cfg.clone());
+        let base = servers[k % servers.len()].clone();
+        let (http, wallets, cfg) = (http.clone(), wallets.clone(), cfg.clone());
         tasks.push(tokio::spawn(async move {
             let mut w = Worker::default();
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((k as u64 + 1) * 0x1000_0001);

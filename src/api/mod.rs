@@ -129,7 +129,7 @@ pub fn router(state: AppState) -> Router {
         // A write is answered truthfully before this limit: the ledger's own
         // deadline is shorter, so the 408 never stands in for a commit.
         .layer(axum::middleware::from_fn_with_state(
-            REQUEST_TIMEOUT.max(state.ledger.answer_deadline() + Duration::from_secs(5)),
+            REQUEST_TIMEOUT.max(state.ledger.write_deadline() + Duration::from_secs(1)),
             time_limit,
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), access::require_key))

@@ -172,15 +172,19 @@ impl Committer {
         &self.status
     }
 
-    pub async fn submit(&self, job: Job) -> Result<(), StoreError> {
+    /// Hands `job` over, waiting for room in the queue until `deadline`.
+    pub async fn submit(&self, job: Job, deadline: tokio::time::Instant) -> Result<(), StoreError> {
         if self.status.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
             // Idle until now: the stall clock starts with this work.
             self.status.progressed();
         }
-        self.queue.send(job).await.map_err(|_| {
-            self.status.waiting.fetch_sub(1, Ordering::Relaxed);
-            StoreError::BatchFailed("the committer has stopped".to_owned())
-        })
+        let refused = match tokio::time::timeout_at(deadline, self.queue.send(job)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => "the committer has stopped",
+            Err(_) => "the committer's queue stayed full",
+        };
+        self.status.waiting.fetch_sub(1, Ordering::Relaxed);
+        Err(StoreError::BatchFailed(refused.to_owned()))
     }
 }
 

@@ -39,6 +39,9 @@ const MAX_CONFLICTS: u32 = 10;
 /// Longest a command waits in the committer's queue before it is answered,
 /// not applied, with 503 `UNAVAILABLE`.
 const QUEUE_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest the request task may take to load the wallets the committer does
+/// not hold; past it the command is not handed over (503 `UNAVAILABLE`).
+const LOAD_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Answer to a deposit or withdrawal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -271,12 +274,17 @@ impl Ledger {
         })
     }
 
-    /// Longest a request waits for its verdict: the queue deadline, then at
-    /// most one batch (connect, write, resolve). Past it the command may be
-    /// in a batch whose answer never came.
-    pub fn answer_deadline(&self) -> Duration {
+    /// Longest a write takes to be answered: loading its cold wallets, the
+    /// queue, then at most one batch (connect, write, resolve). Past it the
+    /// command may be in a batch whose answer never came.
+    pub fn write_deadline(&self) -> Duration {
+        LOAD_DEADLINE + QUEUE_DEADLINE + self.batch_budget()
+    }
+
+    /// The longest one batch may take, with a margin for the loop's turn.
+    fn batch_budget(&self) -> Duration {
         let w = &self.writer;
-        QUEUE_DEADLINE + w.connect_timeout + w.batch_deadline + w.resolve_deadline + Duration::from_secs(2)
+        w.connect_timeout + w.batch_deadline + w.resolve_deadline + Duration::from_secs(2)
     }
 
     async fn execute(
@@ -293,22 +301,28 @@ impl Ledger {
             "correlationId": request_id,
             "auditId": crate::audit::current_audit_id(),
         });
+        let give_up = tokio::time::Instant::now() + self.write_deadline();
         // A cold wallet evicted from the committer's state between our look
         // and its decision sends the command back here to load it again.
         for _ in 0..3 {
+            let loaded = tokio::time::timeout(LOAD_DEADLINE, self.cold_states(&command))
+                .await
+                .map_err(|_| StoreError::BatchFailed("loading the wallets took too long".to_owned()))??;
+            // Decided by then, or not at all: its batch still fits before `give_up`.
+            let deadline = (tokio::time::Instant::now() + QUEUE_DEADLINE).min(give_up - self.batch_budget());
             let (reply, verdict) = tokio::sync::oneshot::channel();
             let job = Job {
-                loaded: self.cold_states(&command).await?,
+                loaded,
                 command: command.clone(),
                 key: key.clone(),
                 fingerprint: fingerprint.clone(),
                 request_id: request_id.clone(),
                 metadata: metadata.clone(),
-                deadline: tokio::time::Instant::now() + QUEUE_DEADLINE,
+                deadline,
                 reply,
             };
-            self.committer().submit(job).await?;
-            let verdict = match tokio::time::timeout(self.answer_deadline(), verdict).await {
+            self.committer().submit(job, deadline).await?;
+            let verdict = match tokio::time::timeout_at(give_up, verdict).await {
                 Ok(Ok(verdict)) => verdict,
                 Ok(Err(_)) => return Err(CommandError::OutcomeUnknown("the committer stopped".to_owned())),
                 Err(_) => {

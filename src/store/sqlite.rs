@@ -300,8 +300,20 @@ pub struct SqliteWriter {
 impl SqliteWriter {
     pub(crate) async fn write(&mut self, requests: &[AppendRequest]) -> Result<WrittenBatch, WriteFailure> {
         let deadline = self.options.batch_deadline;
+        // Waiting for the connection sends nothing: a timeout there is a
+        // batch that certainly did not happen.
+        let mut conn = match tokio::time::timeout(deadline, self.pool.acquire()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(WriteFailure::NotCommitted(e.into())),
+            Err(_) => {
+                return Err(WriteFailure::NotCommitted(StoreError::BatchFailed(format!(
+                    "the SQLite writer was busy for {deadline:?}"
+                ))))
+            }
+        };
         let write = async {
-            let (tx, written) = write_batch(&self.pool, requests).await?;
+            let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+            let written = write_in(&mut tx, requests).await?;
             tx.commit().await?;
             Ok::<_, StoreError>(written)
         };
@@ -362,7 +374,12 @@ async fn write_batch(
     requests: &[AppendRequest],
 ) -> Result<(Transaction<'static, Sqlite>, WrittenBatch), StoreError> {
     let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+    let written = write_in(&mut tx, requests).await?;
+    Ok((tx, written))
+}
 
+/// The checks and inserts of a batch, inside an IMMEDIATE transaction.
+async fn write_in(tx: &mut Transaction<'_, Sqlite>, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError> {
     // One index probe per stream (newest version first), however long the
     // stream; chunked to stay under SQLite's compound-select limit.
     let names: Vec<&str> = requests
@@ -386,7 +403,7 @@ async fn write_batch(
                 .push_bind(*name)
                 .push(" ORDER BY version DESC LIMIT 1)");
         }
-        for r in select.build().fetch_all(&mut *tx).await? {
+        for r in select.build().fetch_all(&mut **tx).await? {
             let balance: String = r.try_get(3)?;
             let balance =
                 balance.parse().ok().and_then(Balance::from_decimal).ok_or_else(|| {
@@ -422,7 +439,7 @@ async fn write_batch(
                 .push_unseparated(")");
         }
         q.push(")");
-        for r in q.build().fetch_all(&mut *tx).await? {
+        for r in q.build().fetch_all(&mut **tx).await? {
             taken.insert((r.get::<String, _>(0), r.get::<String, _>(1)));
         }
     }
@@ -447,7 +464,7 @@ async fn write_batch(
                 .push_bind(row.hash.as_str());
         });
         insert.push(" RETURNING position");
-        positions = insert.build_query_scalar().fetch_all(&mut *tx).await?;
+        positions = insert.build_query_scalar().fetch_all(&mut **tx).await?;
         // RETURNING order is unspecified in SQLite; rowids follow VALUES order.
         positions.sort_unstable();
     }
@@ -464,17 +481,14 @@ async fn write_batch(
                 .push_bind(rec.outcome.to_string())
                 .push_bind(*position);
         });
-        insert.build().execute(&mut *tx).await?;
+        insert.build().execute(&mut **tx).await?;
     }
-    Ok((
-        tx,
-        WrittenBatch {
-            plans,
-            positions,
-            hashes,
-            recorded_at,
-        },
-    ))
+    Ok(WrittenBatch {
+        plans,
+        positions,
+        hashes,
+        recorded_at,
+    })
 }
 
 fn decode_all(rows: Vec<SqliteRow>) -> Result<Vec<RecordedEvent>, StoreError> {
