@@ -65,7 +65,19 @@ impl WalletCache {
         }
     }
 
-    /// Drops what is known of `id` (after a conflict or an unknown outcome).
+    /// Keeps `wallet` whatever is held: the log's own head, as a conflict
+    /// answered it, is the truth even when it is behind what was held (a
+    /// database restored or failed over to a standby that lost commits).
+    pub fn replace(&self, wallet: Wallet) {
+        if !wallet.exists() {
+            self.forget(&wallet.id);
+            return;
+        }
+        self.forget(&wallet.id);
+        self.remember(wallet);
+    }
+
+    /// Drops what is known of `id` (after an unknown outcome).
     pub fn forget(&self, id: &WalletId) {
         self.map.remove(id);
     }

@@ -16,7 +16,7 @@
 //! After a batch whose answer was lost, the writer finds out what it did
 //! (`BatchWriter::resolve`), and each command is answered with the truth.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,8 +62,11 @@ pub(crate) enum Verdict {
         snapshots: Vec<(Wallet, Position)>,
     },
     Rejected(DomainError),
-    /// Its key is recorded: the stored answer is the answer.
-    Duplicate,
+    /// Its key is recorded: the stored answer is the answer. `resolved`:
+    /// found after a lost answer, so the record may be this command's own.
+    Duplicate {
+        resolved: bool,
+    },
     /// A wallet it needs is neither held nor loaded: load it and resubmit.
     NeedsState,
     /// The wallet kept changing under it (other processes).
@@ -145,6 +148,7 @@ impl Committer {
             snapshot_every,
             status: status.clone(),
             retry: VecDeque::new(),
+            deferred: Vec::new(),
         };
         match matches!(owner.writer, BatchWriter::Postgres(_)) {
             true => {
@@ -178,13 +182,27 @@ impl Committer {
             // Idle until now: the stall clock starts with this work.
             self.status.progressed();
         }
+        // Counted as waiting only once handed over, even if this future is
+        // dropped while the queue is full.
+        let uncount = Uncount(&self.status.waiting);
         let refused = match tokio::time::timeout_at(deadline, self.queue.send(job)).await {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(())) => {
+                std::mem::forget(uncount);
+                return Ok(());
+            }
             Ok(Err(_)) => "the committer has stopped",
             Err(_) => "the committer's queue stayed full",
         };
-        self.status.waiting.fetch_sub(1, Ordering::Relaxed);
         Err(StoreError::BatchFailed(refused.to_owned()))
+    }
+}
+
+/// Takes a command back off the waiting count unless forgotten.
+struct Uncount<'a>(&'a AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -215,6 +233,8 @@ struct Owner {
     status: Arc<CommitterStatus>,
     /// Commands that conflicted, decided again first, in arrival order.
     retry: VecDeque<Pending>,
+    /// Commands held back a batch (their key was already in the batch).
+    deferred: Vec<Pending>,
 }
 
 impl Owner {
@@ -224,10 +244,12 @@ impl Owner {
         }
     }
 
-    /// The next batch: conflicted commands first, then whatever waits (at
-    /// least one: this waits for it). `None` once every sender is gone.
+    /// The next batch: conflicted commands first, then those held back,
+    /// then whatever waits (at least one: this waits for it). `None` once
+    /// every sender is gone.
     async fn take(&mut self, jobs: &mut mpsc::Receiver<Job>) -> Option<Vec<Pending>> {
         let mut batch: Vec<Pending> = self.retry.drain(..).collect();
+        batch.append(&mut self.deferred);
         if batch.is_empty() {
             let job = jobs.recv().await?;
             batch.push(Pending { job, conflicts: 0 });
@@ -247,28 +269,7 @@ impl Owner {
 
     /// Decides the batch, appends it, answers every command of it.
     async fn commit(&mut self, batch: Vec<Pending>) {
-        let mut overlay: HashMap<WalletId, Wallet> = HashMap::new();
-        let mut planned: Vec<(Pending, Decided)> = Vec::with_capacity(batch.len());
-        let mut requests: Vec<AppendRequest> = Vec::with_capacity(batch.len());
-        for pending in batch {
-            if tokio::time::Instant::now() > pending.job.deadline {
-                let e = StoreError::BatchFailed("the command waited too long for the committer".to_owned());
-                self.answer(pending, Verdict::NotCommitted(e));
-                continue;
-            }
-            let Some(states) = self.states_of(&pending.job, &overlay) else {
-                self.answer(pending, Verdict::NeedsState);
-                continue;
-            };
-            let (request, decided) = plan(&pending.job, states);
-            if let Decided::Accepted { after, .. } = &decided {
-                for state in after {
-                    overlay.insert(state.id.clone(), state.clone());
-                }
-            }
-            requests.push(request);
-            planned.push((pending, decided));
-        }
+        let (planned, requests) = self.decide_all(batch);
         if planned.is_empty() {
             return;
         }
@@ -289,6 +290,45 @@ impl Owner {
             }
             Err(WriteFailure::Unknown(e)) => self.resolve(planned, requests, e).await,
         }
+    }
+
+    /// Decides each command in arrival order, each on the states the
+    /// batch's earlier ones leave (the overlay).
+    fn decide_all(&mut self, batch: Vec<Pending>) -> (Vec<(Pending, Decided)>, Vec<AppendRequest>) {
+        let mut overlay: HashMap<WalletId, Wallet> = HashMap::new();
+        let mut keys: HashSet<(WalletId, String)> = HashSet::new();
+        let mut planned: Vec<(Pending, Decided)> = Vec::with_capacity(batch.len());
+        let mut requests: Vec<AppendRequest> = Vec::with_capacity(batch.len());
+        for pending in batch {
+            if tokio::time::Instant::now() > pending.job.deadline {
+                let e = StoreError::BatchFailed("the command waited too long for the committer".to_owned());
+                self.answer(pending, Verdict::NotCommitted(e));
+                continue;
+            }
+            if let Some(key) = &pending.job.key {
+                // The same key twice in one batch: the second can only be a
+                // duplicate (or go round with the first), and deciding it
+                // would move its wallet's state for the batch's later
+                // commands, which would then conflict. It waits a batch.
+                if !keys.insert((pending.job.command.wallets()[0].clone(), key.clone())) {
+                    self.deferred.push(pending);
+                    continue;
+                }
+            }
+            let Some(states) = self.states_of(&pending.job, &overlay) else {
+                self.answer(pending, Verdict::NeedsState);
+                continue;
+            };
+            let (request, decided) = plan(&pending.job, states);
+            if let Decided::Accepted { after, .. } = &decided {
+                for state in after {
+                    overlay.insert(state.id.clone(), state.clone());
+                }
+            }
+            requests.push(request);
+            planned.push((pending, decided));
+        }
+        (planned, requests)
     }
 
     /// Each wallet the command needs: as this batch left it, else as the
@@ -318,7 +358,7 @@ impl Owner {
                     let verdict = self.accepted(decided, &recorded);
                     self.answer(pending, verdict);
                 }
-                AppendOutcome::Duplicate => self.answer(pending, Verdict::Duplicate),
+                AppendOutcome::Duplicate => self.answer(pending, Verdict::Duplicate { resolved: false }),
                 AppendOutcome::Conflict(heads) => self.conflicted(pending, heads),
             }
         }
@@ -359,7 +399,7 @@ impl Owner {
         pending.job.loaded.clear();
         for (id, head) in heads {
             let state = head.wallet(id);
-            self.cache.remember(state.clone());
+            self.cache.replace(state.clone());
             pending.job.loaded.push(state);
         }
         if pending.conflicts >= MAX_CONFLICTS {
@@ -386,7 +426,7 @@ impl Owner {
                 for ((pending, decided), resolution) in planned.into_iter().zip(resolutions) {
                     let verdict = match resolution {
                         Resolution::Committed(recorded) => self.accepted(decided, &recorded),
-                        Resolution::Duplicate => Verdict::Duplicate,
+                        Resolution::Duplicate => Verdict::Duplicate { resolved: true },
                         Resolution::NotCommitted => Verdict::NotCommitted(StoreError::BatchFailed(lost.to_string())),
                     };
                     self.answer(pending, verdict);

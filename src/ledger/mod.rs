@@ -255,8 +255,14 @@ impl Ledger {
             return snapshots::load(&self.store, id, None).await;
         };
         let probe = self.probe.get_or_init(|| VersionProbe::spawn(self.store.clone()));
-        if probe.version(id).await? <= known.version {
+        let version = probe.version(id).await?;
+        if version == known.version {
             return Ok(known);
+        }
+        if version < known.version {
+            // The log lost events the committer saw (a restore, a failover
+            // to a standby that lagged): the log is the truth.
+            return snapshots::load(&self.store, id, None).await;
         }
         let tail = self.store.read_stream(id, known.version, None).await?;
         Ok(tail.iter().fold(known, |w, e| w.evolve(&e.event)))
@@ -333,7 +339,15 @@ impl Ledger {
             };
             match verdict {
                 Verdict::NeedsState => continue,
-                Verdict::Duplicate => return self.replay_stored(&scope, key.as_deref(), &fingerprint).await,
+                Verdict::Duplicate { resolved } => {
+                    let replayed = self.replay_stored(&scope, key.as_deref(), &fingerprint).await;
+                    return match replayed {
+                        // After a lost answer the record may be this command's
+                        // own: failing to read it is not "not applied".
+                        Err(CommandError::Store(e)) if resolved => Err(CommandError::OutcomeUnknown(e.to_string())),
+                        other => other,
+                    };
+                }
                 other => return self.answer(other),
             }
         }
@@ -360,7 +374,7 @@ impl Ledger {
             Verdict::Conflict => Err(CommandError::Conflict),
             Verdict::NotCommitted(e) => Err(CommandError::Store(e)),
             Verdict::Unknown(e) => Err(CommandError::OutcomeUnknown(e.to_string())),
-            Verdict::NeedsState | Verdict::Duplicate => unreachable!("handled by execute"),
+            Verdict::NeedsState | Verdict::Duplicate { .. } => unreachable!("handled by execute"),
         }
     }
 

@@ -379,6 +379,13 @@ fn written_batch(requests: &[AppendRequest], rows: Vec<PgRow>) -> Result<Written
             "ok" => {
                 let mine: Vec<Position> = row.try_get::<Option<Vec<Position>>, _>(1)?.unwrap_or_default();
                 let links: Vec<String> = row.try_get::<Option<Vec<String>>, _>(2)?.unwrap_or_default();
+                let events: usize = request.streams.iter().map(|s| s.events.len()).sum();
+                if mine.len() != events || links.len() != events {
+                    return Err(StoreError::BatchFailed(format!(
+                        "wallet_append answered {} positions for {events} events",
+                        mine.len()
+                    )));
+                }
                 let plan = Plan::Accepted {
                     first: positions.len(),
                     count: mine.len(),
@@ -435,6 +442,16 @@ fn conflict_heads(request: &AppendRequest, row: &PgRow) -> Result<Vec<(WalletId,
         .collect()
 }
 
+/// Whether PostgreSQL answered the statement with an ERROR (so it rolled
+/// back), as opposed to a broken connection or a FATAL/PANIC.
+fn refused(e: &StoreError) -> bool {
+    let StoreError::Database(sqlx::Error::Database(db)) = e else {
+        return false;
+    };
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some_and(|pg| pg.severity() == sqlx::postgres::PgSeverity::Error)
+}
+
 /// The committer's connection to PostgreSQL: its own session with explicit
 /// settings, a deadline per batch, and reconnection with backoff.
 pub struct PgWriter {
@@ -485,9 +502,10 @@ impl PgWriter {
         let session = self.session().await.map_err(WriteFailure::NotCommitted)?;
         match tokio::time::timeout(deadline, write_batch(&mut session.conn, requests)).await {
             Ok(Ok(written)) => Ok(written),
-            // The server refused the statement: its implicit transaction
-            // rolled back, and the session is still good.
-            Ok(Err(e @ StoreError::Database(sqlx::Error::Database(_)))) => Err(WriteFailure::NotCommitted(e)),
+            // The server refused the statement with an ERROR: its implicit
+            // transaction rolled back, and the session is still good. A
+            // FATAL or PANIC ends the session at a moment we cannot place.
+            Ok(Err(e)) if refused(&e) => Err(WriteFailure::NotCommitted(e)),
             Ok(Err(e)) => Err(self.lost(e)),
             Err(_) => Err(self.lost(StoreError::BatchFailed(format!(
                 "no answer from PostgreSQL within {deadline:?}"
@@ -524,19 +542,20 @@ impl PgWriter {
         Ok(self.session.as_mut().expect("just opened"))
     }
 
+    /// A new session, and who it is on the server, within the connect timeout.
     async fn open(&self) -> Result<Session, StoreError> {
         let timeout = self.options.connect_timeout;
-        let mut conn = tokio::time::timeout(timeout, PgConnection::connect_with(&self.connect))
+        let open = async {
+            let mut conn = PgConnection::connect_with(&self.connect).await?;
+            let (pid, started): (i32, DateTime<Utc>) =
+                sqlx::query_as("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+                    .fetch_one(&mut conn)
+                    .await?;
+            Ok::<_, StoreError>(Session { conn, pid, started })
+        };
+        tokio::time::timeout(timeout, open)
             .await
-            .map_err(|_| StoreError::BatchFailed(format!("could not connect to PostgreSQL within {timeout:?}")))??;
-        let (pid, started): (i32, DateTime<Utc>) = tokio::time::timeout(
-            timeout,
-            sqlx::query_as("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
-                .fetch_one(&mut conn),
-        )
-        .await
-        .map_err(|_| StoreError::BatchFailed("no answer from PostgreSQL".to_owned()))??;
-        Ok(Session { conn, pid, started })
+            .map_err(|_| StoreError::BatchFailed(format!("could not connect to PostgreSQL within {timeout:?}")))?
     }
 
     /// On a fresh connection: end the lost batch's session (if it still
@@ -548,14 +567,21 @@ impl PgWriter {
         let found = tokio::time::timeout(deadline, async {
             let mut conn = self.open().await?.conn;
             if let Some((pid, started)) = suspect {
-                sqlx::query(
+                // No row: that session is gone. `false`: it outlived the
+                // wait, and could still commit after we look.
+                let ended: Option<bool> = sqlx::query_scalar(
                     "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity \
                      WHERE pid = $1 AND backend_start = $2",
                 )
                 .bind(pid)
                 .bind(started)
-                .execute(&mut conn)
+                .fetch_optional(&mut conn)
                 .await?;
+                if ended == Some(false) {
+                    return Err(StoreError::BatchFailed(format!(
+                        "the lost batch's session {pid} did not end"
+                    )));
+                }
             }
             let mut tx = conn.begin().await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -584,7 +610,11 @@ impl PgWriter {
             })
         })
         .await
-        .map_err(|_| StoreError::BatchFailed(format!("could not read the lost batch's outcome within {deadline:?}")))?;
+        .unwrap_or_else(|_| {
+            Err(StoreError::BatchFailed(format!(
+                "could not read the lost batch's outcome within {deadline:?}"
+            )))
+        });
         if found.is_err() {
             // Still unknown: the next resolve must end that session too.
             self.suspect = self.suspect.or(suspect);

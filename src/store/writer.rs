@@ -48,10 +48,12 @@ impl Default for WriterOptions {
             connect_timeout: Duration::from_secs(3),
             statement_timeout: Duration::from_secs(4),
             lock_timeout: Duration::from_secs(3),
-            resolve_deadline: Duration::from_secs(5),
+            // Connect, end the lost session (up to 2 s), wait for the lock.
+            resolve_deadline: Duration::from_secs(8),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(2),
-            stall_after: Duration::from_secs(3),
+            // Above one slow batch that still succeeds (statement timeout).
+            stall_after: Duration::from_secs(5),
         }
     }
 }
