@@ -213,10 +213,11 @@ async fn concurrent_duplicates_take_effect_once(db: TestDb) {
     assert_eq!((src, dst), (Decimal::from(93), Decimal::from(7)));
 }
 
-/// Two processes (ledgers) on one log: one holds a wallet in its cache,
-/// the other deposits into it. A withdrawal the stale cached balance could
-/// not cover must still succeed: rejections are remembered for good, so
-/// they are decided on the log's state.
+/// Two processes (ledgers) on one log: one holds a wallet in its
+/// committer's state, the other deposits into it. A withdrawal the stale
+/// balance could not cover must still succeed: a rejection asserts the head
+/// it was decided on, the log refuses the stale one, and the committer
+/// decides again on the head the conflict answered with.
 async fn a_rejection_is_never_decided_on_a_stale_cache(db: TestDb) {
     use wallet::aggregate::Amount;
     use wallet::ledger::Ledger;
@@ -234,11 +235,12 @@ async fn a_rejection_is_never_decided_on_a_stale_cache(db: TestDb) {
     assert!(matches!(err, wallet::ledger::CommandError::Rejected { .. }), "{err:?}");
 }
 
-/// Commands on one wallet stack on each other's uncommitted state; a
-/// client retrying a key that is already recorded fails its own append as
-/// a duplicate, and whatever stacked on it fails too. Those commands must
-/// re-decide and succeed, not run out of attempts: every deposit lands
-/// once and every retry replays the recorded receipt.
+/// Commands on one wallet are decided on each other's results within a
+/// batch; a client retrying a key that is already recorded is decided too,
+/// found a duplicate by the log, and whatever was decided after it in the
+/// batch conflicts. Those commands must be decided again and land, not run
+/// out of attempts: every deposit lands once and every retry replays the
+/// recorded receipt.
 async fn retries_of_a_recorded_key_do_not_fail_their_neighbours(db: TestDb) {
     use std::sync::Arc;
     use wallet::aggregate::Amount;
@@ -272,7 +274,69 @@ async fn retries_of_a_recorded_key_do_not_fail_their_neighbours(db: TestDb) {
     assert_eq!(first.receipt.balance.to_string(), "5.0000");
 }
 
+/// Three processes (ledgers) on one log race the same keyed transfer, round
+/// after round, while unkeyed deposits move the same wallets from every
+/// process: the recorded key wins over any head conflict, so each round
+/// takes effect once and every racer gets the one receipt, never a 409.
+async fn three_processes_racing_one_key_never_answer_conflict(db: TestDb) {
+    use std::sync::Arc;
+    use wallet::aggregate::Amount;
+    use wallet::ledger::{CommandError, Ledger};
+    let ledgers: Vec<Arc<Ledger>> = (0..3).map(|_| Arc::new(Ledger::new(db.store.clone()))).collect();
+    let (from, to) = (WalletId::parse("race-a").unwrap(), WalletId::parse("race-b").unwrap());
+    ledgers[0]
+        .deposit(from.clone(), Amount::parse("1000").unwrap(), None)
+        .await
+        .unwrap();
+    const ROUNDS: usize = 40;
+    for round in 0..ROUNDS {
+        let key = format!("race-{round}");
+        let mut tasks = Vec::new();
+        for ledger in &ledgers {
+            let (ledger, from, to, key) = (ledger.clone(), from.clone(), to.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let amount = Amount::parse("1").unwrap();
+                let noise = ledger.deposit(from.clone(), Amount::parse("2").unwrap(), None);
+                let (raced, noise) = tokio::join!(ledger.transfer(from, to, amount, Some(key)), noise);
+                noise.expect("an unkeyed deposit beside the race lands");
+                raced
+            }));
+        }
+        let answers: Vec<_> = join_all(tasks).await.into_iter().map(|r| r.unwrap()).collect();
+        for a in &answers {
+            assert!(
+                !matches!(a, Err(CommandError::Conflict)),
+                "round {round}: a racer of a recorded key got 409: {answers:?}"
+            );
+        }
+        let receipts: Vec<_> = answers
+            .into_iter()
+            .map(|a| a.expect("every racer gets the receipt"))
+            .collect();
+        assert_eq!(
+            receipts.iter().filter(|a| !a.replayed).count(),
+            1,
+            "round {round}: one took effect"
+        );
+        assert!(
+            receipts.iter().all(|a| a.receipt == receipts[0].receipt),
+            "round {round}: one receipt"
+        );
+    }
+    let balance = |w: WalletId| {
+        let ledger = ledgers[1].clone();
+        async move { ledger.wallet(&w, None).await.unwrap().balance.value() }
+    };
+    let rounds = Decimal::from(ROUNDS as i64);
+    assert_eq!(balance(to).await, rounds, "each round moved 1 once");
+    assert_eq!(
+        balance(from).await,
+        Decimal::from(1000) + rounds * Decimal::from(6) - rounds
+    );
+}
+
 on_both_backends!(
+    three_processes_racing_one_key_never_answer_conflict,
     retries_of_a_recorded_key_do_not_fail_their_neighbours,
     a_rejection_is_never_decided_on_a_stale_cache,
     mixed_writes_conserve_money,

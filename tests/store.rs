@@ -400,6 +400,25 @@ async fn a_batch_guards_each_request_against_its_predecessors(db: TestDb) {
     }
 }
 
+/// Readers by position rely on positions becoming visible in order; a
+/// sequence cache above 1 breaks that, and `migrate` refuses to run on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_a_position_sequence_with_a_cache() {
+    let db = common::postgres().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query("ALTER TABLE events ALTER COLUMN position SET CACHE 20")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let err = db.store.migrate().await.expect_err("a cached sequence is refused");
+    assert!(err.to_string().contains("cache"), "{err}");
+    sqlx::query("ALTER TABLE events ALTER COLUMN position SET CACHE 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    db.store.migrate().await.expect("cache 1 is fine");
+}
+
 on_both_backends!(
     append_and_read_back,
     stale_expected_version_is_a_conflict,
