@@ -6,12 +6,16 @@
 # the tables were empty).
 #
 # usage: benches/write-path.sh [wallets ...]      (default: 100 10000)
-# env:   WALLET (binary, default target/release/wallet), PGURL (server, default
+# env:   WALLET (server binary, default target/release/wallet), LOAD_WALLET (load
+#        generator binary, default WALLET), PGURL (server, default
 #        postgres://postgres@127.0.0.1:5432), PORT (3100), SECONDS_RUN (10),
-#        PROCESSES (serve processes on the one database, default 1)
+#        PROCESSES (serve processes on the one database, default 1),
+#        RESTART=1 (then restart the servers on the same database and run again),
+#        LOAD_ARGS (more `wallet load` options, e.g. --keyed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WALLET=${WALLET:-target/release/wallet}
+LOAD_WALLET=${LOAD_WALLET:-$WALLET}
 PGURL=${PGURL:-postgres://postgres@127.0.0.1:5432}
 PORT=${PORT:-3100}
 RUN=${SECONDS_RUN:-10}
@@ -25,9 +29,7 @@ cleanup() {
     psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-for wallets in "${WALLETS[@]}"; do
-    psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1
-    psql -q "$PGURL/postgres" -c "CREATE DATABASE $DB"
+start_servers() {
     SERVERS=()
     urls=()
     for i in $(seq 0 $((PROCESSES - 1))); do
@@ -37,23 +39,45 @@ for wallets in "${WALLETS[@]}"; do
         for _ in $(seq 100); do curl -sf -o /dev/null http://127.0.0.1:$port/health && break; sleep 0.2; done
         urls+=("http://127.0.0.1:$port")
     done
-    # One load generator spreads its connections over every process, so
-    # several processes write the same wallets (and the balances must still
-    # add up at the end).
-    extra=()
+}
+stop_servers() {
+    for s in "${SERVERS[@]}"; do kill "$s"; wait "$s" 2>/dev/null || true; done
+    SERVERS=()
+}
+# One load generator spreads its connections over every process, so several
+# processes write the same wallets (and the balances must still add up).
+run_load() {
+    local label=$1 extra=() out
     for url in "${urls[@]:1}"; do extra+=(--also-url "$url"); done
     out=$(mktemp)
-    "$WALLET" load --url "${urls[0]}" "${extra[@]}" --seconds "$RUN" --wallets "$wallets" >"$out" 2>&1 || true
+    # Sequential scans of the idempotency table during the run: a plan made
+    # on an empty table shows here.
+    scans() { psql -At "$PGURL/$DB" -c "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_user_tables WHERE relname = 'idempotency'"; }
+    local scans0; scans0=$(scans)
+    # shellcheck disable=SC2086
+    "$LOAD_WALLET" load --url "${urls[0]}" "${extra[@]}" --seconds "$RUN" --wallets "$wallets" ${LOAD_ARGS:-} >"$out" 2>&1 || true
+    sleep 1 # statistics are reported by backends with a short delay
+    local idem_scans=$(( $(scans) - scans0 ))
     rps=$(grep -oE '[0-9.]+ requests/s' "$out" | head -1 | cut -d' ' -f1)
     p99=$(awk '$1 ~ /^(deposit|withdraw|transfer)$/ && $5 > m {m = $5} END {print m}' "$out")
     statuses=$(grep -E '^statuses' "$out" | head -1)
-    conservation=$(grep -E '^conservation' "$out" | head -1)
-    echo "wallets=$wallets processes=$PROCESSES rps=$rps p99_ms=$p99 $statuses; $conservation"
-    for s in "${SERVERS[@]}"; do kill "$s"; wait "$s" 2>/dev/null || true; done
-    SERVERS=()
+    conservation=$(grep -E '^conservation' "$out" | head -1 | cut -c1-16)
+    echo "$label wallets=$wallets processes=$PROCESSES rps=$rps p99_ms=$p99 idempotency_seq_scans=$idem_scans $statuses; $conservation"
+    rm -f "$out"
+}
+for wallets in "${WALLETS[@]}"; do
+    psql -q "$PGURL/postgres" -c "DROP DATABASE IF EXISTS $DB" >/dev/null 2>&1
+    psql -q "$PGURL/postgres" -c "CREATE DATABASE $DB"
+    start_servers
+    run_load fresh
+    stop_servers
+    if [ "${RESTART:-0}" = 1 ]; then
+        start_servers
+        run_load restarted
+        stop_servers
+    fi
     psql -q "$PGURL/$DB" -c "CREATE TABLE pgb_ins (id bigserial primary key, v text)"
     echo "INSERT INTO pgb_ins (v) VALUES ('x');" > /tmp/wp_ins.sql
     tps=$(pgbench -h 127.0.0.1 -U postgres -n -c 16 -j 2 -T "$RUN" -f /tmp/wp_ins.sql "$DB" 2>/dev/null | grep -oE 'tps = [0-9.]+' | cut -d' ' -f3)
     echo "pgbench tps=$tps"
-    rm -f "$out"
 done

@@ -34,9 +34,35 @@ tokio::task_local! {
     pub static AUDIT_ID: Uuid;
 }
 
+tokio::task_local! {
+    /// The W3C `traceparent` of the write this task is serving, if valid.
+    pub static TRACEPARENT: Option<String>;
+}
+
 /// The audit id of the request being served, if any.
 pub fn current_audit_id() -> Option<Uuid> {
     AUDIT_ID.try_with(|id| *id).ok()
+}
+
+/// The trace context of the write being served, if it sent a valid one.
+pub fn current_traceparent() -> Option<String> {
+    TRACEPARENT.try_with(Clone::clone).ok().flatten()
+}
+
+/// `traceparent` if it is a W3C trace context (`00-<32 hex>-<16 hex>-<2
+/// hex>`, ids not all zero), so nothing else is kept in the log.
+pub fn valid_traceparent(value: &str) -> Option<String> {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let ok = parts.len() == 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2);
+    ok.then(|| value.to_owned())
 }
 
 /// One audited request; every field already bounded and redacted.

@@ -138,6 +138,10 @@ pub enum Command {
     /// total) as of a log position, an event time or a stream version.
     /// Read-only.
     Replay(ReplayArgs),
+    /// Print the committed log in position order from a position, and with
+    /// --follow keep printing new events as they commit. Reads the database
+    /// directly; read-only (creates nothing).
+    Tail(TailArgs),
     /// Re-fold every stream and check versions, the hash chain, balances,
     /// transfer pairs, snapshots and read models. Exits non-zero on any
     /// discrepancy.
@@ -225,6 +229,25 @@ pub struct ReplayArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct TailArgs {
+    /// Start after this log position (0: the beginning).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+    pub after: i64,
+    /// Keep following the log (until Ctrl-C).
+    #[arg(long)]
+    pub follow: bool,
+    /// Only this wallet's events.
+    #[arg(long)]
+    pub wallet: Option<String>,
+    /// Only events of this type (repeatable), e.g. --type FundsDeposited.
+    #[arg(long = "type")]
+    pub types: Vec<String>,
+    /// One JSON object per line (the public event shape, as GET /events).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct LoadArgs {
     /// Base URL of the server under load.
     #[arg(long, default_value = "http://127.0.0.1:3000")]
@@ -251,6 +274,9 @@ pub struct LoadArgs {
     /// Balance reads (GET /wallet/{id}) instead of writes.
     #[arg(long)]
     pub reads: bool,
+    /// Every write carries a unique requestId (an idempotency key).
+    #[arg(long)]
+    pub keyed: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -413,6 +439,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = config::open_store(&url).await.context("opening the event store")?;
             replay(&store, args).await
         }
+        Command::Tail(args) => {
+            // Read-only: no migration.
+            let store = crate::store::EventStore::connect(&url)
+                .await
+                .context("opening the event store")?;
+            tail(&store, args).await
+        }
         Command::Verify { json } => {
             let store = config::open_store(&url).await.context("opening the event store")?;
             let projections = Projections::new(store.clone(), rules);
@@ -574,6 +607,63 @@ async fn rebuild(projections: &Projections, names: Vec<String>, restart: bool) -
     Ok(())
 }
 
+/// `wallet tail`: pages of the log, then (with --follow) a poll every
+/// 200 ms. A closed pipe (`| head`) ends it quietly.
+async fn tail(store: &crate::store::EventStore, args: TailArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let wallet = args
+        .wallet
+        .as_deref()
+        .map(crate::aggregate::WalletId::parse)
+        .transpose()
+        .context("--wallet")?;
+    let filter = crate::store::LogFilter {
+        wallet,
+        types: args.types,
+    };
+    let mut after = args.after;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let events = store.read_log(after, crate::feed::PAGE, &filter).await?;
+        for e in &events {
+            after = e.position;
+            let line = if args.json {
+                serde_json::to_string(&crate::feed::LogEvent::of(e))?
+            } else {
+                tail_line(e)
+            };
+            if writeln!(out, "{line}").is_err() {
+                return Ok(());
+            }
+        }
+        if events.len() < crate::feed::PAGE as usize {
+            if !args.follow || out.flush().is_err() {
+                let _ = out.flush();
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
+}
+
+fn tail_line(e: &crate::store::RecordedEvent) -> String {
+    let money = match (e.event.amount(), &e.event) {
+        (Some(amount), event) => format!("{amount:>20} -> {}", event.balance_after()),
+        (None, _) => String::new(),
+    };
+    format!(
+        "{:>10}  {}  {:<24} v{:<6} {:<16} {money}",
+        e.position,
+        e.recorded_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+        e.stream.as_str(),
+        e.version,
+        e.event.event_type()
+    )
+}
+
 async fn replay(store: &crate::store::EventStore, args: ReplayArgs) -> anyhow::Result<()> {
     use crate::store::Cutoff;
     let cutoff = match (&args.at, args.version) {
@@ -692,6 +782,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         max_requests: args.requests,
         mix: [args.mix[0], args.mix[1], args.mix[2]],
         reads: args.reads,
+        keyed: args.keyed,
     };
     let r = crate::load::run(cfg).await?;
     if args.json {

@@ -5,6 +5,7 @@
 //! - [`store`]: the append-only event log on PostgreSQL or SQLite.
 //! - [`ledger`]: the command path (idempotency, load, decide, append, retry),
 //!   deciding against [`cache`], the folded wallets kept in memory.
+//! - [`feed`]: the log for consumers: the public event shape, the live tail.
 //! - [`broker`]: the RabbitMQ relay, worker and dead-letter queue.
 //! - [`snapshots`]: folded states stored every N events; loading = snapshot + tail.
 //! - [`projections`]: read models (history, stats, flags) built from the log.
@@ -19,6 +20,7 @@ pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod feed;
 pub mod freshness;
 pub mod ledger;
 pub mod load;

@@ -31,6 +31,8 @@ pub struct LoadConfig {
     pub mix: [u8; 3],
     /// Balance reads (`GET /wallet/{id}`) instead of writes.
     pub reads: bool,
+    /// Every write carries a unique `requestId` (an idempotency key).
+    pub keyed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -124,7 +126,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         .collect();
     for k in 0..cfg.concurrency {
         let base = servers[k % servers.len()].clone();
-        let (http, wallets, cfg) = (http.clone(), wallets.clone(), cfg.clone());
+        let (http, wallets, cfg, run_id) = (http.clone(), wallets.clone(), cfg.clone(), run_id.clone());
         tasks.push(tokio::spawn(async move {
             let mut w = Worker::default();
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((k as u64 + 1) * 0x1000_0001);
@@ -133,24 +135,29 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                 sent += 1;
                 let i = pick(&mut rng, wallets.len() as u64) as usize;
                 let amount = format!("{}.{:02}", 1 + pick(&mut rng, 100), pick(&mut rng, 100));
+                let key = if cfg.keyed {
+                    format!(",\"requestId\":\"{}-{k}-{sent}\"", &run_id[..8])
+                } else {
+                    String::new()
+                };
                 let roll = pick(&mut rng, 100) as u8;
                 let (op, request) = if cfg.reads {
                     (Op::Read, http.get(format!("{base}/wallet/{}", wallets[i])))
                 } else if roll < cfg.mix[0] {
-                    let body = format!("{{\"amount\":{amount}}}");
+                    let body = format!("{{\"amount\":{amount}{key}}}");
                     (
                         Op::Deposit,
                         http.post(format!("{base}/wallet/{}/deposit", wallets[i])).body(body),
                     )
                 } else if roll < cfg.mix[0] + cfg.mix[1] {
-                    let body = format!("{{\"amount\":{amount}}}");
+                    let body = format!("{{\"amount\":{amount}{key}}}");
                     (
                         Op::Withdraw,
                         http.post(format!("{base}/wallet/{}/withdraw", wallets[i])).body(body),
                     )
                 } else {
                     let j = (i + 1 + pick(&mut rng, wallets.len() as u64 - 1) as usize) % wallets.len();
-                    let body = format!("{{\"toWalletId\":\"{}\",\"amount\":{amount}}}", wallets[j]);
+                    let body = format!("{{\"toWalletId\":\"{}\",\"amount\":{amount}{key}}}", wallets[j]);
                     (
                         Op::Transfer,
                         http.post(format!("{base}/wallet/{}/transfer", wallets[i])).body(body),

@@ -202,7 +202,37 @@ async fn one_relay_is_active_and_a_standby_takes_over(db: TestDb) {
     assert!(more.windows(2).all(|w| w[0].position < w[1].position), "in order");
 }
 
+/// A write's `traceparent` reaches its events' messages: in the body's
+/// metadata and as the AMQP header a consumer continues its trace from.
+async fn a_writes_trace_context_travels_with_its_messages(db: TestDb) {
+    let topology = topology();
+    let mut observer = Observer::bind(&topology).await;
+    let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
+    let base = common::serve(db.store.clone()).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let r = reqwest::Client::new()
+        .post(format!("{base}/wallet/traced/deposit"))
+        .header("traceparent", traceparent)
+        .json(&serde_json::json!({"amount": "5"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+    let got = observer.collect_until(WAIT, |m| m.len() >= 2).await;
+    assert_eq!(got.len(), 2, "WalletCreated and FundsDeposited");
+    for (message, header) in got.iter().zip(&observer.traceparents) {
+        assert_eq!(
+            message.metadata.traceparent.as_deref(),
+            Some(traceparent),
+            "{message:?}"
+        );
+        assert_eq!(header.as_deref(), Some(traceparent), "the AMQP header");
+    }
+    relay.abort();
+}
+
 on_both_backends!(
+    a_writes_trace_context_travels_with_its_messages,
     relay_delivers_every_event_once_in_order,
     one_relay_is_active_and_a_standby_takes_over
 );

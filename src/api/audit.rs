@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::problem::Problem;
 use super::{AppState, MAX_BODY_BYTES};
-use crate::audit::{AuditRecord, AUDIT_ID};
+use crate::audit::{AuditRecord, AUDIT_ID, TRACEPARENT};
 
 const MAX_AUDIT_BODY: usize = 4096;
 /// Longest the body of a mutating request may take to arrive.
@@ -130,6 +130,11 @@ pub async fn record(State(app): State<Arc<AppState>>, request: Request, next: Ne
         .map(|v| truncate(&String::from_utf8_lossy(v.as_bytes()), 128).into_owned());
     let headers = headers_json(&parts.headers);
     let method = parts.method.as_str().to_owned();
+    let traceparent = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::audit::valid_traceparent);
 
     // The handler and the audit record run in a task of their own: a
     // client that disconnects mid-request cancels this future, but the
@@ -140,7 +145,8 @@ pub async fn record(State(app): State<Arc<AppState>>, request: Request, next: Ne
         let (bytes, response) = match tokio::time::timeout(BODY_TIMEOUT, read_body(body)).await {
             Ok(Ok(bytes)) => {
                 let request = Request::from_parts(parts, Body::from(bytes.clone()));
-                (bytes, AUDIT_ID.scope(audit_id, next.run(request)).await)
+                let handled = TRACEPARENT.scope(traceparent, next.run(request));
+                (bytes, AUDIT_ID.scope(audit_id, handled).await)
             }
             Ok(Err(problem)) => (Bytes::new(), problem.into_response()),
             Err(_) => (

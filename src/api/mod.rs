@@ -6,6 +6,7 @@
 
 pub mod access;
 mod audit;
+mod events;
 mod input;
 pub mod metrics;
 mod problem;
@@ -36,6 +37,7 @@ pub use problem::{Problem, ProblemBody};
 use crate::audit::AuditLog;
 use crate::broker::relay::RelayGauges;
 use crate::broker::Topology;
+use crate::feed::Feed;
 use crate::ledger::Ledger;
 use crate::projections::Projections;
 use crate::store::EventStore;
@@ -66,6 +68,8 @@ pub struct AppState {
     /// The broker, if configured (for the DLQ depth in /metrics).
     pub broker: Option<(String, Topology)>,
     pub audit: AuditLog,
+    /// The log for consumers: pages and the live tail.
+    pub feed: Arc<Feed>,
 }
 
 impl AppState {
@@ -75,7 +79,9 @@ impl AppState {
 
     /// With a ledger configured by the caller (e.g. its snapshot interval).
     pub fn with_ledger(ledger: Ledger, store: EventStore, projections: Arc<Projections>) -> Self {
+        let feed = Feed::new(store.clone(), ledger.committed(), crate::feed::DEFAULT_MAX_SUBSCRIBERS);
         Self {
+            feed: Arc::new(feed),
             ledger: Arc::new(ledger),
             audit: AuditLog::spawn(store.clone()),
             store,
@@ -100,9 +106,12 @@ impl AppState {
     info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log."),
     paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance,
           read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
+          events::log, events::stream, events::wallet_events,
           system::health, system::ready),
-    components(schemas(ProblemBody)),
-    tags((name = "wallet", description = "Money movements and reads"), (name = "system", description = "Health"))
+    components(schemas(ProblemBody, crate::feed::LogEvent, crate::feed::LogEventMetadata)),
+    tags((name = "wallet", description = "Money movements and reads"),
+         (name = "log", description = "The committed log for consumers: pages, one wallet's stream, a live subscription (SSE). Deduplicate by `position`."),
+         (name = "system", description = "Health"))
 )]
 pub struct ApiDoc;
 
@@ -119,6 +128,9 @@ pub fn router(state: AppState) -> Router {
         .route("/wallet/{id}/stats", get(read_models::stats))
         .route("/wallet/{id}/flags", get(read_models::wallet_flags))
         .route("/flags", get(read_models::flags))
+        .route("/events", get(events::log))
+        .route("/events/stream", get(events::stream))
+        .route("/wallet/{id}/events", get(events::wallet_events))
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(metrics::render))

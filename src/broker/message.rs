@@ -1,35 +1,20 @@
 //! One event as a RabbitMQ message: a persistent message whose
-//! `message_id` is the event id and `type` the event type, with the body
-//! `{id, type, occurredAt, payload, position, walletId, version,
-//! schemaVersion}`. Consumers deduplicate by `id` (or by position).
+//! `message_id` is the event id and `type` the event type, whose body is
+//! the log's public event shape (`feed::LogEvent`), and whose `traceparent`
+//! header carries the writer's trace context. Consumers deduplicate by `id`
+//! (or by position).
 
-use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use serde::Deserialize;
 
 use crate::aggregate::{EventDecodeError, WalletEvent, WalletId};
 use crate::store::{Position, RecordedEvent};
 
-/// The message body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EventMessage {
-    pub id: Uuid,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub occurred_at: DateTime<Utc>,
-    pub payload: serde_json::Value,
-    pub position: Position,
-    pub wallet_id: String,
-    pub version: u64,
-    #[serde(default = "first_schema")]
-    pub schema_version: i32,
-}
+/// The AMQP header carrying the writer's W3C trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 
-fn first_schema() -> i32 {
-    1
-}
+/// The message body: the log's public event shape, defined once in `feed`.
+pub use crate::feed::LogEvent as EventMessage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MessageError {
@@ -55,19 +40,6 @@ pub struct MessageAddress {
 }
 
 impl EventMessage {
-    pub fn of(e: &RecordedEvent) -> Self {
-        Self {
-            id: e.event_id,
-            kind: e.event.event_type().to_owned(),
-            occurred_at: e.recorded_at,
-            payload: e.event.payload(),
-            position: e.position,
-            wallet_id: e.stream.to_string(),
-            version: e.version,
-            schema_version: e.schema_version,
-        }
-    }
-
     pub fn body(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("event messages serialise")
     }
@@ -80,6 +52,20 @@ impl EventMessage {
             .with_timestamp(self.occurred_at.timestamp().max(0) as u64)
             // 2 = persistent: the broker writes it to disk before confirming.
             .with_delivery_mode(2)
+            .with_headers(self.headers())
+    }
+
+    /// The W3C trace context of the request that wrote the event, so a
+    /// consumer's span continues its trace.
+    fn headers(&self) -> lapin::types::FieldTable {
+        let mut headers = lapin::types::FieldTable::default();
+        if let Some(traceparent) = &self.metadata.traceparent {
+            headers.insert(
+                TRACEPARENT_HEADER.into(),
+                lapin::types::AMQPValue::LongString(traceparent.as_str().into()),
+            );
+        }
+        headers
     }
 
     /// Decodes a body into the event it carries (upcasting old schemas).
@@ -98,7 +84,7 @@ impl EventMessage {
             event_id: m.id,
             schema_version: m.schema_version,
             event,
-            metadata: serde_json::Value::Null,
+            metadata: serde_json::to_value(&m.metadata).unwrap_or_default(),
             recorded_at: m.occurred_at,
             hash: String::new(),
         })

@@ -227,6 +227,16 @@ impl Worker {
         let reason = match EventMessage::decode(body) {
             Ok(event) if event.position <= 0 => format!("invalid position {}", event.position),
             Ok(event) => match self.apply_check(&event).await {
+                Ok(()) if event.metadata.get("traceparent").is_some() => {
+                    // The writer's trace, so the log line joins its trace.
+                    let traceparent = event.metadata["traceparent"].as_str().unwrap_or_default();
+                    tracing::debug!(
+                        position = event.position,
+                        traceparent,
+                        "applying an event of a traced write"
+                    );
+                    return Prepared::Incoming(Incoming::Event(event));
+                }
                 Ok(()) => return Prepared::Incoming(Incoming::Event(event)),
                 Err(reason) => reason,
             },

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
 use super::{Outcome, Receipt, TransferReceipt, WalletReceipt, MAX_CONFLICTS};
@@ -131,6 +131,7 @@ impl Committer {
         writer: BatchWriter,
         cache: Arc<WalletCache>,
         appended: Arc<Notify>,
+        committed: Arc<watch::Sender<Position>>,
         snapshot_every: u64,
         stall_after: Duration,
     ) -> Self {
@@ -145,6 +146,7 @@ impl Committer {
             writer,
             cache,
             appended,
+            committed,
             snapshot_every,
             status: status.clone(),
             retry: VecDeque::new(),
@@ -229,6 +231,8 @@ struct Owner {
     writer: BatchWriter,
     cache: Arc<WalletCache>,
     appended: Arc<Notify>,
+    /// The highest position this committer appended, for the live tail.
+    committed: Arc<watch::Sender<Position>>,
     snapshot_every: u64,
     status: Arc<CommitterStatus>,
     /// Commands that conflicted, decided again first, in arrival order.
@@ -350,11 +354,11 @@ impl Owner {
     /// The database answered: every command gets its outcome. Conflicts
     /// take the actual heads as the state and go round again.
     fn settle(&mut self, planned: Vec<(Pending, Decided)>, outcomes: Vec<AppendOutcome>) {
-        let mut appended = false;
+        let mut head: Position = 0;
         for ((pending, decided), outcome) in planned.into_iter().zip(outcomes) {
             match outcome {
                 AppendOutcome::Appended(recorded) => {
-                    appended |= !recorded.is_empty();
+                    head = head.max(recorded.last().map_or(0, |e| e.position));
                     let verdict = self.accepted(decided, &recorded);
                     self.answer(pending, verdict);
                 }
@@ -362,9 +366,20 @@ impl Owner {
                 AppendOutcome::Conflict(heads) => self.conflicted(pending, heads),
             }
         }
-        if appended {
-            self.appended.notify_one();
+        self.announce(head);
+    }
+
+    /// Wakes this process's readers of the log after an append reached `head`.
+    fn announce(&self, head: Position) {
+        if head == 0 {
+            return;
         }
+        self.appended.notify_one();
+        self.committed.send_if_modified(|known| {
+            let moved = head > *known;
+            *known = (*known).max(head);
+            moved
+        });
     }
 
     /// A command whose append (or asserted heads) committed.
@@ -423,15 +438,19 @@ impl Owner {
         match self.writer.resolve(requests).await {
             Ok(resolutions) => {
                 self.status.progressed();
+                let mut head: Position = 0;
                 for ((pending, decided), resolution) in planned.into_iter().zip(resolutions) {
                     let verdict = match resolution {
-                        Resolution::Committed(recorded) => self.accepted(decided, &recorded),
+                        Resolution::Committed(recorded) => {
+                            head = head.max(recorded.last().map_or(0, |e| e.position));
+                            self.accepted(decided, &recorded)
+                        }
                         Resolution::Duplicate => Verdict::Duplicate { resolved: true },
                         Resolution::NotCommitted => Verdict::NotCommitted(StoreError::BatchFailed(lost.to_string())),
                     };
                     self.answer(pending, verdict);
                 }
-                self.appended.notify_one();
+                self.announce(head);
             }
             Err(e) => {
                 tracing::error!(error = %e, "the lost batch's outcome could not be read");

@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
 use crate::aggregate::{Amount, Balance, Command, DomainError, Wallet, WalletId};
@@ -139,6 +139,7 @@ pub struct Ledger {
     /// Started on first use, like the committer.
     probe: OnceLock<VersionProbe>,
     appended: Arc<Notify>,
+    committed: Arc<watch::Sender<Position>>,
     snapshot_every: u64,
     writer: WriterOptions,
 }
@@ -151,6 +152,7 @@ impl Ledger {
             committer: OnceLock::new(),
             probe: OnceLock::new(),
             appended: Arc::new(Notify::new()),
+            committed: Arc::new(watch::channel(0).0),
             snapshot_every: snapshots::DEFAULT_SNAPSHOT_EVERY,
             writer: WriterOptions::default(),
         }
@@ -178,6 +180,12 @@ impl Ledger {
     /// projection runner and the relay without polling.
     pub fn appended(&self) -> Arc<Notify> {
         self.appended.clone()
+    }
+
+    /// The highest position this process's committer has appended: every
+    /// subscriber sees each move (the live tail waits on it).
+    pub fn committed(&self) -> watch::Receiver<Position> {
+        self.committed.subscribe()
     }
 
     pub fn store(&self) -> &EventStore {
@@ -274,6 +282,7 @@ impl Ledger {
                 self.store.batch_writer(self.writer),
                 self.cache.clone(),
                 self.appended.clone(),
+                self.committed.clone(),
                 self.snapshot_every,
                 self.writer.stall_after,
             )
@@ -301,12 +310,15 @@ impl Ledger {
     ) -> Result<Answer<Receipt>, CommandError> {
         let scope = command.wallets()[0].clone();
         let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
-        let metadata = serde_json::json!({
+        let mut metadata = serde_json::json!({
             "requestId": request_id,
             "idempotencyKey": key,
             "correlationId": request_id,
             "auditId": crate::audit::current_audit_id(),
         });
+        if let Some(traceparent) = crate::audit::current_traceparent() {
+            metadata["traceparent"] = traceparent.into();
+        }
         let give_up = tokio::time::Instant::now() + self.write_deadline();
         // A cold wallet evicted from the committer's state between our look
         // and its decision sends the command back here to load it again.

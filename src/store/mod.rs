@@ -124,6 +124,14 @@ pub struct RecordedEvent {
     pub hash: String,
 }
 
+/// Which events a reader of the log wants (empty: all).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogFilter {
+    pub wallet: Option<WalletId>,
+    /// Event types; any of them.
+    pub types: Vec<String>,
+}
+
 /// Where a time-travel read stops (inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cutoff {
@@ -355,6 +363,30 @@ impl EventStore {
     /// The log in position order: up to `limit` events after `after`.
     pub async fn read_all(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
         dispatch!(self, s => s.read_all(after, limit).await)
+    }
+
+    /// The log in position order, only what passes `filter`: up to `limit`
+    /// events after `after`. A wallet's filter reads its stream's index.
+    pub async fn read_log(
+        &self,
+        after: Position,
+        limit: u32,
+        filter: &LogFilter,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if filter == &LogFilter::default() {
+            return self.read_all(after, limit).await;
+        }
+        dispatch!(self, s => s.read_log(after, limit, filter).await)
+    }
+
+    /// One stream in version order: up to `limit` events with version > `after_version`.
+    pub async fn read_stream_page(
+        &self,
+        stream: &WalletId,
+        after_version: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        dispatch!(self, s => s.read_stream_page(stream, after_version, limit).await)
     }
 
     /// The highest committed position, 0 for an empty log.

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::writer::{Found, Reconnect, WriteFailure, WriterOptions};
 use super::{
-    chain, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, Plan, Position, RawEvent, RecordedEvent,
+    chain, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, LogFilter, Plan, Position, RawEvent, RecordedEvent,
     SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
 };
 use crate::aggregate::{Balance, WalletId};
@@ -169,6 +169,42 @@ impl PgEventStore {
             "SELECT {EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
         ))
         .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        decode_all(rows)
+    }
+
+    pub async fn read_log(&self, after: Position, limit: u32, f: &LogFilter) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut q = QueryBuilder::<Postgres>::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > "));
+        q.push_bind(after);
+        if let Some(w) = &f.wallet {
+            q.push(" AND stream_id = ").push_bind(w.as_str());
+        }
+        if !f.types.is_empty() {
+            q.push(" AND event_type = ANY(").push_bind(&f.types).push(")");
+        }
+        // Within a stream, version order is position order: its index serves.
+        q.push(if f.wallet.is_some() {
+            " ORDER BY version"
+        } else {
+            " ORDER BY position"
+        });
+        q.push(" LIMIT ").push_bind(i64::from(limit));
+        decode_all(q.build().fetch_all(&self.pool).await?)
+    }
+
+    pub async fn read_stream_page(
+        &self,
+        stream: &WalletId,
+        after_version: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version LIMIT $3"
+        ))
+        .bind(stream.as_str())
+        .bind(after_version as i64)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::writer::{Found, WriteFailure, WriterOptions};
 use super::{
-    idempotency_rows, now, plan_batch, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, Position, RawEvent,
-    RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamTips, Tip, WrittenBatch,
+    idempotency_rows, now, plan_batch, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, LogFilter, Position,
+    RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamTips, Tip, WrittenBatch,
 };
 use crate::aggregate::{Balance, WalletId};
 
@@ -192,6 +192,45 @@ impl SqliteEventStore {
             "SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
         ))
         .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        decode_all(rows)
+    }
+
+    pub async fn read_log(&self, after: Position, limit: u32, f: &LogFilter) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE position > "));
+        q.push_bind(after);
+        if let Some(w) = &f.wallet {
+            q.push(" AND stream_id = ").push_bind(w.as_str());
+        }
+        if !f.types.is_empty() {
+            let types = serde_json::to_string(&f.types).expect("strings serialise");
+            q.push(" AND event_type IN (SELECT value FROM json_each(")
+                .push_bind(types)
+                .push("))");
+        }
+        // Within a stream, version order is position order: its index serves.
+        q.push(if f.wallet.is_some() {
+            " ORDER BY version"
+        } else {
+            " ORDER BY position"
+        });
+        q.push(" LIMIT ").push_bind(i64::from(limit));
+        decode_all(q.build().fetch_all(&self.reader).await?)
+    }
+
+    pub async fn read_stream_page(
+        &self,
+        stream: &WalletId,
+        after_version: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND version > ? ORDER BY version LIMIT ?"
+        ))
+        .bind(stream.as_str())
+        .bind(after_version as i64)
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;

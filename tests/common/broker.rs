@@ -36,6 +36,8 @@ pub struct Observer {
     _connection: Connection,
     channel: Channel,
     consumer: lapin::Consumer,
+    /// Each collected message's `traceparent` header, in order.
+    pub traceparents: Vec<Option<String>>,
 }
 
 impl Observer {
@@ -86,6 +88,7 @@ impl Observer {
             _connection: connection,
             channel,
             consumer,
+            traceparents: Vec::new(),
         }
     }
 
@@ -122,6 +125,13 @@ impl Observer {
                 "message_id is the event id"
             );
             assert_eq!(delivery.properties.delivery_mode(), &Some(2), "persistent");
+            let traceparent = delivery.properties.headers().as_ref().and_then(|h| {
+                h.inner().get("traceparent").and_then(|v| match v {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    _ => None,
+                })
+            });
+            self.traceparents.push(traceparent);
             self.channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
                 .await

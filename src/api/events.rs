@@ -1,0 +1,220 @@
+//! The log for consumers over HTTP: pages of the global log
+//! (`GET /events`), one wallet's stream (`GET /wallet/{id}/events`), and a
+//! catch-up-then-live subscription as Server-Sent Events
+//! (`GET /events/stream`). Every item is a `LogEvent`; `position` is the
+//! cursor and the deduplication key.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+
+use super::input::WalletPath;
+use super::problem::{Problem, ProblemBody};
+use super::AppState;
+use crate::aggregate::WalletId;
+use crate::feed::{self, Delivery, FeedError, FeedItem, LogEvent};
+use crate::store::{LogFilter, Position, RecordedEvent};
+
+/// Page size when `limit` is not given, and the largest allowed.
+const DEFAULT_LIMIT: u32 = 100;
+const MAX_LIMIT: u32 = 1000;
+/// A comment line this often keeps proxies from closing an idle stream.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+const EVENT_TYPES: [&str; 5] = [
+    "WalletCreated",
+    "FundsDeposited",
+    "FundsWithdrawn",
+    "TransferDebited",
+    "TransferCredited",
+];
+
+/// Query of `GET /events` and `GET /events/stream` (for the docs; parsed
+/// by hand, since `type` repeats).
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct LogQuery {
+    /// Start after this log position (default 0: the beginning).
+    after: Option<i64>,
+    /// Page size, 1-1000 (default 100); `GET /events` only.
+    limit: Option<u32>,
+    /// Only this wallet's events.
+    wallet_id: Option<String>,
+    /// Only events of this type (repeatable: any of them).
+    #[param(rename = "type")]
+    kind: Option<Vec<String>>,
+}
+
+/// Query of `GET /wallet/{id}/events`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct StreamQuery {
+    /// First version to return (default 1).
+    from_version: Option<u64>,
+    /// Page size, 1-1000 (default 100).
+    limit: Option<u32>,
+}
+
+type Pairs = Result<Query<Vec<(String, String)>>, QueryRejection>;
+
+/// The global log in ascending position order. `X-Log-Head` is the
+/// newest position; `X-Next-After` the cursor for the next page.
+#[utoipa::path(get, path = "/events", tag = "log", params(LogQuery),
+    responses(
+        (status = 200, body = [LogEvent], description = "events after `after`, oldest first",
+         headers(("X-Log-Head" = i64, description = "the newest committed position"),
+                 ("X-Next-After" = i64, description = "pass as `after` for the next page"))),
+        (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_CURSOR, INVALID_LIMIT, INVALID_WALLET_ID, INVALID_EVENT_TYPE, INVALID_QUERY"),
+        (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE")))]
+pub async fn log(State(app): State<Arc<AppState>>, query: Pairs) -> Result<Response, Problem> {
+    let pairs = query.map_err(bad_query)?.0;
+    let (after, filter) = log_query(&pairs, None)?;
+    let limit = limit(&pairs)?;
+    let store = app.feed.store();
+    let head = store.head_position().await?;
+    let events = store.read_log(after, limit, &filter).await?;
+    Ok(page(&events, head, after))
+}
+
+/// One wallet's stream, oldest first.
+#[utoipa::path(get, path = "/wallet/{id}/events", tag = "log",
+    params(("id" = String, Path, description = "wallet id"), StreamQuery),
+    responses(
+        (status = 200, body = [LogEvent], description = "the wallet's events from `fromVersion`",
+         headers(("X-Log-Head" = i64, description = "the newest committed position"))),
+        (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_CURSOR, INVALID_LIMIT, INVALID_QUERY"),
+        (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE")))]
+pub async fn wallet_events(
+    State(app): State<Arc<AppState>>,
+    WalletPath(wallet): WalletPath,
+    query: Pairs,
+) -> Result<Response, Problem> {
+    let pairs = query.map_err(bad_query)?.0;
+    let from = match value(&pairs, "fromVersion") {
+        None => 1,
+        Some(t) => t
+            .parse::<u64>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| Problem::bad_request("INVALID_CURSOR", "fromVersion must be a stream version (>= 1)"))?,
+    };
+    let limit = limit(&pairs)?;
+    let store = app.feed.store();
+    let head = store.head_position().await?;
+    let events = store.read_stream_page(&wallet, from - 1, limit).await?;
+    Ok(page(&events, head, 0))
+}
+
+/// Server-Sent Events: every event after `after` (or `Last-Event-ID`),
+/// then the live ones as they commit. `id:` is the position. A consumer
+/// too slow for the live tail gets a final `resume` event naming the
+/// position to reconnect after. A comment every 15 s keeps it open.
+#[utoipa::path(get, path = "/events/stream", tag = "log", params(LogQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "resume after this position (wins over `after`)")),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = String,
+         description = "`id: <position>` and `data: <LogEvent JSON>` per event; `event: resume` with `{\"after\": P}` before the server closes a stream it cut"),
+        (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_CURSOR, INVALID_WALLET_ID, INVALID_EVENT_TYPE, INVALID_QUERY"),
+        (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE: too many subscribers")))]
+pub async fn stream(State(app): State<Arc<AppState>>, headers: HeaderMap, query: Pairs) -> Result<Response, Problem> {
+    let pairs = query.map_err(bad_query)?.0;
+    let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("x"));
+    let (after, filter) = log_query(&pairs, last_event_id)?;
+    let subscription = app.feed.subscribe().await.map_err(|e| match e {
+        FeedError::Full => Problem::unavailable("too many subscribers to the log, retry shortly"),
+        FeedError::Store(e) => e.into(),
+    })?;
+    let deliveries = feed::follow(app.feed.store().clone(), subscription, after, filter);
+    let sse = Sse::new(deliveries.map(sse_event)).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"));
+    Ok(sse.into_response())
+}
+
+fn sse_event(delivery: Delivery) -> Result<Event, Infallible> {
+    Ok(match delivery {
+        Delivery::Event(item) => Event::default().id(item.position.to_string()).data(&item.json),
+        Delivery::Resume(after) => resume(after, "too slow for the live tail"),
+        Delivery::Failed(after) => resume(after, "the log could not be read"),
+    })
+}
+
+fn resume(after: Position, reason: &str) -> Event {
+    let data = serde_json::json!({"after": after, "reason": reason});
+    Event::default().event("resume").data(data.to_string())
+}
+
+/// `after` (or the `Last-Event-ID` header, which wins) and the filters.
+fn log_query(pairs: &[(String, String)], last_event_id: Option<&str>) -> Result<(Position, LogFilter), Problem> {
+    let bad_after = || {
+        Problem::bad_request(
+            "INVALID_CURSOR",
+            "after (and Last-Event-ID) must be a log position (>= 0)",
+        )
+    };
+    let after = match last_event_id.or(value(pairs, "after")) {
+        None => 0,
+        Some(t) => t.parse::<Position>().ok().filter(|p| *p >= 0).ok_or_else(bad_after)?,
+    };
+    let wallet = value(pairs, "walletId")
+        .map(|w| WalletId::parse(w).map_err(|e| Problem::bad_request("INVALID_WALLET_ID", format!("walletId: {e}"))))
+        .transpose()?;
+    let mut types = Vec::new();
+    for (_, t) in pairs.iter().filter(|(k, _)| k == "type") {
+        if !EVENT_TYPES.contains(&t.as_str()) {
+            return Err(Problem::bad_request(
+                "INVALID_EVENT_TYPE",
+                format!("type must be one of {}", EVENT_TYPES.join(", ")),
+            ));
+        }
+        types.push(t.clone());
+    }
+    Ok((after, LogFilter { wallet, types }))
+}
+
+fn value<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn limit(pairs: &[(String, String)]) -> Result<u32, Problem> {
+    match value(pairs, "limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(t) => t
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_LIMIT).contains(l))
+            .ok_or_else(|| Problem::bad_request("INVALID_LIMIT", "limit must be an integer from 1 to 1000")),
+    }
+}
+
+fn bad_query(e: QueryRejection) -> Problem {
+    Problem::bad_request("INVALID_QUERY", e.body_text())
+}
+
+/// A JSON array of events with the log's head and the next cursor.
+fn page(events: &[RecordedEvent], head: Position, after: Position) -> Response {
+    let mut body = String::with_capacity(events.len() * 320 + 2);
+    body.push('[');
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&FeedItem::of(e).json);
+    }
+    body.push(']');
+    let next = events.last().map_or(after, |e| e.position);
+    let mut response = (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response();
+    response.headers_mut().insert("x-log-head", HeaderValue::from(head));
+    response.headers_mut().insert("x-next-after", HeaderValue::from(next));
+    response
+}
