@@ -38,12 +38,14 @@ const EVENT_TYPES: [&str; 5] = [
 /// Query of `GET /events` and `GET /events/stream` (for the docs; parsed
 /// by hand, since `type` repeats).
 #[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 #[allow(dead_code)]
 pub struct LogQuery {
     /// Start after this log position (default 0: the beginning).
+    #[param(minimum = 0)]
     after: Option<i64>,
     /// Page size, 1-1000 (default 100); `GET /events` only.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// Only this wallet's events.
     wallet_id: Option<String>,
@@ -54,12 +56,14 @@ pub struct LogQuery {
 
 /// Query of `GET /wallet/{id}/events`.
 #[derive(utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 #[allow(dead_code)]
 pub struct StreamQuery {
     /// First version to return (default 1).
-    from_version: Option<u64>,
+    #[param(minimum = 1)]
+    from_version: Option<i64>,
     /// Page size, 1-1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
 }
 
@@ -100,11 +104,13 @@ pub async fn wallet_events(
     let pairs = query.map_err(bad_query)?.0;
     let from = match value(&pairs, "fromVersion") {
         None => 1,
+        // Versions are stored as BIGINT: above i64::MAX is no version.
         Some(t) => t
-            .parse::<u64>()
+            .parse::<i64>()
             .ok()
             .filter(|v| *v >= 1)
-            .ok_or_else(|| Problem::bad_request("INVALID_CURSOR", "fromVersion must be a stream version (>= 1)"))?,
+            .ok_or_else(|| Problem::bad_request("INVALID_CURSOR", "fromVersion must be a stream version (>= 1)"))?
+            as u64,
     };
     let limit = limit(&pairs)?;
     let store = app.feed.store();
