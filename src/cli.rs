@@ -277,6 +277,10 @@ pub struct LoadArgs {
     /// Every write carries a unique requestId (an idempotency key).
     #[arg(long)]
     pub keyed: bool,
+    /// Live subscribers to GET /events/stream during the run: prints the
+    /// time from a write's 201 to its event reaching them.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub subscribers: u64,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -783,6 +787,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         mix: [args.mix[0], args.mix[1], args.mix[2]],
         reads: args.reads,
         keyed: args.keyed,
+        subscribers: args.subscribers as usize,
     };
     let r = crate::load::run(cfg).await?;
     if args.json {
@@ -816,6 +821,12 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
             r.actual_total,
             if r.no_negative_balance { "none" } else { "FOUND" }
         );
+        if let Some(live) = &r.live {
+            println!(
+                "live: {} subscribers, {} deliveries, 201 -> event p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                live.subscribers, live.samples, live.p50_ms, live.p99_ms, live.max_ms
+            );
+        }
     }
     anyhow::ensure!(
         r.conservation_ok && r.no_negative_balance,

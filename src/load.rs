@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
@@ -33,6 +34,9 @@ pub struct LoadConfig {
     pub reads: bool,
     /// Every write carries a unique `requestId` (an idempotency key).
     pub keyed: bool,
+    /// Live subscribers (`GET /events/stream`) open during the run: each
+    /// measures the time from a write's 201 to its event's arrival.
+    pub subscribers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -67,6 +71,87 @@ pub struct LoadReport {
     pub no_negative_balance: bool,
     pub expected_total: String,
     pub actual_total: String,
+    /// With subscribers: from a write's 201 to its last event reaching a subscriber.
+    pub live: Option<LiveStats>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LiveStats {
+    pub subscribers: usize,
+    /// Latency samples taken (every write's last event, at every subscriber).
+    pub samples: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// When each acknowledged write's last event was answered 201, by position.
+type Answered = Arc<dashmap::DashMap<i64, Instant>>;
+
+/// Opens `n` live subscriptions after the log's current head; each returns
+/// its latency samples (microseconds) once `until` passes.
+async fn spawn_subscribers(
+    http: &reqwest::Client,
+    base: &str,
+    n: usize,
+    answered: &Answered,
+    until: Instant,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<Vec<u32>>>> {
+    let head = http.get(format!("{base}/events?limit=1")).send().await?;
+    let head = head
+        .headers()
+        .get("x-log-head")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("the server sent no X-Log-Head"))?;
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut stream = http.get(format!("{base}/events/stream?after={head}")).send().await?;
+        anyhow::ensure!(
+            stream.status().is_success(),
+            "a subscription was refused: {}",
+            stream.status()
+        );
+        let answered = answered.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut samples, mut pending) = (Vec::new(), String::new());
+            while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), stream.chunk()).await {
+                pending.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = pending.find('\n') {
+                    let line: String = pending.drain(..=end).collect();
+                    let Some(position) = line.strip_prefix("id: ").and_then(|p| p.trim().parse::<i64>().ok()) else {
+                        continue;
+                    };
+                    // Arrived before its 201 was read: no later than the answer.
+                    let at = answered.get(&position).map(|t| *t);
+                    samples.push(at.map_or(0, |t| t.elapsed().as_micros().min(u32::MAX as u128) as u32));
+                }
+            }
+            samples
+        }));
+    }
+    Ok(tasks)
+}
+
+async fn live_stats(tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>) -> anyhow::Result<LiveStats> {
+    let subscribers = tasks.len();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    all.sort_unstable();
+    let q = |p: f64| {
+        all.get(((all.len().max(1) - 1) as f64 * p).round() as usize)
+            .map_or(0.0, |v| *v as f64 / 1000.0)
+    };
+    Ok(LiveStats {
+        subscribers,
+        samples: all.len() as u64,
+        p50_ms: q(0.50),
+        p99_ms: q(0.99),
+        max_ms: q(1.0),
+    })
 }
 
 #[derive(Default)]
@@ -76,6 +161,15 @@ struct Worker {
     errors: u64,
     deposited: Decimal,
     withdrawn: Decimal,
+}
+
+/// The `position` of a write's answer.
+fn position_of(body: &[u8]) -> Option<i64> {
+    #[derive(serde::Deserialize)]
+    struct Receipt {
+        position: i64,
+    }
+    serde_json::from_slice::<Receipt>(body).ok().map(|r| r.position)
 }
 
 fn pick(rng: &mut u64, n: u64) -> u64 {
@@ -116,6 +210,13 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         }
     }
 
+    let answered: Answered = Arc::default();
+    let live = if cfg.subscribers > 0 {
+        let until = Instant::now() + cfg.duration + Duration::from_secs(3);
+        Some(spawn_subscribers(&http, &base, cfg.subscribers, &answered, until).await?)
+    } else {
+        None
+    };
     let started = Instant::now();
     let deadline = started + cfg.duration;
     let budget = cfg.max_requests.min(MAX_REQUESTS);
@@ -127,6 +228,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     for k in 0..cfg.concurrency {
         let base = servers[k % servers.len()].clone();
         let (http, wallets, cfg, run_id) = (http.clone(), wallets.clone(), cfg.clone(), run_id.clone());
+        let answered = (cfg.subscribers > 0).then(|| answered.clone());
         tasks.push(tokio::spawn(async move {
             let mut w = Worker::default();
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((k as u64 + 1) * 0x1000_0001);
@@ -168,7 +270,12 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                     Ok(r) => {
                         let status = r.status().as_u16();
                         // Drain the body so the connection is reused.
-                        let _ = r.bytes().await;
+                        let body = r.bytes().await.unwrap_or_default();
+                        if let (Some(answered), 201) = (&answered, status) {
+                            if let Some(p) = position_of(&body) {
+                                answered.insert(p, Instant::now());
+                            }
+                        }
                         w.samples
                             .entry(op)
                             .or_default()
@@ -231,7 +338,12 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             (op, stats)
         })
         .collect();
+    let live = match live {
+        Some(tasks) => Some(live_stats(tasks).await?),
+        None => None,
+    };
     Ok(LoadReport {
+        live,
         requests,
         seconds,
         requests_per_sec: requests as f64 / seconds,
