@@ -32,9 +32,14 @@ SERVER=$!
 for _ in $(seq 100); do curl -sf -o /dev/null $URL/health && break; sleep 0.2; done
 
 head=$(curl -sI "$URL/events?limit=1" | tr -d '\r' | awk -F': ' 'tolower($1) == "x-log-head" {print $2}')
+mark=$(mktemp)
 start=$(date +%s.%N)
-curl -sN "$URL/events/stream?after=0" | awk -v head="$head" '/^id: / {n++; if ($2 == head) exit} END {print n " events"}'
-end=$(date +%s.%N)
+# awk notes the time of the head's arrival (curl then waits for the next
+# heartbeat to notice the closed pipe, which must not count).
+curl -sN "$URL/events/stream?after=0" \
+    | awk -v head="$head" -v mark="$mark" '/^id: / {if ($2 == head) {system("date +%s.%N > " mark); exit}}' || true
+end=$(cat "$mark")
+rm -f "$mark"
 awk -v s="$start" -v e="$end" -v n="$head" 'BEGIN {printf "catch-up over SSE: %d events in %.2f s: %.0f events/s\n", n, e - s, n / (e - s)}'
 
 for subscribers in 0 "$SUBSCRIBERS" 0 "$SUBSCRIBERS"; do

@@ -115,18 +115,25 @@ async fn spawn_subscribers(
         );
         let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut samples, mut pending) = (Vec::new(), String::new());
+            let (mut samples, mut pending) = (Vec::new(), Vec::<u8>::new());
             while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), stream.chunk()).await {
-                pending.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(end) = pending.find('\n') {
-                    let line: String = pending.drain(..=end).collect();
-                    let Some(position) = line.strip_prefix("id: ").and_then(|p| p.trim().parse::<i64>().ok()) else {
+                pending.extend_from_slice(&chunk);
+                let mut start = 0;
+                while let Some(n) = pending[start..].iter().position(|b| *b == b'\n') {
+                    let line = &pending[start..start + n];
+                    start += n + 1;
+                    let Some(position) = line
+                        .strip_prefix(b"id: ")
+                        .and_then(|p| std::str::from_utf8(p).ok())
+                        .and_then(|p| p.parse::<i64>().ok())
+                    else {
                         continue;
                     };
                     // Arrived before its 201 was read: no later than the answer.
                     let at = answered.get(&position).map(|t| *t);
                     samples.push(at.map_or(0, |t| t.elapsed().as_micros().min(u32::MAX as u128) as u32));
                 }
+                pending.drain(..start);
             }
             samples
         }));

@@ -6,27 +6,25 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
 use super::input::WalletPath;
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
 use crate::aggregate::WalletId;
-use crate::feed::{self, Delivery, FeedError, FeedItem, LogEvent};
+use crate::feed::{self, Delivery, FeedError, LogEvent};
 use crate::store::{LogFilter, Position, RecordedEvent};
 
 /// Page size when `limit` is not given, and the largest allowed.
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
-/// A comment line this often keeps proxies from closing an idle stream.
-const HEARTBEAT: Duration = Duration::from_secs(15);
 const EVENT_TYPES: [&str; 5] = [
     "WalletCreated",
     "FundsDeposited",
@@ -139,21 +137,43 @@ pub async fn stream(State(app): State<Arc<AppState>>, headers: HeaderMap, query:
         FeedError::Store(e) => e.into(),
     })?;
     let deliveries = feed::follow(app.feed.store().clone(), subscription, after, filter);
-    let sse = Sse::new(deliveries.map(sse_event)).keep_alive(KeepAlive::new().interval(HEARTBEAT).text("heartbeat"));
-    Ok(sse.into_response())
+    // The frames are made once per event for all subscribers: a run of them
+    // goes out as one chunk, with no per-subscriber formatting.
+    let body = Body::from_stream(deliveries.map(|d| Ok::<Bytes, Infallible>(sse_chunk(d))));
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            // Tell buffering proxies (nginx) to pass each chunk on at once.
+            (
+                HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }
 
-fn sse_event(delivery: Delivery) -> Result<Event, Infallible> {
-    Ok(match delivery {
-        Delivery::Event(item) => Event::default().id(item.position.to_string()).data(&item.json),
+fn sse_chunk(delivery: Delivery) -> Bytes {
+    match delivery {
+        Delivery::Events(run) if run.len() == 1 => run[0].frame.clone(),
+        Delivery::Events(run) => {
+            let mut chunk = BytesMut::with_capacity(run.iter().map(|i| i.frame.len()).sum());
+            for item in &run {
+                chunk.extend_from_slice(&item.frame);
+            }
+            chunk.freeze()
+        }
+        Delivery::Heartbeat => Bytes::from_static(b": heartbeat\n\n"),
         Delivery::Resume(after) => resume(after, "too slow for the live tail"),
         Delivery::Failed(after) => resume(after, "the log could not be read"),
-    })
+    }
 }
 
-fn resume(after: Position, reason: &str) -> Event {
+fn resume(after: Position, reason: &str) -> Bytes {
     let data = serde_json::json!({"after": after, "reason": reason});
-    Event::default().event("resume").data(data.to_string())
+    format!("event: resume\ndata: {data}\n\n").into()
 }
 
 /// `after` (or the `Last-Event-ID` header, which wins) and the filters.
@@ -205,15 +225,8 @@ fn bad_query(e: QueryRejection) -> Problem {
 
 /// A JSON array of events with the log's head and the next cursor.
 fn page(events: &[RecordedEvent], head: Position, after: Position) -> Response {
-    let mut body = String::with_capacity(events.len() * 320 + 2);
-    body.push('[');
-    for (i, e) in events.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(&FeedItem::of(e).json);
-    }
-    body.push(']');
+    let items: Vec<LogEvent> = events.iter().map(LogEvent::of).collect();
+    let body = serde_json::to_string(&items).expect("log events serialise");
     let next = events.last().map_or(after, |e| e.position);
     let mut response = (
         [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],

@@ -17,10 +17,19 @@ pub use tail::{Feed, FeedError, FeedItem, Subscription, DEFAULT_MAX_SUBSCRIBERS,
 
 use crate::store::{EventStore, LogFilter, Position};
 
+/// Events handed out in one piece at most (one write to the client).
+const RUN: usize = 256;
+/// A follower with nothing to send says so this often (an SSE comment),
+/// so proxies keep the connection open.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// What a follower receives.
 #[derive(Debug)]
 pub enum Delivery {
-    Event(Arc<FeedItem>),
+    /// The next events, in position order.
+    Events(Vec<Arc<FeedItem>>),
+    /// Nothing for `HEARTBEAT`.
+    Heartbeat,
     /// It fell too far behind the live tail: reconnect after this position.
     Resume(Position),
     /// The log could not be read; reconnect after this position.
@@ -70,11 +79,56 @@ pub fn follow(
 }
 
 impl Follower {
+    /// Queues what the tail handed out (and whatever else is ready, up to a
+    /// run). `Some` ends the stream with that delivery (or none).
+    fn take_live(
+        &mut self,
+        mut received: Result<Arc<FeedItem>, RecvError>,
+        just_switched: bool,
+    ) -> Option<Option<Delivery>> {
+        loop {
+            match received {
+                Ok(item) => {
+                    self.phase = Phase::Live { just_switched: false };
+                    let after = self.page.back().map_or(self.last, |i| i.position);
+                    if item.position > after && item.matches(&self.filter) {
+                        self.page.push_back(item);
+                    }
+                }
+                // Behind already at the switch (a long catch-up): the log
+                // has it all; read on from there.
+                Err(RecvError::Lagged(_)) if just_switched => {
+                    self.page.clear();
+                    self.phase = Phase::CatchUp;
+                    return None;
+                }
+                Err(RecvError::Lagged(_)) => {
+                    self.phase = Phase::Done;
+                    self.page.clear();
+                    return Some(Some(Delivery::Resume(self.last)));
+                }
+                Err(RecvError::Closed) => {
+                    self.phase = Phase::Done;
+                    return None;
+                }
+            }
+            if self.page.len() >= RUN {
+                return None;
+            }
+            received = match self.sub.live.try_recv() {
+                Ok(item) => Ok(item),
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(_) => return None,
+            };
+        }
+    }
+
     async fn next(&mut self) -> Option<Delivery> {
         loop {
-            if let Some(item) = self.page.pop_front() {
-                self.last = item.position;
-                return Some(Delivery::Event(item));
+            if !self.page.is_empty() {
+                let run: Vec<Arc<FeedItem>> = self.page.drain(..self.page.len().min(RUN)).collect();
+                self.last = run.last().map_or(self.last, |i| i.position);
+                return Some(Delivery::Events(run));
             }
             match self.phase {
                 Phase::Done => return None,
@@ -92,22 +146,15 @@ impl Follower {
                     }
                     self.page.extend(events.iter().map(|e| Arc::new(FeedItem::of(e))));
                 }
-                Phase::Live { just_switched } => match self.sub.live.recv().await {
-                    Ok(item) => {
-                        self.phase = Phase::Live { just_switched: false };
-                        if item.position > self.last && item.matches(&self.filter) {
-                            self.page.push_back(item);
-                        }
+                Phase::Live { just_switched } => {
+                    let received = tokio::select! {
+                        r = self.sub.live.recv() => r,
+                        _ = tokio::time::sleep(HEARTBEAT) => return Some(Delivery::Heartbeat),
+                    };
+                    if let Some(end) = self.take_live(received, just_switched) {
+                        return end;
                     }
-                    // Behind already at the switch (a long catch-up): the
-                    // log has it all; read on from there.
-                    Err(RecvError::Lagged(_)) if just_switched => self.phase = Phase::CatchUp,
-                    Err(RecvError::Lagged(_)) => {
-                        self.phase = Phase::Done;
-                        return Some(Delivery::Resume(self.last));
-                    }
-                    Err(RecvError::Closed) => self.phase = Phase::Done,
-                },
+                }
             }
         }
     }

@@ -26,23 +26,26 @@ const POLL: Duration = Duration::from_millis(100);
 /// Subscribers at once, by default.
 pub const DEFAULT_MAX_SUBSCRIBERS: usize = 256;
 
-/// One event as the tail hands it out: serialised once for everyone.
+/// One event as the tail hands it out: framed once for every subscriber
+/// (`id: <position>` and `data: <LogEvent JSON>`, an SSE event).
 #[derive(Debug)]
 pub struct FeedItem {
     pub position: Position,
     pub kind: &'static str,
     pub wallet_id: String,
-    /// The `LogEvent` JSON.
-    pub json: String,
+    pub frame: bytes::Bytes,
 }
 
 impl FeedItem {
     pub fn of(e: &crate::store::RecordedEvent) -> Self {
+        let json = serde_json::to_string(&LogEvent::of(e)).expect("log events serialise");
+        // JSON from serde has no raw newline, so one `data:` line holds it.
+        let frame = format!("id: {}\ndata: {json}\n\n", e.position);
         Self {
             position: e.position,
             kind: e.event.event_type(),
             wallet_id: e.stream.to_string(),
-            json: serde_json::to_string(&LogEvent::of(e)).expect("log events serialise"),
+            frame: frame.into(),
         }
     }
 
