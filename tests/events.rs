@@ -432,3 +432,50 @@ async fn a_slow_consumer_is_cut_off_with_where_to_resume() {
         "the server closed the stream"
     );
 }
+
+/// `wallet tail` prints the log (JSON lines: the public shape) from a
+/// position, filtered, and is read-only: on a database without the schema
+/// it fails with a clear error and creates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_tail_prints_the_log_and_creates_nothing() {
+    let db = common::postgres().await;
+    wallet::seed::seed(&db.store, 10, 300, |_| {}).await.unwrap();
+    let log = log_positions(&db.store).await;
+    let tail = |args: &[&str], url: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .arg("tail")
+            .args(args)
+            .env("DATABASE_URL", url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let after = log[99].to_string();
+    let (ok, out, err) = tail(&["--json", "--after", &after], &db.url);
+    assert!(ok, "{err}");
+    let printed: Vec<i64> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["position"].as_i64().unwrap())
+        .collect();
+    assert_eq!(printed, log[100..], "every event after the position, in order");
+    let (ok, out, _) = tail(&["--type", "WalletCreated"], &db.url);
+    assert!(ok);
+    assert_eq!(out.lines().count(), 10, "one WalletCreated per seeded wallet");
+
+    // A database with no schema: an error, and still no tables after it.
+    let empty = common::postgres_without_schema().await;
+    let (ok, _, err) = tail(&[], &empty);
+    assert!(!ok, "tail on a database without the log fails");
+    assert!(err.contains("events"), "says what is missing: {err}");
+    let pool = sqlx::PgPool::connect(&empty).await.unwrap();
+    let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tables, 0, "a read-only command created nothing");
+}

@@ -41,6 +41,13 @@ async fn drop_stale(admin: &mut sqlx::PgConnection, now: u64) {
 }
 
 pub async fn postgres() -> TestDb {
+    let url = postgres_without_schema().await;
+    let store = wallet::config::open_store(&url).await.expect("migrate test database");
+    TestDb { store, url }
+}
+
+/// The URL of a fresh, empty database of its own (nothing migrated).
+pub async fn postgres_without_schema() -> String {
     let admin_url = admin_url();
     let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
         panic!(
@@ -56,9 +63,7 @@ pub async fn postgres() -> TestDb {
         .await
         .expect("create test database");
     let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
-    let url = format!("{base}/{name}");
-    let store = wallet::config::open_store(&url).await.expect("migrate test database");
-    TestDb { store, url }
+    format!("{base}/{name}")
 }
 
 pub async fn sqlite() -> TestDb {
