@@ -317,7 +317,7 @@ impl EventStore {
     /// deadlines (see `writer.rs`).
     pub fn batch_writer(&self, options: WriterOptions) -> BatchWriter {
         match self {
-            EventStore::Postgres(s) => BatchWriter::Postgres(s.batch_writer(options)),
+            EventStore::Postgres(s) => BatchWriter::Postgres(Box::new(s.batch_writer(options))),
             EventStore::Sqlite(s) => BatchWriter::Sqlite(s.batch_writer(options)),
         }
     }

@@ -81,7 +81,7 @@ pub enum Resolution {
 
 /// The writer of one backend.
 pub enum BatchWriter {
-    Postgres(PgWriter),
+    Postgres(Box<PgWriter>),
     Sqlite(SqliteWriter),
 }
 
@@ -128,44 +128,22 @@ impl BatchWriter {
 /// One request's fate from what the log holds. A batch is one transaction,
 /// so a request's events are all there or none is.
 fn resolution(request: AppendRequest, found: &Found) -> Resolution {
-    let first = request
+    let rows: Option<Vec<&FoundEvent>> = request
         .streams
         .iter()
-        .find_map(|s| s.events.first())
-        .map(|e| e.event_id);
-    if let Some(first) = first {
-        if found.events.contains_key(&first) {
-            return Resolution::Committed(recorded_from(request, found));
-        }
+        .flat_map(|s| &s.events)
+        .map(|e| found.events.get(&e.event_id))
+        .collect();
+    if let Some(rows) = rows.filter(|r| !r.is_empty()) {
+        let positions: Vec<Position> = rows.iter().map(|r| r.0).collect();
+        let hashes: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+        let at = rows[0].2;
+        return Resolution::Committed(super::recorded(request, &positions, hashes, at));
     }
     match &request.idempotency {
         Some(k) if found.keys.contains(&(k.wallet.to_string(), k.key.clone())) => Resolution::Duplicate,
         _ => Resolution::NotCommitted,
     }
-}
-
-fn recorded_from(request: AppendRequest, found: &Found) -> Vec<RecordedEvent> {
-    let mut out = Vec::new();
-    for s in request.streams {
-        for (i, e) in s.events.into_iter().enumerate() {
-            let Some((position, hash, recorded_at)) = found.events.get(&e.event_id).cloned() else {
-                continue;
-            };
-            out.push(RecordedEvent {
-                position,
-                stream: s.stream.clone(),
-                version: s.expected.version + 1 + i as u64,
-                event_id: e.event_id,
-                schema_version: crate::aggregate::EVENT_SCHEMA_VERSION,
-                event: e.event,
-                metadata: e.metadata,
-                recorded_at,
-                hash,
-            });
-        }
-    }
-    out.sort_by_key(|e| e.position);
-    out
 }
 
 /// Growing pauses between failed connection attempts.
