@@ -3,8 +3,9 @@
 //! Layout, from the inside out:
 //! - [`aggregate`]: the pure wallet domain (`decide`, `evolve`, money, ids).
 //! - [`store`]: the append-only event log on PostgreSQL or SQLite.
-//! - [`ledger`]: the command path (idempotency, load, decide, append, retry),
-//!   deciding against [`cache`], the folded wallets kept in memory.
+//! - [`ledger`]: the command path: request tasks hand commands to the one
+//!   committer, which decides them in order against [`cache`] (its state),
+//!   appends each batch and answers with the truth.
 //! - [`feed`]: the log for consumers: the public event shape, the live tail.
 //! - [`broker`]: the RabbitMQ relay, worker and dead-letter queue.
 //! - [`snapshots`]: folded states stored every N events; loading = snapshot + tail.
