@@ -479,3 +479,21 @@ async fn wallet_tail_prints_the_log_and_creates_nothing() {
         .unwrap();
     assert_eq!(tables, 0, "a read-only command created nothing");
 }
+
+/// An idle stream says it is alive: a `: heartbeat` comment after 15 s
+/// without events, so proxies keep it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_sends_heartbeats() {
+    let db = common::sqlite().await;
+    let base = common::serve(db.store.clone()).await;
+    let http = Client::new();
+    let mut sse = Sse::open(&http, &format!("{base}/events/stream"), None).await;
+    let started = std::time::Instant::now();
+    let chunk = tokio::time::timeout(Duration::from_secs(20), sse.response.chunk())
+        .await
+        .expect("something within 20 s")
+        .unwrap()
+        .expect("the stream is still open");
+    assert_eq!(&chunk[..], b": heartbeat\n\n");
+    assert!(started.elapsed() >= Duration::from_secs(14), "not before the interval");
+}
