@@ -493,74 +493,66 @@ impl Owner {
 fn plan(job: &Job, states: Vec<Wallet>) -> (AppendRequest, Decided) {
     let refs: Vec<&Wallet> = states.iter().collect();
     match decide(&job.command, &refs) {
-        Ok(decision) => {
-            let receipt = receipt(&job.command, &decision, &job.request_id);
-            let after: Vec<Wallet> = decision
-                .streams
-                .iter()
-                .map(|s| {
-                    let before = states
-                        .iter()
-                        .find(|w| w.id == s.wallet)
-                        .expect("decided on its own wallets");
-                    s.events.iter().fold(before.clone(), |w, e| w.evolve(e))
-                })
-                .collect();
-            let record = record(job, Outcome::Receipt(receipt.clone()));
-            let streams = decision
-                .streams
-                .into_iter()
-                .map(|s| StreamAppend {
-                    expected: Head {
-                        version: s.expected_version,
-                        balance: states
-                            .iter()
-                            .find(|w| w.id == s.wallet)
-                            .map_or(Head::EMPTY.balance, |w| w.balance),
-                    },
-                    stream: s.wallet,
-                    events: s
-                        .events
-                        .into_iter()
-                        .map(|event| new_event(event, &job.metadata))
-                        .collect(),
-                })
-                .collect();
-            let request = AppendRequest {
-                streams,
-                idempotency: record,
-            };
-            (
-                request,
-                Decided::Accepted {
-                    receipt,
-                    before: states,
-                    after,
-                },
-            )
-        }
-        Err(error) => {
-            // Remembered under the key, and guarded like an append: the heads
-            // it was decided on must still be the log's.
-            let on: Vec<Wallet> = if error == DomainError::SameWallet {
-                Vec::new()
-            } else {
-                states
-            };
-            let request = AppendRequest {
-                streams: on
-                    .iter()
-                    .map(|w| StreamAppend {
-                        stream: w.id.clone(),
-                        expected: Head::of(w),
-                        events: Vec::new(),
-                    })
-                    .collect(),
-                idempotency: record(job, Outcome::Rejected(error.clone())),
-            };
-            (request, Decided::Rejected { error, on })
-        }
+        Ok(decision) => plan_accepted(job, decision, states),
+        Err(error) => plan_rejected(job, error, states),
     }
+}
+
+/// The events, each stream expecting the head it was decided on, and the
+/// receipt remembered under the key.
+fn plan_accepted(job: &Job, decision: Decision, states: Vec<Wallet>) -> (AppendRequest, Decided) {
+    let receipt = receipt(&job.command, &decision, &job.request_id);
+    let record = record(job, Outcome::Receipt(receipt.clone()));
+    let mut after = Vec::with_capacity(decision.streams.len());
+    let mut streams = Vec::with_capacity(decision.streams.len());
+    for s in decision.streams {
+        let before = states
+            .iter()
+            .find(|w| w.id == s.wallet)
+            .expect("decided on its own wallets");
+        after.push(s.events.iter().fold(before.clone(), |w, e| w.evolve(e)));
+        streams.push(StreamAppend {
+            expected: Head::of(before),
+            stream: s.wallet,
+            events: s
+                .events
+                .into_iter()
+                .map(|event| new_event(event, &job.metadata))
+                .collect(),
+        });
+    }
+    let request = AppendRequest {
+        streams,
+        idempotency: record,
+    };
+    let decided = Decided::Accepted {
+        receipt,
+        before: states,
+        after,
+    };
+    (request, decided)
+}
+
+/// A rejection: remembered under the key, and guarded like an append (the
+/// heads it was decided on must still be the log's).
+fn plan_rejected(job: &Job, error: DomainError, states: Vec<Wallet>) -> (AppendRequest, Decided) {
+    let on: Vec<Wallet> = if error == DomainError::SameWallet {
+        Vec::new()
+    } else {
+        states
+    };
+    let request = AppendRequest {
+        streams: on
+            .iter()
+            .map(|w| StreamAppend {
+                stream: w.id.clone(),
+                expected: Head::of(w),
+                events: Vec::new(),
+            })
+            .collect(),
+        idempotency: record(job, Outcome::Rejected(error.clone())),
+    };
+    (request, Decided::Rejected { error, on })
 }
 
 fn new_event(event: crate::aggregate::WalletEvent, metadata: &serde_json::Value) -> NewEvent {
