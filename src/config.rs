@@ -28,17 +28,38 @@ pub async fn open_store(url: &str) -> Result<EventStore, StoreError> {
     Ok(store)
 }
 
+/// What must live until exit: the log file's writer and the span exporter
+/// (dropping it flushes both).
+pub struct LoggingGuard {
+    _file: Option<tracing_appender::non_blocking::WorkerGuard>,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for LoggingGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.tracer.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("spans not exported at exit: {e}");
+            }
+        }
+    }
+}
+
 /// JSON lines when stderr is not a terminal (production, CI), readable text
 /// on a terminal. `RUST_LOG` filters (default `info`). With `LOG_DIR` set,
-/// JSON lines also go to a daily rolling file `wallet.log.<date>` there;
-/// keep the returned guard alive so the file writer flushes at exit.
-pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
+/// JSON lines also go to a daily rolling file `wallet.log.<date>` there.
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also exported over
+/// OTLP/HTTP (the exporter reads the standard `OTEL_*` variables); unset,
+/// nothing of OpenTelemetry runs. Keep the returned guard alive.
+pub fn init_logging() -> LoggingGuard {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
 
+    // RUST_LOG filters the log lines only: exported spans keep their own
+    // level, so a quiet log does not silence the traces.
     let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     let stderr = if std::io::stderr().is_terminal() {
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
     } else {
@@ -56,17 +77,66 @@ pub fn init_logging() -> Option<tracing_appender::non_blocking::WorkerGuard> {
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
-                .with_writer(writer);
+                .with_writer(writer)
+                .with_filter(filter());
             (Some(layer), Some(guard))
         }
         None => (None, None),
     };
+    let (otel, tracer) = match otlp_tracer() {
+        Some((tracer, provider)) => {
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
     tracing_subscriber::registry()
-        .with(filter)
-        .with(stderr)
+        .with(stderr.with_filter(filter()))
         .with(file)
+        .with(otel)
         .init();
-    guard
+    LoggingGuard { _file: guard, tracer }
+}
+
+/// The OTLP exporter's tracer, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+fn otlp_tracer() -> Option<(
+    opentelemetry_sdk::trace::SdkTracer,
+    opentelemetry_sdk::trace::SdkTracerProvider,
+)> {
+    use opentelemetry::trace::TracerProvider as _;
+    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.trim().is_empty())?;
+    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("OTEL_EXPORTER_OTLP_ENDPOINT is set but the exporter could not be built: {e}");
+            return None;
+        }
+    };
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("wallet")
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build();
+    Some((provider.tracer("wallet"), provider))
+}
+
+/// Makes `span` continue the trace of a W3C `traceparent` (a write's, as
+/// kept in its events): spans of the request, the relay's publish and the
+/// worker's update then share one trace. Without an exporter it costs
+/// nothing visible.
+pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let Some(traceparent) = traceparent else { return };
+    let carrier = std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(parent);
 }
 
 /// Hides the password of a URL before it is logged.

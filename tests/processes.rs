@@ -249,3 +249,62 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     );
     assert!(lines.iter().any(|l| l.to_string().contains("shutdown signal received")));
 }
+
+/// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, `serve` exports its spans over
+/// OTLP/HTTP, and a write's spans continue the caller's `traceparent`: the
+/// exported batch carries the caller's trace id. (A local listener stands
+/// in for the collector.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_in_the_callers_trace() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", collector.local_addr().unwrap());
+    let dir = std::env::temp_dir().join(format!("wallet-otel-{}", uuid::Uuid::new_v4().simple()));
+    let port = free_port();
+    let _serve = Running(
+        Command::new(env!("CARGO_BIN_EXE_wallet"))
+            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .env("WALLET_DATA_DIR", &dir)
+            .env("DATABASE_URL", "")
+            .env("AMQP_URL", "")
+            .env("RUST_LOG", "warn")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&base).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = reqwest::Client::new()
+        .post(format!("{base}/wallet/traced/deposit"))
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({"amount": "1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+
+    // The batch exporter sends within its schedule (5 s by default).
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(20), collector.accept())
+        .await
+        .expect("spans exported within 20 s")
+        .unwrap();
+    let mut request = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let wanted = hex::decode(trace_id).unwrap();
+    while !request.windows(wanted.len()).any(|w| w == wanted.as_slice()) {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("the export request arrives")
+            .unwrap();
+        assert!(n > 0, "the export ended without the caller's trace id");
+        request.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&request[..request.len().min(200)]).into_owned();
+    assert!(head.starts_with("POST /v1/traces"), "{head}");
+    let _ = conn
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-type: application/x-protobuf\r\n\r\n")
+        .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -177,7 +177,8 @@ pub async fn record(State(app): State<Arc<AppState>>, request: Request, next: Ne
             .await;
         response
     };
-    let mut response = match tokio::spawn(work).await {
+    // The task keeps the request's span, so the handler's spans join its trace.
+    let mut response = match tokio::spawn(tracing::Instrument::in_current_span(work)).await {
         Ok(response) => response,
         Err(e) => {
             tracing::error!(error = %e, %audit_id, "request task failed");

@@ -165,7 +165,16 @@ pub fn router(state: AppState) -> Router {
                         .get("x-request-id")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-");
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id);
+                    // The caller's trace continues here (and, through the
+                    // events' metadata, in the relay and the worker).
+                    let traceparent = req
+                        .headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(crate::audit::valid_traceparent);
+                    crate::config::continue_trace(&span, traceparent.as_deref());
+                    span
                 })
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )

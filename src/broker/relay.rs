@@ -173,21 +173,30 @@ impl Relay {
                 more_waiting = events.len() == want;
                 for e in &events {
                     let message = EventMessage::of(e);
-                    let confirm = channel
-                        .basic_publish(
-                            &self.topology.exchange,
-                            "",
-                            // Mandatory: if no queue is bound, the broker returns the
-                            // message instead of dropping it, and it does not count
-                            // as confirmed.
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..Default::default()
-                            },
-                            &message.body(),
-                            message.properties(),
-                        )
-                        .await?;
+                    let body = message.body();
+                    let publish = channel.basic_publish(
+                        &self.topology.exchange,
+                        "",
+                        // Mandatory: if no queue is bound, the broker returns the
+                        // message instead of dropping it, and it does not count
+                        // as confirmed.
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &body,
+                        message.properties(),
+                    );
+                    // A traced write's publish joins its trace (the message
+                    // carries the context on to the worker).
+                    let confirm = match message.metadata.traceparent.as_deref() {
+                        Some(traceparent) => {
+                            let span = tracing::info_span!("publish", position = e.position);
+                            crate::config::continue_trace(&span, Some(traceparent));
+                            tracing::Instrument::instrument(publish, span).await?
+                        }
+                        None => publish.await?,
+                    };
                     in_flight.push_back(confirmation(e.position, confirm));
                     published = e.position;
                 }

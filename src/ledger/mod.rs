@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::aggregate::{Amount, Balance, Command, DomainError, Wallet, WalletId};
@@ -207,8 +208,10 @@ impl Ledger {
         key: Option<String>,
     ) -> Result<Answer<WalletReceipt>, CommandError> {
         let fingerprint = format!("deposit:{amount}");
+        let span = tracing::info_span!("append", op = "deposit");
         wallet_answer(
             self.execute(Command::Deposit { wallet, amount }, key, fingerprint)
+                .instrument(span)
                 .await?,
         )
     }
@@ -220,8 +223,10 @@ impl Ledger {
         key: Option<String>,
     ) -> Result<Answer<WalletReceipt>, CommandError> {
         let fingerprint = format!("withdraw:{amount}");
+        let span = tracing::info_span!("append", op = "withdraw");
         wallet_answer(
             self.execute(Command::Withdraw { wallet, amount }, key, fingerprint)
+                .instrument(span)
                 .await?,
         )
     }
@@ -240,7 +245,8 @@ impl Ledger {
             amount,
             transfer_id: Uuid::now_v7(),
         };
-        match self.execute(command, key, fingerprint).await? {
+        let span = tracing::info_span!("append", op = "transfer");
+        match self.execute(command, key, fingerprint).instrument(span).await? {
             Answer {
                 receipt: Receipt::Transfer(receipt),
                 replayed,
