@@ -118,6 +118,14 @@ async fn log_positions(store: &EventStore) -> Vec<i64> {
     }
 }
 
+/// Opens the five wallets `spawn_writers` uses, 100 each.
+async fn open_wallets(http: &Client, base: &str) {
+    for w in 0..5 {
+        let status = post(http, format!("{base}/wallet/w{w}/deposit"), json!({"amount": "100"})).await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+}
+
 /// Concurrent writers (deposits and transfers over five wallets).
 fn spawn_writers(http: &Client, base: &str, tasks: usize, ops: usize) -> Vec<tokio::task::JoinHandle<()>> {
     (0..tasks)
@@ -145,12 +153,7 @@ fn spawn_writers(http: &Client, base: &str, tasks: usize, ops: usize) -> Vec<tok
 async fn a_follower_from_zero_gets_every_event_once_in_order(db: TestDb) {
     let base = common::serve(db.store.clone()).await;
     let http = Client::new();
-    for w in 0..5 {
-        assert_eq!(
-            post(&http, format!("{base}/wallet/w{w}/deposit"), json!({"amount": "100"})).await,
-            StatusCode::CREATED
-        );
-    }
+    open_wallets(&http, &base).await;
     let writers = spawn_writers(&http, &base, 4, 40);
     let mut sse = Sse::open(&http, &format!("{base}/events/stream?after=0"), None).await;
     for w in writers {
@@ -257,12 +260,7 @@ async fn a_late_commit_is_delivered_in_its_place(db: TestDb) {
 async fn resuming_with_last_event_id_loses_nothing(db: TestDb) {
     let base = common::serve(db.store.clone()).await;
     let http = Client::new();
-    for w in 0..5 {
-        assert_eq!(
-            post(&http, format!("{base}/wallet/w{w}/deposit"), json!({"amount": "100"})).await,
-            StatusCode::CREATED
-        );
-    }
+    open_wallets(&http, &base).await;
     for w in spawn_writers(&http, &base, 2, 20) {
         w.await.unwrap();
     }

@@ -293,14 +293,12 @@ impl EventStore {
     /// is written. Its own transaction; the ledger's committer writes
     /// batches through a `BatchWriter` instead.
     pub async fn append(&self, request: AppendRequest) -> Result<Vec<RecordedEvent>, AppendError> {
-        let expected: Vec<(WalletId, Head)> = request.streams.iter().map(|s| (s.stream.clone(), s.expected)).collect();
-        let outcome = self.append_batch(vec![request]).await?.pop();
-        match outcome {
-            Some(AppendOutcome::Appended(events)) => Ok(events),
-            Some(AppendOutcome::Duplicate) => Err(AppendError::DuplicateRequest),
-            Some(AppendOutcome::Conflict(actual)) => Err(first_difference(&expected, &actual)),
-            None => Err(StoreError::BatchFailed("the append answered nothing".to_owned()).into()),
-        }
+        let requests = vec![request];
+        let written = match self {
+            EventStore::Postgres(s) => s.append_batch(&requests).await?,
+            EventStore::Sqlite(s) => s.append_batch(&requests).await?,
+        };
+        written.single(requests)
     }
 
     /// Appends several requests in one transaction, each checked on its own
@@ -465,6 +463,20 @@ pub struct WrittenBatch {
 }
 
 impl WrittenBatch {
+    /// The outcome of a batch of one request, as `append` answers it.
+    pub(crate) fn single(self, requests: Vec<AppendRequest>) -> Result<Vec<RecordedEvent>, AppendError> {
+        let expected: Vec<(WalletId, Head)> = requests
+            .iter()
+            .flat_map(|r| r.streams.iter().map(|s| (s.stream.clone(), s.expected)))
+            .collect();
+        match self.finish(requests).pop() {
+            Some(AppendOutcome::Appended(events)) => Ok(events),
+            Some(AppendOutcome::Duplicate) => Err(AppendError::DuplicateRequest),
+            Some(AppendOutcome::Conflict(actual)) => Err(first_difference(&expected, &actual)),
+            None => Err(StoreError::BatchFailed("the append answered nothing".to_owned()).into()),
+        }
+    }
+
     /// Each request's outcome, in order (call after the commit succeeded).
     pub fn finish(self, requests: Vec<AppendRequest>) -> Vec<AppendOutcome> {
         let mut hashes = self.hashes.into_iter();

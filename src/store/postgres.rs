@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::writer::{Found, Reconnect, WriteFailure, WriterOptions};
 use super::{
-    chain, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, LogFilter, Plan, Position, RawEvent, RecordedEvent,
+    chain, AppendError, AppendRequest, Cutoff, Head, LogFilter, Plan, Position, RawEvent, RecordedEvent,
     SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
 };
 use crate::aggregate::{Balance, WalletId};
@@ -92,16 +92,9 @@ impl PgEventStore {
 
     /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
-        let expected: Vec<(WalletId, Head)> = request.streams.iter().map(|s| (s.stream.clone(), s.expected)).collect();
         let requests = vec![request];
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let written = write_batch(&mut *tx, &requests).await?;
-        let events = match written.finish(requests).pop() {
-            Some(AppendOutcome::Appended(events)) => events,
-            Some(AppendOutcome::Duplicate) => return Err(AppendError::DuplicateRequest),
-            Some(AppendOutcome::Conflict(actual)) => return Err(super::first_difference(&expected, &actual)),
-            None => return Err(StoreError::BatchFailed("no outcome".to_owned()).into()),
-        };
+        let events = write_batch(&mut *tx, &requests).await?.single(requests)?;
         Ok(PendingAppend { tx, events })
     }
 

@@ -18,8 +18,8 @@ use uuid::Uuid;
 
 use super::writer::{Found, WriteFailure, WriterOptions};
 use super::{
-    idempotency_rows, now, plan_batch, AppendError, AppendOutcome, AppendRequest, Cutoff, Head, LogFilter, Position,
-    RawEvent, RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamTips, Tip, WrittenBatch,
+    idempotency_rows, now, plan_batch, AppendError, AppendRequest, Cutoff, Head, LogFilter, Position, RawEvent,
+    RecordedEvent, SnapshotRecord, StoreError, StoredOutcome, StreamTips, Tip, WrittenBatch,
 };
 use crate::aggregate::{Balance, WalletId};
 
@@ -116,15 +116,9 @@ impl SqliteEventStore {
 
     /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
-        let expected: Vec<(WalletId, Head)> = request.streams.iter().map(|s| (s.stream.clone(), s.expected)).collect();
         let requests = vec![request];
         let (tx, written) = write_batch(&self.writer, &requests).await?;
-        let events = match written.finish(requests).pop() {
-            Some(AppendOutcome::Appended(events)) => events,
-            Some(AppendOutcome::Duplicate) => return Err(AppendError::DuplicateRequest),
-            Some(AppendOutcome::Conflict(actual)) => return Err(super::first_difference(&expected, &actual)),
-            None => return Err(StoreError::BatchFailed("no outcome".to_owned()).into()),
-        };
+        let events = written.single(requests)?;
         Ok(PendingAppend { tx, events })
     }
 
