@@ -137,6 +137,7 @@ fn appends(events: Vec<WalletEvent>, stream: &WalletId) -> AppendRequest {
                     metadata: serde_json::json!({}),
                 })
                 .collect(),
+            on_batch: false,
         }],
         idempotency: None,
     }

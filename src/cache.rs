@@ -102,13 +102,11 @@ impl WalletCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Balance;
 
     fn wallet(id: &str, version: u64) -> Wallet {
         Wallet {
-            id: WalletId::parse(id).unwrap(),
-            balance: Balance::ZERO,
             version,
+            ..Wallet::empty(WalletId::parse(id).unwrap())
         }
     }
 

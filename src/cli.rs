@@ -371,6 +371,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => state.spawn_projection_runner(),
             };
+            state.spawn_expiry_sweeper(crate::expiry::DEFAULT_SWEEP_EVERY);
             let listener = TcpListener::bind(args.bind)
                 .await
                 .with_context(|| format!("binding {}", args.bind))?;

@@ -9,7 +9,8 @@
 //! - [`feed`]: the log for consumers: the public event shape, the live tail.
 //! - [`broker`]: the RabbitMQ relay, worker and dead-letter queue.
 //! - [`snapshots`]: folded states stored every N events; loading = snapshot + tail.
-//! - [`projections`]: read models (history, stats, flags) built from the log.
+//! - [`projections`]: read models (history, stats, flags, holds) built from the log.
+//! - [`expiry`]: the sweeper that expires holds whose time has passed.
 //! - [`replay`] and [`verify`]: time travel and whole-log checks (read-only).
 //! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands; [`load`] and
 //!   [`seed`]: the load generator and synthetic history for benchmarks.
@@ -21,6 +22,7 @@ pub mod broker;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod expiry;
 pub mod feed;
 pub mod freshness;
 pub mod ledger;

@@ -79,6 +79,7 @@ pub async fn seed(
                     stream: stream.wallet.clone(),
                     expected: Head::of(&states[k]),
                     events: Vec::new(),
+                    on_batch: false,
                 });
                 for event in stream.events {
                     states[k] = states[k].clone().evolve(&event);

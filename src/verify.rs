@@ -4,7 +4,10 @@
 //! Checked: versions contiguous from 1; the hash chain (first broken link per
 //! stream); `newBalance` equals the previous balance plus or minus the amount
 //! and is never negative; a wallet opens with `WalletCreated` and only then;
-//! each transfer has exactly one debit and one matching credit; every
+//! each transfer has exactly one debit and one matching credit (a capture
+//! into another wallet is a transfer with the hold's id); each hold is placed
+//! within the available money and resolved at most once, for its amount;
+//! hold and limit events leave the balance as it was; every
 //! snapshot equals the fold at its version; every read model equals a rebuild.
 
 use std::collections::HashMap;
@@ -78,7 +81,7 @@ pub async fn verify(
         .all_snapshots()
         .await?
         .into_iter()
-        .filter(|s| s.schema_version == snapshots::SNAPSHOT_SCHEMA_VERSION)
+        .filter(|s| s.schema_version <= snapshots::SNAPSHOT_SCHEMA_VERSION)
         .map(|s| ((s.stream.to_string(), s.version), s))
         .collect();
     let snapshot_count = snapshots_by_key.len() as u64;
@@ -153,6 +156,47 @@ fn report_push(list: &mut Vec<Discrepancy>, stream: Option<&str>, position: Opti
     });
 }
 
+/// What is wrong with a hold event on `state`, if anything: a hold is
+/// placed once, within the available money, and resolved at most once, for
+/// exactly its amount (captured plus released), paying its own payee.
+fn hold_problem(state: &Wallet, event: &WalletEvent) -> Option<String> {
+    let active = |id: &Uuid| state.holds.get(id);
+    match event {
+        WalletEvent::HoldPlaced(p) => {
+            if active(&p.hold_id).is_some() {
+                return Some(format!("hold {} placed twice", p.hold_id));
+            }
+            (p.amount.as_balance() > state.available()).then(|| {
+                format!(
+                    "hold {} of {} exceeds the available {}",
+                    p.hold_id,
+                    p.amount,
+                    state.available()
+                )
+            })
+        }
+        WalletEvent::HoldCaptured(p) => {
+            let Some(hold) = active(&p.hold_id) else {
+                return Some(format!("hold {} captured but not active", p.hold_id));
+            };
+            let total = p.amount.value() + p.released.value();
+            if total != hold.amount.value() || p.to_wallet_id != hold.to {
+                return Some(format!(
+                    "hold {} captured for other money or payee than it held",
+                    p.hold_id
+                ));
+            }
+            None
+        }
+        WalletEvent::HoldVoided(p) | WalletEvent::HoldExpired(p) => match active(&p.hold_id) {
+            None => Some(format!("hold {} released but not active", p.hold_id)),
+            Some(hold) if hold.amount != p.amount => Some(format!("hold {} released for another amount", p.hold_id)),
+            Some(_) => None,
+        },
+        _ => None,
+    }
+}
+
 fn check_event(
     e: &RecordedEvent,
     streams: &mut HashMap<String, StreamState>,
@@ -195,17 +239,21 @@ fn check_event(
     }
 
     let before = s.wallet.balance.value();
-    let expected = match (&e.event, e.event.amount()) {
+    let expected = match (&e.event, e.event.balance_change()) {
         (WalletEvent::WalletCreated(_), _) => {
             if s.wallet.version != 0 {
                 found(Some(name), at, "WalletCreated on an existing wallet".to_owned());
             }
             Some(Decimal::ZERO)
         }
-        (event, Some(amount)) if event.is_debit() => Some(before - amount.value()),
-        (_, Some(amount)) => Some(before + amount.value()),
-        (_, None) => None,
+        (_, Some((amount, true))) => Some(before - amount.value()),
+        (_, Some((amount, false))) => Some(before + amount.value()),
+        // Holds and limits leave the balance as it was.
+        (_, None) => Some(before),
     };
+    if let Some(problem) = hold_problem(&s.wallet, &e.event) {
+        found(Some(name), at, problem);
+    }
     if s.wallet.version == 0 && !matches!(e.event, WalletEvent::WalletCreated(_)) {
         found(Some(name), at, "the first event is not WalletCreated".to_owned());
     }
@@ -230,7 +278,14 @@ fn check_event(
                 p.to_wallet_id.to_string(),
                 p.amount.value(),
             ),
-            _ => unreachable!("only transfer events carry a transfer id"),
+            // A capture into another wallet: the debit half.
+            WalletEvent::HoldCaptured(p) => (
+                e.position,
+                p.wallet_id.to_string(),
+                p.to_wallet_id.as_ref().map_or_else(String::new, |w| w.to_string()),
+                p.amount.value(),
+            ),
+            _ => unreachable!("only transfers and captures carry a transfer id"),
         };
         let t = transfers.entry(transfer).or_default();
         let slot = if e.event.is_debit() {

@@ -103,6 +103,7 @@ async fn relay_delivers_every_event_once_in_order(db: TestDb) {
                     metadata: serde_json::json!({}),
                 })
                 .collect(),
+            on_batch: false,
         };
         db.store
             .begin_append(wallet::store::AppendRequest {

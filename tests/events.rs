@@ -213,6 +213,7 @@ fn opening_deposit(wallet: &str) -> AppendRequest {
                     metadata: json!({}),
                 })
                 .collect(),
+            on_batch: false,
         }],
         idempotency: None,
     }

@@ -233,6 +233,9 @@ async fn folded_balance(store: &EventStore, wallet: &str) -> Decimal {
             WalletEvent::TransferCredited(p) => balance += p.amount.value(),
             WalletEvent::FundsWithdrawn(p) => balance -= p.amount.value(),
             WalletEvent::TransferDebited(p) => balance -= p.amount.value(),
+            WalletEvent::HoldCaptured(p) => balance -= p.amount.value(),
+            // Holds placed or released and limits leave the balance.
+            _ => {}
         }
     }
     let product = Wallet::fold(id, events.iter().map(|e| &e.event)).balance.value();

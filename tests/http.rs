@@ -125,12 +125,14 @@ async fn deposit_withdraw_and_read(db: TestDb) {
     let view = api.get_json("/wallet/alice").await;
     assert_eq!(
         view,
-        json!({"walletId": "alice", "balance": "100.0000", "exists": true, "version": 4})
+        json!({"walletId": "alice", "balance": "100.0000", "available": "100.0000", "held": "0.0000",
+               "minBalance": "0.0000", "exists": true, "version": 4})
     );
     let unknown = api.get_json("/wallet/nobody").await;
     assert_eq!(
         unknown,
-        json!({"walletId": "nobody", "balance": "0.0000", "exists": false, "version": 0})
+        json!({"walletId": "nobody", "balance": "0.0000", "available": "0.0000", "held": "0.0000",
+               "minBalance": "0.0000", "exists": false, "version": 0})
     );
 
     // Time travel: as of the first deposit's position.

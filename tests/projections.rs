@@ -87,7 +87,8 @@ fn expected_stats(log: &[RecordedEvent], rules: &FraudRules) -> HashMap<String, 
                 add(s, "in", "ni", p.amount.value());
                 None
             }
-            WalletEvent::WalletCreated(_) => None,
+            WalletEvent::HoldCaptured(p) => Some(p.amount.value()),
+            _ => None,
         };
         if let Some(a) = outflow {
             let t = e.recorded_at;
@@ -97,7 +98,7 @@ fn expected_stats(log: &[RecordedEvent], rules: &FraudRules) -> HashMap<String, 
                 .filter(|o| {
                     matches!(
                         o.event,
-                        WalletEvent::FundsWithdrawn(_) | WalletEvent::TransferDebited(_)
+                        WalletEvent::FundsWithdrawn(_) | WalletEvent::TransferDebited(_) | WalletEvent::HoldCaptured(_)
                     )
                 })
                 .filter(|o| o.recorded_at >= t - rules.rapid_window && o.recorded_at <= t)
@@ -264,9 +265,39 @@ async fn each_event_takes_effect_once_across_a_crash(db: TestDb) {
     );
 }
 
+/// Holds placed, captured part-way into another wallet, and voided.
+async fn hold_workload(ledger: &Ledger) {
+    let w = WalletId::parse("holder").unwrap();
+    ledger
+        .deposit(w.clone(), Amount::parse("500").unwrap(), None)
+        .await
+        .unwrap();
+    for i in 0..6 {
+        let hold = wallet::ledger::HoldRequest {
+            wallet: w.clone(),
+            amount: Amount::parse("20").unwrap(),
+            expires_in: std::time::Duration::from_secs(3600),
+            expires_at: chrono::Utc::now() + Duration::hours(1),
+            to: (i % 2 == 0).then(|| WalletId::parse("payee").unwrap()),
+        };
+        let placed = ledger.place_hold(hold, None).await.unwrap().receipt;
+        match i % 3 {
+            0 => drop(
+                ledger
+                    .capture_hold(w.clone(), placed.hold_id, Some(Amount::parse("5").unwrap()), None)
+                    .await
+                    .unwrap(),
+            ),
+            1 => drop(ledger.void_hold(w.clone(), placed.hold_id, None).await.unwrap()),
+            _ => {}
+        }
+    }
+}
+
 async fn a_rebuild_equals_the_live_model_row_for_row(db: TestDb) {
     let ledger = Ledger::new(db.store.clone());
     workload(&ledger, 80, 11).await;
+    hold_workload(&ledger).await;
     // Tight rules so flags exist.
     let rules = FraudRules {
         rapid_count: 2,

@@ -574,6 +574,10 @@ fn event_amount(e: &WalletEvent) -> Option<Decimal> {
         WalletEvent::WalletCreated(_) => None,
         WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => Some(p.amount.value()),
         WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => Some(p.amount.value()),
+        WalletEvent::HoldPlaced(p) => Some(p.amount.value()),
+        WalletEvent::HoldCaptured(p) => Some(p.amount.value()),
+        WalletEvent::HoldVoided(p) | WalletEvent::HoldExpired(p) => Some(p.amount.value()),
+        WalletEvent::WalletLimitsChanged(_) => None,
     }
 }
 
@@ -619,7 +623,9 @@ async fn check_stream(ledger: &Ledger, id: &WalletId) -> Result<Wallet, String> 
             WalletEvent::TransferCredited(p) => running += p.amount.value(),
             WalletEvent::FundsWithdrawn(p) => running -= p.amount.value(),
             WalletEvent::TransferDebited(p) => running -= p.amount.value(),
-            WalletEvent::WalletCreated(_) => {}
+            WalletEvent::HoldCaptured(p) => running -= p.amount.value(),
+            // Created, holds placed or released, limits: the balance stays.
+            _ => {}
         }
         let after = e.event.balance_after().value();
         ensure!(

@@ -39,6 +39,7 @@ fn to_append(stream: WalletId, expected: Head, events: Vec<WalletEvent>) -> Stre
                 metadata: json!({"test": true}),
             })
             .collect(),
+        on_batch: false,
     }
 }
 
@@ -335,6 +336,7 @@ async fn a_wrong_balance_at_the_right_version_is_refused(db: TestDb) {
             stream: id("a"),
             expected: head,
             events: Vec::new(),
+            on_batch: false,
         }],
         idempotency: Some(record.clone()),
     };
@@ -400,6 +402,65 @@ async fn a_batch_guards_each_request_against_its_predecessors(db: TestDb) {
     }
 }
 
+/// The head cannot always tell a state that never was: another writer's
+/// hold leaves the same version and balance as this batch's failed one. A
+/// request decided on this batch's state (`on_batch`) is refused unless the
+/// batch moved its stream.
+async fn a_decision_on_a_failed_request_is_refused_even_at_a_matching_head(db: TestDb) {
+    db.store
+        .append(single(deposit(&Wallet::empty(id("a")), "50")))
+        .await
+        .unwrap();
+    let ours = fold(&db, "a").await;
+    let hold = |state: &Wallet, n: u128| {
+        let cmd = Command::PlaceHold {
+            wallet: id("a"),
+            hold_id: Uuid::from_u128(n),
+            amount: Amount::parse("40").unwrap(),
+            expires_at: chrono::Utc::now() + chrono::TimeDelta::hours(1),
+            to: None,
+        };
+        let d = decide(&cmd, &[state]).unwrap().streams.remove(0);
+        to_append(d.wallet, Head::of(state), d.events)
+    };
+    // Another writer holds 40 first: same version and balance as our hold.
+    db.store.append(single(hold(&ours, 1))).await.unwrap();
+    // Our batch: a hold decided on the stale state (conflicts), and a
+    // withdrawal of 10 decided on top of it, whose expected head matches
+    // the log's by accident. With both holds only 10 is available to it;
+    // on the log's state (one hold) 10 fits as well, so the guard, not the
+    // arithmetic, must refuse it.
+    let ours_held = hold(&ours, 2)
+        .events
+        .iter()
+        .fold(ours.clone(), |w, e| w.evolve(&e.event));
+    let withdraw = Command::Withdraw {
+        wallet: id("a"),
+        amount: Amount::parse("10").unwrap(),
+    };
+    let d = decide(&withdraw, &[&ours_held]).unwrap().streams.remove(0);
+    let mut second = to_append(d.wallet, Head::of(&ours_held), d.events);
+    second.on_batch = true;
+    let outcomes = db
+        .store
+        .append_batch(vec![single(hold(&ours, 2)), single(second.clone())])
+        .await
+        .unwrap();
+    let actual = vec![(id("a"), Head::of(&fold(&db, "a").await))];
+    assert_eq!(outcomes[0], AppendOutcome::Conflict(actual.clone()));
+    assert_eq!(
+        outcomes[1],
+        AppendOutcome::Conflict(actual),
+        "decided on a hold that never was"
+    );
+    // Without the flag the same head would have been taken as the truth.
+    second.on_batch = false;
+    assert!(matches!(
+        db.store.append_batch(vec![single(second)]).await.unwrap()[0],
+        AppendOutcome::Appended(_)
+    ));
+}
+
 /// Readers by position rely on positions becoming visible in order; a
 /// sequence cache above 1 breaks that, and `migrate` refuses to run on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,6 +485,7 @@ on_both_backends!(
     stale_expected_version_is_a_conflict,
     a_wrong_balance_at_the_right_version_is_refused,
     a_batch_guards_each_request_against_its_predecessors,
+    a_decision_on_a_failed_request_is_refused_even_at_a_matching_head,
     a_failed_transfer_changes_neither_stream,
     an_idempotency_key_commits_with_its_events_exactly_once,
     a_reader_never_skips_a_late_commit,

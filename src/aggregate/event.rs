@@ -5,6 +5,7 @@
 //! `newBalance` as 4-decimal strings. Older schema versions are upcast here,
 //! on read, so the rest of the code only ever sees the current shape.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -40,6 +41,56 @@ pub struct TransferPayload {
     pub new_balance: Balance,
 }
 
+/// A hold placed: `amount` moves from available to held; the balance stays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HoldPlacedPayload {
+    pub wallet_id: WalletId,
+    pub hold_id: Uuid,
+    pub amount: Amount,
+    pub expires_at: DateTime<Utc>,
+    /// Where a capture pays to; absent: out of the system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_wallet_id: Option<WalletId>,
+    pub new_balance: Balance,
+}
+
+/// A hold captured: `amount` leaves the wallet (into `toWalletId` if the
+/// hold named one, as that stream's `TransferCredited` with the hold's id as
+/// its transfer id); `released` goes back to available.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HoldCapturedPayload {
+    pub wallet_id: WalletId,
+    pub hold_id: Uuid,
+    pub amount: Amount,
+    pub released: Balance,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_wallet_id: Option<WalletId>,
+    pub new_balance: Balance,
+}
+
+/// A hold voided or expired: all of `amount` goes back to available.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HoldReleasedPayload {
+    pub wallet_id: WalletId,
+    pub hold_id: Uuid,
+    pub amount: Amount,
+    pub new_balance: Balance,
+}
+
+/// The wallet's limits from now on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitsPayload {
+    pub wallet_id: WalletId,
+    pub min_balance: Balance,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_balance: Option<Balance>,
+    pub new_balance: Balance,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WalletEvent {
     /// The first credit of a new wallet opens it; balance starts at zero.
@@ -48,7 +99,26 @@ pub enum WalletEvent {
     FundsWithdrawn(FundsPayload),
     TransferDebited(TransferPayload),
     TransferCredited(TransferPayload),
+    HoldPlaced(HoldPlacedPayload),
+    HoldCaptured(HoldCapturedPayload),
+    HoldVoided(HoldReleasedPayload),
+    HoldExpired(HoldReleasedPayload),
+    WalletLimitsChanged(LimitsPayload),
 }
+
+/// Every event type, as stored.
+pub const EVENT_TYPES: [&str; 10] = [
+    "WalletCreated",
+    "FundsDeposited",
+    "FundsWithdrawn",
+    "TransferDebited",
+    "TransferCredited",
+    "HoldPlaced",
+    "HoldCaptured",
+    "HoldVoided",
+    "HoldExpired",
+    "WalletLimitsChanged",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventDecodeError {
@@ -71,6 +141,11 @@ impl WalletEvent {
             WalletEvent::FundsWithdrawn(_) => "FundsWithdrawn",
             WalletEvent::TransferDebited(_) => "TransferDebited",
             WalletEvent::TransferCredited(_) => "TransferCredited",
+            WalletEvent::HoldPlaced(_) => "HoldPlaced",
+            WalletEvent::HoldCaptured(_) => "HoldCaptured",
+            WalletEvent::HoldVoided(_) => "HoldVoided",
+            WalletEvent::HoldExpired(_) => "HoldExpired",
+            WalletEvent::WalletLimitsChanged(_) => "WalletLimitsChanged",
         }
     }
 
@@ -79,6 +154,10 @@ impl WalletEvent {
             WalletEvent::WalletCreated(p) => &p.wallet_id,
             WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => &p.wallet_id,
             WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => &p.wallet_id,
+            WalletEvent::HoldPlaced(p) => &p.wallet_id,
+            WalletEvent::HoldCaptured(p) => &p.wallet_id,
+            WalletEvent::HoldVoided(p) | WalletEvent::HoldExpired(p) => &p.wallet_id,
+            WalletEvent::WalletLimitsChanged(p) => &p.wallet_id,
         }
     }
 
@@ -88,26 +167,61 @@ impl WalletEvent {
             WalletEvent::WalletCreated(_) => Balance::ZERO,
             WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => p.new_balance,
             WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => p.new_balance,
+            WalletEvent::HoldPlaced(p) => p.new_balance,
+            WalletEvent::HoldCaptured(p) => p.new_balance,
+            WalletEvent::HoldVoided(p) | WalletEvent::HoldExpired(p) => p.new_balance,
+            WalletEvent::WalletLimitsChanged(p) => p.new_balance,
         }
     }
 
-    /// The money this event moves (none for `WalletCreated`).
+    /// The money this event names: moved, held or released (none for
+    /// `WalletCreated` and `WalletLimitsChanged`).
     pub fn amount(&self) -> Option<Amount> {
         match self {
-            WalletEvent::WalletCreated(_) => None,
+            WalletEvent::WalletCreated(_) | WalletEvent::WalletLimitsChanged(_) => None,
             WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => Some(p.amount),
             WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => Some(p.amount),
+            WalletEvent::HoldPlaced(p) => Some(p.amount),
+            WalletEvent::HoldCaptured(p) => Some(p.amount),
+            WalletEvent::HoldVoided(p) | WalletEvent::HoldExpired(p) => Some(p.amount),
         }
     }
 
-    /// Whether this event takes money out of its wallet.
-    pub fn is_debit(&self) -> bool {
-        matches!(self, WalletEvent::FundsWithdrawn(_) | WalletEvent::TransferDebited(_))
+    /// How this event changes the balance: `Some((amount, true))` takes
+    /// money out, `Some((amount, false))` brings it in, `None` leaves the
+    /// balance as it was (holds placed or released, limits, creation).
+    pub fn balance_change(&self) -> Option<(Amount, bool)> {
+        match self {
+            WalletEvent::FundsDeposited(p) => Some((p.amount, false)),
+            WalletEvent::TransferCredited(p) => Some((p.amount, false)),
+            WalletEvent::FundsWithdrawn(p) => Some((p.amount, true)),
+            WalletEvent::TransferDebited(p) => Some((p.amount, true)),
+            WalletEvent::HoldCaptured(p) => Some((p.amount, true)),
+            _ => None,
+        }
     }
 
+    /// Whether this event takes money out of its wallet (a capture does).
+    pub fn is_debit(&self) -> bool {
+        matches!(self.balance_change(), Some((_, true)))
+    }
+
+    /// The transfer this event is half of. A capture into another wallet is
+    /// a transfer whose id is the hold's.
     pub fn transfer_id(&self) -> Option<Uuid> {
         match self {
             WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => Some(p.transfer_id),
+            WalletEvent::HoldCaptured(p) if p.to_wallet_id.is_some() => Some(p.hold_id),
+            _ => None,
+        }
+    }
+
+    /// The hold this event places or resolves.
+    pub fn hold_id(&self) -> Option<Uuid> {
+        match self {
+            WalletEvent::HoldPlaced(p) => Some(p.hold_id),
+            WalletEvent::HoldCaptured(p) => Some(p.hold_id),
+            WalletEvent::HoldVoided(p) | WalletEvent::HoldExpired(p) => Some(p.hold_id),
             _ => None,
         }
     }
@@ -117,6 +231,10 @@ impl WalletEvent {
             WalletEvent::WalletCreated(p) => serde_json::to_value(p),
             WalletEvent::FundsDeposited(p) | WalletEvent::FundsWithdrawn(p) => serde_json::to_value(p),
             WalletEvent::TransferDebited(p) | WalletEvent::TransferCredited(p) => serde_json::to_value(p),
+            WalletEvent::HoldPlaced(p) => serde_json::to_value(p),
+            WalletEvent::HoldCaptured(p) => serde_json::to_value(p),
+            WalletEvent::HoldVoided(p) | WalletEvent::HoldExpired(p) => serde_json::to_value(p),
+            WalletEvent::WalletLimitsChanged(p) => serde_json::to_value(p),
         };
         // Plain structs of strings: serialisation cannot fail.
         value.expect("event payloads always serialise")
@@ -143,6 +261,11 @@ impl WalletEvent {
             "FundsWithdrawn" => WalletEvent::FundsWithdrawn(serde_json::from_str(payload).map_err(bad)?),
             "TransferDebited" => WalletEvent::TransferDebited(serde_json::from_str(payload).map_err(bad)?),
             "TransferCredited" => WalletEvent::TransferCredited(serde_json::from_str(payload).map_err(bad)?),
+            "HoldPlaced" => WalletEvent::HoldPlaced(serde_json::from_str(payload).map_err(bad)?),
+            "HoldCaptured" => WalletEvent::HoldCaptured(serde_json::from_str(payload).map_err(bad)?),
+            "HoldVoided" => WalletEvent::HoldVoided(serde_json::from_str(payload).map_err(bad)?),
+            "HoldExpired" => WalletEvent::HoldExpired(serde_json::from_str(payload).map_err(bad)?),
+            "WalletLimitsChanged" => WalletEvent::WalletLimitsChanged(serde_json::from_str(payload).map_err(bad)?),
             other => return Err(EventDecodeError::UnknownType(other.to_owned())),
         })
     }
@@ -167,6 +290,11 @@ impl WalletEvent {
             "FundsWithdrawn" => WalletEvent::FundsWithdrawn(serde_json::from_value(payload).map_err(bad)?),
             "TransferDebited" => WalletEvent::TransferDebited(serde_json::from_value(payload).map_err(bad)?),
             "TransferCredited" => WalletEvent::TransferCredited(serde_json::from_value(payload).map_err(bad)?),
+            "HoldPlaced" => WalletEvent::HoldPlaced(serde_json::from_value(payload).map_err(bad)?),
+            "HoldCaptured" => WalletEvent::HoldCaptured(serde_json::from_value(payload).map_err(bad)?),
+            "HoldVoided" => WalletEvent::HoldVoided(serde_json::from_value(payload).map_err(bad)?),
+            "HoldExpired" => WalletEvent::HoldExpired(serde_json::from_value(payload).map_err(bad)?),
+            "WalletLimitsChanged" => WalletEvent::WalletLimitsChanged(serde_json::from_value(payload).map_err(bad)?),
             other => return Err(EventDecodeError::UnknownType(other.to_owned())),
         })
     }

@@ -12,8 +12,11 @@ mod money;
 mod state;
 mod wallet_id;
 
-pub use decide::{decide, Command, Decision, DomainError, StreamEvents};
-pub use event::{CreatedPayload, EventDecodeError, FundsPayload, TransferPayload, WalletEvent, EVENT_SCHEMA_VERSION};
+pub use decide::{decide, decide_each, Command, Decision, DomainError, StreamEvents, MAX_ATOMIC_OPS};
+pub use event::{
+    CreatedPayload, EventDecodeError, FundsPayload, HoldCapturedPayload, HoldPlacedPayload, HoldReleasedPayload,
+    LimitsPayload, TransferPayload, WalletEvent, EVENT_SCHEMA_VERSION, EVENT_TYPES,
+};
 pub use money::{Amount, AmountError, Balance, MAX_AMOUNT_EXCLUSIVE, MONEY_SCALE};
-pub use state::Wallet;
+pub use state::{Hold, Limits, Wallet, MAX_ACTIVE_HOLDS};
 pub use wallet_id::{WalletId, WalletIdError, MAX_WALLET_ID_LEN};

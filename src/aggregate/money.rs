@@ -35,6 +35,11 @@ pub enum AmountError {
 pub struct Amount(Decimal);
 
 impl Amount {
+    /// The same money as a balance.
+    pub fn as_balance(self) -> Balance {
+        Balance(self.0)
+    }
+
     /// Parses decimal text exactly: digits with an optional fraction, an
     /// optional leading sign. No exponents, no NaN/Infinity, no rounding.
     pub fn parse(text: &str) -> Result<Self, AmountError> {
@@ -132,6 +137,27 @@ impl Balance {
     pub fn checked_sub(self, amount: Amount) -> Option<Balance> {
         let v = self.0.checked_sub(amount.0)?;
         (v >= Decimal::ZERO).then(|| Balance(with_money_scale(v)))
+    }
+
+    /// `self - other`, or zero if `other` is larger.
+    pub fn saturating_sub(self, other: Balance) -> Balance {
+        Balance(with_money_scale((self.0 - other.0).max(Decimal::ZERO)))
+    }
+
+    /// `self - amount`, or zero if `amount` is larger (a fold never fails;
+    /// `verify` reports what does not add up).
+    pub fn saturating_sub_amount(self, amount: Amount) -> Balance {
+        Balance(with_money_scale((self.0 - amount.0).max(Decimal::ZERO)))
+    }
+
+    /// `self + amount`, capped at the largest decimal (a fold never fails).
+    pub fn saturating_add(self, amount: Amount) -> Balance {
+        Balance(with_money_scale(self.0.saturating_add(amount.0)))
+    }
+
+    /// This balance as an amount, `None` when zero.
+    pub fn as_amount(self) -> Option<Amount> {
+        Amount::new(self.0).ok()
     }
 
     pub fn from_decimal(value: Decimal) -> Option<Balance> {

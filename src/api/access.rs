@@ -145,6 +145,9 @@ fn needed_scope(method: &Method, path: &str) -> Option<Scope> {
     }
     if method == Method::GET || method == Method::HEAD || method == Method::OPTIONS {
         Some(Scope::Read)
+    } else if path.ends_with("/limits") {
+        // Limits bound what every other key may do with a wallet.
+        Some(Scope::Admin)
     } else {
         Some(Scope::Write)
     }
@@ -182,7 +185,11 @@ pub async fn require_key(State(app): State<Arc<AppState>>, request: Request, nex
         return response;
     };
     if !key.allows(needed) {
-        let scope = if needed == Scope::Read { "read" } else { "write" };
+        let scope = match needed {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        };
         return Problem::new(
             StatusCode::FORBIDDEN,
             "FORBIDDEN",

@@ -25,13 +25,6 @@ use crate::store::{LogFilter, Position, RecordedEvent};
 /// Page size when `limit` is not given, and the largest allowed.
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
-const EVENT_TYPES: [&str; 5] = [
-    "WalletCreated",
-    "FundsDeposited",
-    "FundsWithdrawn",
-    "TransferDebited",
-    "TransferCredited",
-];
 
 /// Query of `GET /events` and `GET /events/stream` (for the docs; parsed
 /// by hand, since `type` repeats).
@@ -193,10 +186,10 @@ fn log_query(pairs: &[(String, String)], last_event_id: Option<&str>) -> Result<
         .transpose()?;
     let mut types = Vec::new();
     for (_, t) in pairs.iter().filter(|(k, _)| k == "type") {
-        if !EVENT_TYPES.contains(&t.as_str()) {
+        if !crate::aggregate::EVENT_TYPES.contains(&t.as_str()) {
             return Err(Problem::bad_request(
                 "INVALID_EVENT_TYPE",
-                format!("type must be one of {}", EVENT_TYPES.join(", ")),
+                format!("type must be one of {}", crate::aggregate::EVENT_TYPES.join(", ")),
             ));
         }
         types.push(t.clone());

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
 use super::problem::Problem;
-use crate::aggregate::{Amount, AmountError, WalletId};
+use crate::aggregate::{Amount, AmountError, Balance, WalletId};
 
 /// Longest accepted `requestId` / `Idempotency-Key`.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -38,6 +38,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| Problem::bad_request("INVALID_REQUEST", format!("invalid JSON body: {e}")))
+    }
+}
+
+/// A JSON body that may be left out entirely (then `T::default()`).
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let empty = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0")
+            || (req.headers().get(header::CONTENT_LENGTH).is_none()
+                && req.headers().get(header::TRANSFER_ENCODING).is_none());
+        if empty {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        JsonBody::<T>::from_request(req, state)
+            .await
+            .map(|JsonBody(body)| OptionalJsonBody(body))
     }
 }
 
@@ -86,6 +108,17 @@ pub fn parse_amount(raw: &RawValue) -> Result<Amount, Problem> {
         Err(AmountError::NotANumber)
     };
     parsed.map_err(|e| Problem::bad_request("INVALID_AMOUNT", e.to_string()))
+}
+
+/// A limit: zero or a positive amount, written like an amount.
+pub fn parse_balance(raw: &RawValue) -> Result<Balance, Problem> {
+    let text = raw.get().trim_matches('"');
+    let (int, frac) = text.split_once('.').unwrap_or((text, "0"));
+    let zero = |s: &str| !s.is_empty() && s.bytes().all(|b| b == b'0');
+    if zero(int) && zero(frac) && frac.len() <= 4 {
+        return Ok(Balance::ZERO);
+    }
+    parse_amount(raw).map(Amount::as_balance)
 }
 
 /// The idempotency key: `requestId` in the body or the `Idempotency-Key`

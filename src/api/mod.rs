@@ -7,6 +7,7 @@
 pub mod access;
 mod audit;
 mod events;
+mod holds;
 mod input;
 pub mod metrics;
 mod problem;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Request, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tokio::net::TcpListener;
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -99,17 +100,24 @@ impl AppState {
     pub fn spawn_projection_runner(&self) -> tokio::task::JoinHandle<()> {
         tokio::spawn(self.projections.clone().run(self.ledger.appended()))
     }
+
+    /// Starts the hold expiry sweeper (`expiry.rs`), looking every `every`.
+    pub fn spawn_expiry_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(crate::expiry::run(self.ledger.clone(), self.projections.clone(), every))
+    }
 }
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log."),
     paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance,
+          holds::place, holds::capture, holds::void, holds::limits, read_models::wallet_holds,
           read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
           events::log, events::stream, events::wallet_events,
           system::health, system::ready),
     components(schemas(ProblemBody, crate::feed::LogEvent, crate::feed::LogEventMetadata)),
     tags((name = "wallet", description = "Money movements and reads"),
+         (name = "holds", description = "Reserve money (authorise), capture or void it; holds expire on their own. Wallet limits."),
          (name = "log", description = "The committed log for consumers: pages, one wallet's stream, a live subscription (SSE). Deduplicate by `position`."),
          (name = "system", description = "Health"))
 )]
@@ -124,6 +132,10 @@ pub fn router(state: AppState) -> Router {
         .route("/wallet/{id}/deposit", post(wallet::deposit))
         .route("/wallet/{id}/withdraw", post(wallet::withdraw))
         .route("/wallet/{id}/transfer", post(wallet::transfer))
+        .route("/wallet/{id}/holds", post(holds::place).get(read_models::wallet_holds))
+        .route("/wallet/{id}/holds/{holdId}/capture", post(holds::capture))
+        .route("/wallet/{id}/holds/{holdId}/void", post(holds::void))
+        .route("/wallet/{id}/limits", put(holds::limits))
         .route("/wallet/{id}/history", get(read_models::history))
         .route("/wallet/{id}/stats", get(read_models::stats))
         .route("/wallet/{id}/flags", get(read_models::wallet_flags))

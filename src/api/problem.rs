@@ -22,6 +22,8 @@ pub struct Problem {
     pub detail: String,
     /// Set when this answer replays a remembered rejection.
     pub replayed: bool,
+    /// An atomic batch's first refused operation.
+    pub operation_index: Option<usize>,
 }
 
 /// The wire form (also documented in the OpenAPI spec).
@@ -38,6 +40,9 @@ pub struct ProblemBody {
     pub status_code: u16,
     pub message: String,
     pub error: String,
+    /// An atomic batch: the index of the first operation refused (nothing was written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation_index: Option<usize>,
 }
 
 impl Problem {
@@ -47,6 +52,7 @@ impl Problem {
             code,
             detail: detail.into(),
             replayed: false,
+            operation_index: None,
         }
     }
 
@@ -72,6 +78,7 @@ impl Problem {
             status_code: self.status.as_u16(),
             message: self.detail.clone(),
             error: title,
+            operation_index: self.operation_index,
         }
     }
 }
@@ -98,11 +105,26 @@ impl IntoResponse for Problem {
 
 impl From<DomainError> for Problem {
     fn from(e: DomainError) -> Self {
+        if let DomainError::OperationFailed { index, error } = &e {
+            return Problem {
+                operation_index: Some(*index),
+                detail: e.to_string(),
+                ..Problem::from((**error).clone())
+            };
+        }
         let (status, code) = match &e {
             DomainError::InsufficientFunds { .. } => (StatusCode::BAD_REQUEST, "INSUFFICIENT_FUNDS"),
             DomainError::WalletNotFound { .. } => (StatusCode::NOT_FOUND, "WALLET_NOT_FOUND"),
             DomainError::SameWallet => (StatusCode::BAD_REQUEST, "SAME_WALLET"),
             DomainError::BalanceLimit { .. } => (StatusCode::BAD_REQUEST, "BALANCE_LIMIT"),
+            DomainError::MaxBalanceExceeded { .. } => (StatusCode::BAD_REQUEST, "MAX_BALANCE_EXCEEDED"),
+            DomainError::MinBalanceBreached { .. } => (StatusCode::BAD_REQUEST, "MIN_BALANCE_BREACHED"),
+            DomainError::HoldNotFound { .. } => (StatusCode::NOT_FOUND, "HOLD_NOT_FOUND"),
+            DomainError::HoldNotActive { .. } => (StatusCode::CONFLICT, "HOLD_NOT_ACTIVE"),
+            DomainError::CaptureExceedsHold { .. } => (StatusCode::BAD_REQUEST, "CAPTURE_EXCEEDS_HOLD"),
+            DomainError::TooManyHolds { .. } => (StatusCode::CONFLICT, "TOO_MANY_HOLDS"),
+            DomainError::InvalidLimits { .. } => (StatusCode::BAD_REQUEST, "INVALID_LIMITS"),
+            DomainError::OperationFailed { .. } => unreachable!("mapped above"),
         };
         Problem::new(status, code, e.to_string())
     }

@@ -15,8 +15,9 @@ use super::problem::{Problem, ProblemBody};
 use super::AppState;
 use crate::projections::flags::{Flag, FLAG_KIND, LARGE_OUTFLOW, RAPID_OUTFLOWS};
 use crate::projections::history::HistoryItem;
+use crate::projections::holds::HoldView;
 use crate::projections::stats::{stats_key, WalletStats};
-use crate::projections::{flags, history, stats, DocQuery, ProjectionError};
+use crate::projections::{flags, history, holds, stats, DocQuery, ProjectionError};
 use crate::store::Position;
 
 /// Page size when `limit` is not given, and the largest allowed.
@@ -164,6 +165,56 @@ pub async fn history(
         limit,
     };
     let rows = app.projections.query(history::NAME, &query).await?;
+    Ok(page(rows, limit, position))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldsQuery {
+    /// Only holds in this status: `held`, `captured`, `voided` or `expired`.
+    status: Option<String>,
+    /// Page size, 1-200 (default 50).
+    limit: Option<String>,
+    /// Cursor: the last item's `position`.
+    before: Option<String>,
+    /// Wait (up to 2 s) until the read model has applied this log position.
+    min_position: Option<String>,
+}
+
+/// A wallet's holds, newest first, with their status.
+#[utoipa::path(get, path = "/wallet/{id}/holds", tag = "read models",
+    params(("id" = String, Path, description = "wallet id"), HoldsQuery),
+    responses((status = 200, body = [HoldView], headers(("X-Projection-Position" = i64), ("X-Next-Before" = i64))),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_STATUS, INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
+pub async fn wallet_holds(
+    State(app): State<Arc<AppState>>,
+    WalletPath(wallet): WalletPath,
+    query: Result<Query<HoldsQuery>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = query.map_err(bad_query)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s @ ("held" | "captured" | "voided" | "expired")) => Some(s),
+        Some(_) => {
+            return Err(Problem::bad_request(
+                "INVALID_STATUS",
+                "status must be one of held, captured, voided, expired",
+            ))
+        }
+    };
+    let limit = parse_limit(q.limit.as_deref())?;
+    let before = parse_cursor(q.before.as_deref())?;
+    let position = settle(&app, holds::NAME, q.min_position.as_deref()).await?;
+    let query = DocQuery {
+        kind: holds::KIND,
+        wallet_id: Some(wallet.as_str()),
+        tag: status,
+        before_sort: before,
+        limit,
+    };
+    let rows = app.projections.query(holds::NAME, &query).await?;
     Ok(page(rows, limit, position))
 }
 

@@ -36,7 +36,7 @@ pub struct TransferBody {
     request_id: Option<String>,
 }
 
-fn created<R: Serialize>(answer: Answer<R>) -> Response {
+pub(super) fn created<R: Serialize>(answer: Answer<R>) -> Response {
     let mut response = (StatusCode::CREATED, Json(answer.receipt)).into_response();
     if answer.replayed {
         response
@@ -129,8 +129,22 @@ pub struct BalanceQuery {
 #[serde(rename_all = "camelCase")]
 pub struct BalanceView {
     wallet_id: String,
+    /// All money in the wallet, held money included.
     #[schema(example = "150.5000")]
     balance: String,
+    /// Balance less active holds: what may be withdrawn, sent or held.
+    #[schema(example = "110.5000")]
+    available: String,
+    /// Money reserved by active holds.
+    #[schema(example = "40.0000")]
+    held: String,
+    /// Available money may not fall below this.
+    #[schema(example = "0.0000")]
+    min_balance: String,
+    /// The balance may not rise above this (absent: no maximum).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "10000.0000")]
+    max_balance: Option<String>,
     exists: bool,
     /// Stream version the balance is folded up to (0: no events).
     version: u64,
@@ -153,6 +167,10 @@ pub async fn balance(
     Ok(Json(BalanceView {
         exists: state.exists(),
         balance: state.balance.to_string(),
+        available: state.available().to_string(),
+        held: state.held.to_string(),
+        min_balance: state.limits.min_balance.to_string(),
+        max_balance: state.limits.max_balance.map(|m| m.to_string()),
         version: state.version,
         wallet_id: wallet.to_string(),
     }))

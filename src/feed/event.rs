@@ -14,7 +14,8 @@ use crate::store::{Position, RecordedEvent};
 pub struct LogEvent {
     /// The event id (uuid); unique across the log.
     pub id: Uuid,
-    /// `WalletCreated`, `FundsDeposited`, `FundsWithdrawn`, `TransferDebited`, `TransferCredited`.
+    /// `WalletCreated`, `FundsDeposited`, `FundsWithdrawn`, `TransferDebited`, `TransferCredited`,
+    /// `HoldPlaced`, `HoldCaptured`, `HoldVoided`, `HoldExpired`, `WalletLimitsChanged`.
     #[serde(rename = "type")]
     #[schema(example = "FundsDeposited")]
     pub kind: String,

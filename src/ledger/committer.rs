@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use uuid::Uuid;
 
-use super::{Outcome, Receipt, TransferReceipt, WalletReceipt, MAX_CONFLICTS};
-use crate::aggregate::{decide, Command, Decision, DomainError, Wallet, WalletId};
+use super::{HoldReceipt, LimitsReceipt, Outcome, Receipt, TransferReceipt, WalletReceipt, MAX_CONFLICTS};
+use crate::aggregate::{decide, Command, Decision, DomainError, Wallet, WalletEvent, WalletId};
 use crate::cache::WalletCache;
 use crate::snapshots;
 use crate::store::{
@@ -45,6 +45,8 @@ pub(crate) struct Job {
     pub key: Option<String>,
     pub fingerprint: String,
     pub request_id: String,
+    /// An atomic command: each operation's request id, in order.
+    pub request_ids: Vec<String>,
     pub metadata: serde_json::Value,
     /// Wallets the request task loaded because the committer did not hold them.
     pub loaded: Vec<Wallet>,
@@ -69,7 +71,9 @@ pub(crate) enum Verdict {
     },
     /// A wallet it needs is neither held nor loaded: load it and resubmit.
     NeedsState,
-    /// The wallet kept changing under it (other processes).
+    /// Another writer moved a wallet it needs: load it again and resubmit.
+    Conflicted,
+    /// Its wallets kept changing under it within this process's batches.
     Conflict,
     NotCommitted(StoreError),
     Unknown(StoreError),
@@ -149,8 +153,8 @@ impl Committer {
             committed,
             snapshot_every,
             status: status.clone(),
-            retry: VecDeque::new(),
             deferred: Vec::new(),
+            retry: VecDeque::new(),
         };
         match matches!(owner.writer, BatchWriter::Postgres(_)) {
             true => {
@@ -235,10 +239,11 @@ struct Owner {
     committed: Arc<watch::Sender<Position>>,
     snapshot_every: u64,
     status: Arc<CommitterStatus>,
-    /// Commands that conflicted, decided again first, in arrival order.
-    retry: VecDeque<Pending>,
     /// Commands held back a batch (their key was already in the batch).
     deferred: Vec<Pending>,
+    /// Commands that conflicted on this batch's own doing, decided again
+    /// first, in arrival order.
+    retry: VecDeque<Pending>,
 }
 
 impl Owner {
@@ -323,7 +328,10 @@ impl Owner {
                 self.answer(pending, Verdict::NeedsState);
                 continue;
             };
-            let (request, decided) = plan(&pending.job, states);
+            let (mut request, decided) = plan(&pending.job, states);
+            for stream in &mut request.streams {
+                stream.on_batch = overlay.contains_key(&stream.stream);
+            }
             if let Decided::Accepted { after, .. } = &decided {
                 for state in after {
                     overlay.insert(state.id.clone(), state.clone());
@@ -406,22 +414,38 @@ impl Owner {
         }
     }
 
+    /// A stream was not at the head the command expected. If every head
+    /// is the one the committer holds (its state, which `settle` has moved
+    /// past this batch's earlier appends), the command was decided on a
+    /// state of this batch that did not come to be (an earlier command
+    /// turned out a duplicate or conflicted): decide it again next batch on
+    /// the committer's state. Otherwise another writer moved the wallet; a
+    /// head is not the whole state (holds, limits), so the committer forgets
+    /// it and the request task loads it again (the committer never waits on
+    /// a read).
     fn conflicted(&mut self, mut pending: Pending, heads: Vec<(WalletId, Head)>) {
         metrics::counter!("append_conflicts_total").increment(1);
         pending.conflicts += 1;
-        // The heads are the log's truth as of this batch: the state to
-        // decide on next, here and for the command's own retry.
-        pending.job.loaded.clear();
-        for (id, head) in heads {
-            let state = head.wallet(id);
-            self.cache.replace(state.clone());
-            pending.job.loaded.push(state);
-        }
-        if pending.conflicts >= MAX_CONFLICTS {
-            metrics::counter!("append_conflicts_exhausted_total").increment(1);
-            self.answer(pending, Verdict::Conflict);
-        } else {
-            self.retry.push_back(pending);
+        let held: Option<Vec<Wallet>> = heads
+            .iter()
+            .map(|(id, head)| self.cache.get(id).filter(|w| Head::of(w) == *head))
+            .collect();
+        match held {
+            Some(_) if pending.conflicts >= MAX_CONFLICTS => {
+                metrics::counter!("append_conflicts_exhausted_total").increment(1);
+                self.answer(pending, Verdict::Conflict);
+            }
+            Some(states) => {
+                pending.job.loaded = states;
+                self.retry.push_back(pending);
+            }
+            None => {
+                for (id, _) in heads {
+                    self.cache.forget(&id);
+                }
+                pending.job.loaded.clear();
+                self.answer(pending, Verdict::Conflicted);
+            }
         }
     }
 
@@ -501,16 +525,25 @@ fn plan(job: &Job, states: Vec<Wallet>) -> (AppendRequest, Decided) {
 /// The events, each stream expecting the head it was decided on, and the
 /// receipt remembered under the key.
 fn plan_accepted(job: &Job, decision: Decision, states: Vec<Wallet>) -> (AppendRequest, Decided) {
-    let receipt = receipt(&job.command, &decision, &job.request_id);
-    let record = record(job, Outcome::Receipt(receipt.clone()));
     let mut after = Vec::with_capacity(decision.streams.len());
+    for s in &decision.streams {
+        let before = states
+            .iter()
+            .find(|w| w.id == s.wallet)
+            .expect("decided on its own wallets");
+        after.push(s.events.iter().fold(before.clone(), |w, e| w.evolve(e)));
+    }
+    let receipt = match &job.command {
+        Command::Atomic { ops } => Receipt::Batch(batch_receipts(ops, &states, &job.request_ids)),
+        command => receipt(command, &decision, &states, &after, &job.request_id),
+    };
+    let record = record(job, Outcome::Receipt(receipt.clone()));
     let mut streams = Vec::with_capacity(decision.streams.len());
     for s in decision.streams {
         let before = states
             .iter()
             .find(|w| w.id == s.wallet)
             .expect("decided on its own wallets");
-        after.push(s.events.iter().fold(before.clone(), |w, e| w.evolve(e)));
         streams.push(StreamAppend {
             expected: Head::of(before),
             stream: s.wallet,
@@ -519,6 +552,7 @@ fn plan_accepted(job: &Job, decision: Decision, states: Vec<Wallet>) -> (AppendR
                 .into_iter()
                 .map(|event| new_event(event, &job.metadata))
                 .collect(),
+            on_batch: false,
         });
     }
     let request = AppendRequest {
@@ -548,6 +582,7 @@ fn plan_rejected(job: &Job, error: DomainError, states: Vec<Wallet>) -> (AppendR
                 stream: w.id.clone(),
                 expected: Head::of(w),
                 events: Vec::new(),
+                on_batch: false,
             })
             .collect(),
         idempotency: record(job, Outcome::Rejected(error.clone())),
@@ -566,7 +601,7 @@ fn new_event(event: crate::aggregate::WalletEvent, metadata: &serde_json::Value)
 fn record(job: &Job, outcome: Outcome) -> Option<IdempotencyRecord> {
     let key = job.key.as_ref()?;
     Some(IdempotencyRecord {
-        wallet: job.command.wallets()[0].clone(),
+        wallet: job.command.wallet().clone(),
         key: key.clone(),
         fingerprint: job.fingerprint.clone(),
         outcome: serde_json::to_value(outcome).expect("outcomes serialise"),
@@ -579,7 +614,7 @@ fn record_batch_size(requests: &[AppendRequest]) {
     metrics::histogram!("append_batch_events").record(events as f64);
 }
 
-fn receipt(command: &Command, decision: &Decision, request_id: &str) -> Receipt {
+fn receipt(command: &Command, decision: &Decision, before: &[Wallet], after: &[Wallet], request_id: &str) -> Receipt {
     match command {
         Command::Transfer {
             from,
@@ -607,5 +642,87 @@ fn receipt(command: &Command, decision: &Decision, request_id: &str) -> Receipt 
                 position: 0,
             })
         }
+        Command::SetLimits { wallet, .. } => Receipt::Limits(LimitsReceipt {
+            wallet_id: wallet.clone(),
+            min_balance: after[0].limits.min_balance,
+            max_balance: after[0].limits.max_balance,
+            balance: after[0].balance,
+            available: after[0].available(),
+            request_id: request_id.to_owned(),
+            position: 0,
+        }),
+        Command::PlaceHold { .. }
+        | Command::CaptureHold { .. }
+        | Command::VoidHold { .. }
+        | Command::ExpireHold { .. } => Receipt::Hold(hold_receipt(decision, before, after, request_id)),
+        Command::Atomic { ops } => Receipt::Batch(batch_receipts(ops, before, &[])),
+    }
+}
+
+/// Each operation's receipt in an atomic command, deciding them again one
+/// by one on the states the earlier ones leave (pure, and already decided
+/// together, so each succeeds).
+fn batch_receipts(ops: &[Command], before: &[Wallet], request_ids: &[String]) -> Vec<Receipt> {
+    let mut states = before.to_vec();
+    let mut receipts = Vec::with_capacity(ops.len());
+    for (i, op) in ops.iter().enumerate() {
+        let mine: Vec<Wallet> = op
+            .wallets()
+            .into_iter()
+            .map(|id| {
+                states
+                    .iter()
+                    .find(|w| &w.id == id)
+                    .cloned()
+                    .expect("an atomic command holds its ops' wallets")
+            })
+            .collect();
+        let decision = decide(op, &mine.iter().collect::<Vec<_>>()).expect("decided together already");
+        let after: Vec<Wallet> = decision
+            .streams
+            .iter()
+            .zip(&mine)
+            .map(|(s, w)| s.events.iter().fold(w.clone(), |w, e| w.evolve(e)))
+            .collect();
+        for state in &after {
+            if let Some(slot) = states.iter_mut().find(|w| w.id == state.id) {
+                *slot = state.clone();
+            }
+        }
+        let request_id = request_ids.get(i).map_or("", String::as_str);
+        receipts.push(receipt(op, &decision, &mine, &after, request_id));
+    }
+    receipts
+}
+
+/// A hold's receipt, from the event its command wrote on the wallet's stream.
+fn hold_receipt(decision: &Decision, before: &[Wallet], after: &[Wallet], request_id: &str) -> HoldReceipt {
+    let event = &decision.streams[0].events[0];
+    let hold_id = event.hold_id().expect("hold commands write hold events");
+    let hold = before[0]
+        .holds
+        .get(&hold_id)
+        .or_else(|| after[0].holds.get(&hold_id))
+        .expect("a hold event names a hold of its wallet");
+    let (status, captured, released) = match event {
+        WalletEvent::HoldPlaced(_) => ("held", None, None),
+        WalletEvent::HoldCaptured(p) => ("captured", Some(p.amount), Some(p.released)),
+        WalletEvent::HoldVoided(p) => ("voided", None, Some(p.amount.as_balance())),
+        _ => ("expired", None, Some(hold.amount.as_balance())),
+    };
+    HoldReceipt {
+        hold_id,
+        wallet_id: after[0].id.clone(),
+        amount: hold.amount,
+        status: status.to_owned(),
+        expires_at: hold.expires_at,
+        to_wallet_id: hold.to.clone(),
+        captured,
+        released,
+        balance: after[0].balance,
+        available: after[0].available(),
+        to_balance: after.get(1).map(|w| w.balance),
+        request_id: request_id.to_owned(),
+        position: 0,
     }
 }

@@ -20,12 +20,13 @@ mod committer;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::aggregate::{Amount, Balance, Command, DomainError, Wallet, WalletId};
+use crate::aggregate::{Amount, Balance, Command, DomainError, Wallet, WalletEvent, WalletId};
 use crate::cache::{WalletCache, DEFAULT_CAPACITY};
 use crate::freshness::VersionProbe;
 use crate::snapshots;
@@ -82,11 +83,74 @@ pub struct TransferReceipt {
     pub position: Position,
 }
 
-/// Either receipt; stored under a key in this shape (untagged).
+/// Answer to a hold placed, captured, voided or expired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldReceipt {
+    pub hold_id: Uuid,
+    #[schema(value_type = String, example = "alice")]
+    pub wallet_id: WalletId,
+    /// The amount the hold reserved.
+    #[schema(value_type = String, example = "40.0000")]
+    pub amount: Amount,
+    /// "held", "captured", "voided" or "expired".
+    #[schema(example = "held")]
+    pub status: String,
+    pub expires_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub to_wallet_id: Option<WalletId>,
+    /// Captured: the money taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub captured: Option<Amount>,
+    /// Resolved: the money given back to available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub released: Option<Balance>,
+    /// The wallet's balance right after (held money included).
+    #[schema(value_type = String, example = "150.5000")]
+    pub balance: Balance,
+    /// Balance less active holds, right after.
+    #[schema(value_type = String, example = "110.5000")]
+    pub available: Balance,
+    /// A capture into `toWalletId`: that wallet's balance right after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub to_balance: Option<Balance>,
+    pub request_id: String,
+    pub position: Position,
+}
+
+/// Answer to a change of limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsReceipt {
+    #[schema(value_type = String, example = "alice")]
+    pub wallet_id: WalletId,
+    #[schema(value_type = String, example = "0.0000")]
+    pub min_balance: Balance,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "1000.0000")]
+    pub max_balance: Option<Balance>,
+    #[schema(value_type = String)]
+    pub balance: Balance,
+    #[schema(value_type = String)]
+    pub available: Balance,
+    pub request_id: String,
+    pub position: Position,
+}
+
+/// Any receipt; stored under a key in this shape (untagged: the variants
+/// with the most particular fields come first).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
-pub(crate) enum Receipt {
+pub enum Receipt {
+    /// An atomic batch: each operation's receipt, in order.
+    Batch(Vec<Receipt>),
     Transfer(TransferReceipt),
+    Hold(HoldReceipt),
+    Limits(LimitsReceipt),
     Wallet(WalletReceipt),
 }
 
@@ -94,7 +158,10 @@ impl Receipt {
     fn set_position(&mut self, position: Position) {
         match self {
             Receipt::Transfer(r) => r.position = position,
+            Receipt::Hold(r) => r.position = position,
+            Receipt::Limits(r) => r.position = position,
             Receipt::Wallet(r) => r.position = position,
+            Receipt::Batch(receipts) => receipts.iter_mut().for_each(|r| r.set_position(position)),
         }
     }
 }
@@ -105,6 +172,17 @@ impl Receipt {
 pub(crate) enum Outcome {
     Receipt(Receipt),
     Rejected(DomainError),
+}
+
+/// A hold to place.
+#[derive(Debug, Clone)]
+pub struct HoldRequest {
+    pub wallet: WalletId,
+    pub amount: Amount,
+    /// How long the hold lasts, as asked (part of its fingerprint).
+    pub expires_in: Duration,
+    pub expires_at: DateTime<Utc>,
+    pub to: Option<WalletId>,
 }
 
 /// A receipt, and whether it was replayed from an earlier identical request.
@@ -256,6 +334,128 @@ impl Ledger {
         }
     }
 
+    /// Reserves `amount` of the wallet's available money until `expires_at`,
+    /// for a capture out of the system or into `to`.
+    pub async fn place_hold(
+        &self,
+        hold: HoldRequest,
+        key: Option<String>,
+    ) -> Result<Answer<HoldReceipt>, CommandError> {
+        let to = hold.to.as_ref().map_or("", |w| w.as_str());
+        let fingerprint = format!("hold:{}:{}:{to}", hold.amount, hold.expires_in.as_millis());
+        let command = Command::PlaceHold {
+            wallet: hold.wallet,
+            hold_id: Uuid::now_v7(),
+            amount: hold.amount,
+            expires_at: hold.expires_at,
+            to: hold.to,
+        };
+        let span = tracing::info_span!("append", op = "hold");
+        hold_answer(self.execute(command, key, fingerprint).instrument(span).await?)
+    }
+
+    /// Captures all of a hold, or `amount` of it (the rest is released).
+    pub async fn capture_hold(
+        &self,
+        wallet: WalletId,
+        hold_id: Uuid,
+        amount: Option<Amount>,
+        key: Option<String>,
+    ) -> Result<Answer<HoldReceipt>, CommandError> {
+        let fingerprint = format!(
+            "capture:{hold_id}:{}",
+            amount.map(|a| a.to_string()).unwrap_or_default()
+        );
+        let to = self.hold_payee(&wallet, hold_id).await?;
+        let command = Command::CaptureHold {
+            wallet,
+            hold_id,
+            amount,
+            to,
+            now: Utc::now(),
+        };
+        let span = tracing::info_span!("append", op = "capture");
+        hold_answer(self.execute(command, key, fingerprint).instrument(span).await?)
+    }
+
+    /// Releases a hold before it expires.
+    pub async fn void_hold(
+        &self,
+        wallet: WalletId,
+        hold_id: Uuid,
+        key: Option<String>,
+    ) -> Result<Answer<HoldReceipt>, CommandError> {
+        let fingerprint = format!("void:{hold_id}");
+        self.hold_payee(&wallet, hold_id).await?;
+        let command = Command::VoidHold {
+            wallet,
+            hold_id,
+            now: Utc::now(),
+        };
+        let span = tracing::info_span!("append", op = "void");
+        hold_answer(self.execute(command, key, fingerprint).instrument(span).await?)
+    }
+
+    /// Records the expiry of a hold whose time has passed (the expiry
+    /// sweeper calls this). Without a key: of several processes' attempts,
+    /// the first resolves it and the rest are answered `HOLD_NOT_ACTIVE`.
+    pub async fn expire_hold(&self, wallet: WalletId, hold_id: Uuid) -> Result<Answer<HoldReceipt>, CommandError> {
+        let command = Command::ExpireHold {
+            wallet,
+            hold_id,
+            now: Utc::now(),
+        };
+        let span = tracing::info_span!("append", op = "expire");
+        hold_answer(self.execute(command, None, String::new()).instrument(span).await?)
+    }
+
+    /// Sets the wallet's limits from now on.
+    pub async fn set_limits(
+        &self,
+        wallet: WalletId,
+        min_balance: Balance,
+        max_balance: Option<Balance>,
+        key: Option<String>,
+    ) -> Result<Answer<LimitsReceipt>, CommandError> {
+        let max = max_balance.map(|m| m.to_string()).unwrap_or_default();
+        let fingerprint = format!("limits:{min_balance}:{max}");
+        let command = Command::SetLimits {
+            wallet,
+            min_balance,
+            max_balance,
+        };
+        let span = tracing::info_span!("append", op = "limits");
+        match self.execute(command, key, fingerprint).instrument(span).await? {
+            Answer {
+                receipt: Receipt::Limits(receipt),
+                replayed,
+            } => Ok(Answer { receipt, replayed }),
+            _ => Err(CommandError::KeyReused),
+        }
+    }
+
+    /// Where a capture of `hold_id` pays to (the hold fixed it when it was
+    /// placed): from the committer's state when it holds the hold, else
+    /// from the event that placed it. A hold never placed is `HOLD_NOT_FOUND`.
+    async fn hold_payee(&self, wallet: &WalletId, hold_id: Uuid) -> Result<Option<WalletId>, CommandError> {
+        if let Some(hold) = self.cache.get(wallet).and_then(|w| w.holds.get(&hold_id).cloned()) {
+            return Ok(hold.to);
+        }
+        match self.store.find_hold_placed(wallet, hold_id).await? {
+            Some(placed) => match placed.event {
+                WalletEvent::HoldPlaced(p) => Ok(p.to_wallet_id),
+                _ => Err(StoreError::BatchFailed("a HoldPlaced query returned another event".to_owned()).into()),
+            },
+            None => Err(CommandError::Rejected {
+                error: DomainError::HoldNotFound {
+                    wallet: wallet.clone(),
+                    hold: hold_id,
+                },
+                replayed: false,
+            }),
+        }
+    }
+
     /// A wallet's state, up to `cutoff` if given. The current state is the
     /// committer's if the log's version of the wallet (asked together with
     /// other concurrent reads, `freshness.rs`) has not moved past it, else
@@ -327,8 +527,9 @@ impl Ledger {
         }
         let give_up = tokio::time::Instant::now() + self.write_deadline();
         // A cold wallet evicted from the committer's state between our look
-        // and its decision sends the command back here to load it again.
-        for _ in 0..3 {
+        // and its decision, or moved by another writer, sends the command
+        // back here to load it again.
+        for _ in 0..MAX_CONFLICTS {
             let loaded = tokio::time::timeout(LOAD_DEADLINE, self.cold_states(&command))
                 .await
                 .map_err(|_| StoreError::BatchFailed("loading the wallets took too long".to_owned()))??;
@@ -341,6 +542,7 @@ impl Ledger {
                 key: key.clone(),
                 fingerprint: fingerprint.clone(),
                 request_id: request_id.clone(),
+                request_ids: Vec::new(),
                 metadata: metadata.clone(),
                 deadline,
                 reply,
@@ -357,6 +559,10 @@ impl Ledger {
             };
             match verdict {
                 Verdict::NeedsState => continue,
+                Verdict::Conflicted => {
+                    metrics::counter!("append_conflict_reloads_total").increment(1);
+                    continue;
+                }
                 Verdict::Duplicate { resolved } => {
                     let replayed = self.replay_stored(&scope, key.as_deref(), &fingerprint).await;
                     return match replayed {
@@ -392,7 +598,9 @@ impl Ledger {
             Verdict::Conflict => Err(CommandError::Conflict),
             Verdict::NotCommitted(e) => Err(CommandError::Store(e)),
             Verdict::Unknown(e) => Err(CommandError::OutcomeUnknown(e.to_string())),
-            Verdict::NeedsState | Verdict::Duplicate { .. } => unreachable!("handled by execute"),
+            Verdict::NeedsState | Verdict::Conflicted | Verdict::Duplicate { .. } => {
+                unreachable!("handled by execute")
+            }
         }
     }
 
@@ -430,7 +638,17 @@ fn wallet_answer(answer: Answer<Receipt>) -> Result<Answer<WalletReceipt>, Comma
             replayed: answer.replayed,
         }),
         // A stored answer of another shape under this fingerprint.
-        Receipt::Transfer(_) => Err(CommandError::KeyReused),
+        _ => Err(CommandError::KeyReused),
+    }
+}
+
+fn hold_answer(answer: Answer<Receipt>) -> Result<Answer<HoldReceipt>, CommandError> {
+    match answer.receipt {
+        Receipt::Hold(receipt) => Ok(Answer {
+            receipt,
+            replayed: answer.replayed,
+        }),
+        _ => Err(CommandError::KeyReused),
     }
 }
 

@@ -73,6 +73,8 @@ fn outflow(event: &WalletEvent) -> Option<Decimal> {
     match event {
         WalletEvent::FundsWithdrawn(p) => Some(p.amount.value()),
         WalletEvent::TransferDebited(p) => Some(p.amount.value()),
+        // A capture takes the captured money out of the wallet.
+        WalletEvent::HoldCaptured(p) => Some(p.amount.value()),
         _ => None,
     }
 }

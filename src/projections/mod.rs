@@ -9,11 +9,12 @@
 //!   and rebuilds a projection beside the live one, then swaps atomically.
 //! - `delivery.rs` applies events delivered by the broker worker, parking a
 //!   wallet's events behind one that failed.
-//! - `history.rs`, `stats.rs`, `flags.rs` are the three read models.
+//! - `history.rs`, `stats.rs`, `flags.rs`, `holds.rs` are the read models.
 
 mod delivery;
 pub mod flags;
 pub mod history;
+pub mod holds;
 mod runner;
 pub mod stats;
 mod storage;

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use super::flags::{Flags, FraudRules};
 use super::history::History;
+use super::holds::Holds;
 use super::stats::Stats;
 use super::storage::{self, Doc, DocQuery, Tx};
 use super::{Batch, Projection};
@@ -107,6 +108,7 @@ impl Projections {
                 Box::new(History),
                 Box::new(Stats { rules: rules.clone() }),
                 Box::new(Flags { rules }),
+                Box::new(Holds),
             ],
             batch_events: BATCH_EVENTS,
             fault: StepFault::default(),

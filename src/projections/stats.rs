@@ -33,6 +33,19 @@ pub struct WalletStats {
     pub last_activity_at: Option<DateTime<Utc>>,
     pub suspicious: bool,
     pub suspicious_reason: Option<String>,
+    /// Holds (stats stored before holds existed read as zero).
+    #[serde(default)]
+    pub holds_placed: u64,
+    #[serde(default)]
+    pub holds_captured: u64,
+    #[serde(default)]
+    pub holds_voided: u64,
+    #[serde(default)]
+    pub holds_expired: u64,
+    /// Money taken by captures.
+    #[serde(default)]
+    #[schema(value_type = String)]
+    pub total_captured: Balance,
 }
 
 impl WalletStats {
@@ -51,6 +64,11 @@ impl WalletStats {
             last_activity_at: None,
             suspicious: false,
             suspicious_reason: None,
+            holds_placed: 0,
+            holds_captured: 0,
+            holds_voided: 0,
+            holds_expired: 0,
+            total_captured: Balance::ZERO,
         }
     }
 
@@ -80,6 +98,14 @@ impl WalletStats {
                 add(&mut self.total_transferred_in, p.amount);
                 self.transfer_in_count += 1;
             }
+            WalletEvent::HoldPlaced(_) => self.holds_placed += 1,
+            WalletEvent::HoldCaptured(p) => {
+                add(&mut self.total_captured, p.amount);
+                self.holds_captured += 1;
+            }
+            WalletEvent::HoldVoided(_) => self.holds_voided += 1,
+            WalletEvent::HoldExpired(_) => self.holds_expired += 1,
+            WalletEvent::WalletLimitsChanged(_) => {}
         }
         self.last_activity_at = Some(e.recorded_at);
     }

@@ -41,10 +41,11 @@ pub struct NewEvent {
     pub metadata: Value,
 }
 
-/// A stream's decision state as its newest event records it: what an
-/// append states it expects, and what a conflict answers with. It is the
-/// wallet's whole state (`Wallet` less its id), so a head alone is enough to
-/// decide on.
+/// A stream's head as its newest event records it: what an append states
+/// it expects, and what a conflict answers with. It guards the decision
+/// (a state made stale by another writer has another head) but is not the
+/// whole state (holds and limits are not in it): after a conflict the
+/// wallet is loaded again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
     pub version: u64,
@@ -64,14 +65,6 @@ impl Head {
             balance: wallet.balance,
         }
     }
-
-    pub fn wallet(self, id: WalletId) -> Wallet {
-        Wallet {
-            id,
-            balance: self.balance,
-            version: self.version,
-        }
-    }
 }
 
 /// New events for one stream and the head the stream must be at. With no
@@ -81,6 +74,10 @@ pub struct StreamAppend {
     pub stream: WalletId,
     pub expected: Head,
     pub events: Vec<NewEvent>,
+    /// Decided on the state an earlier request of the same batch left: then
+    /// the stream must have been moved by this batch, or that state never
+    /// came to be (the head alone cannot always tell).
+    pub on_batch: bool,
 }
 
 /// An idempotency record committed with (or instead of) an append.
@@ -339,6 +336,12 @@ impl EventStore {
         dispatch!(self, s => s.read_stream(stream, after_version, cutoff).await)
     }
 
+    /// The event that placed `hold` on `stream`, if it was ever placed (one
+    /// scan of the stream: only asked about holds a wallet no longer holds).
+    pub async fn find_hold_placed(&self, stream: &WalletId, hold: Uuid) -> Result<Option<RecordedEvent>, StoreError> {
+        dispatch!(self, s => s.find_hold_placed(stream, hold).await)
+    }
+
     /// Newest first: up to `limit` events with version < `before_version`.
     pub async fn read_stream_backwards(
         &self,
@@ -400,7 +403,7 @@ impl EventStore {
         dispatch!(self, s => s.save_snapshot(snapshot).await)
     }
 
-    /// The newest snapshot of `stream` in `schema_version` that lies within `cutoff`.
+    /// The newest snapshot of `stream` in `schema_version` or older that lies within `cutoff`.
     pub async fn latest_snapshot(
         &self,
         stream: &WalletId,
@@ -513,6 +516,8 @@ fn plan_batch<'a>(
 ) -> (Vec<Row<'a>>, Vec<Plan>) {
     let mut all = Vec::new();
     let mut plans = Vec::with_capacity(requests.len());
+    // Streams this batch has appended to so far.
+    let mut moved: HashSet<String> = HashSet::new();
     for request in requests {
         if let Some(rec) = &request.idempotency {
             if taken.contains(&(rec.wallet.to_string(), rec.key.clone())) {
@@ -520,7 +525,7 @@ fn plan_batch<'a>(
                 continue;
             }
         }
-        if let Some(actual) = heads_if_moved(request, &tips) {
+        if let Some(actual) = heads_if_moved(request, &tips, &moved) {
             plans.push(Plan::Conflict(actual));
             continue;
         }
@@ -529,6 +534,7 @@ fn plan_batch<'a>(
         }
         let rows = rows(request, &tips, recorded_at);
         for row in &rows {
+            moved.insert(row.stream.to_string());
             tips.insert(
                 row.stream.to_string(),
                 Tip {
@@ -579,9 +585,14 @@ pub(crate) type StreamTips = HashMap<String, Tip>;
 
 /// `None` when every stream of `request` is at its expected head, else the
 /// actual heads of all its streams.
-fn heads_if_moved(request: &AppendRequest, tips: &StreamTips) -> Option<Vec<(WalletId, Head)>> {
+fn heads_if_moved(
+    request: &AppendRequest,
+    tips: &StreamTips,
+    moved: &HashSet<String>,
+) -> Option<Vec<(WalletId, Head)>> {
     let actual = |s: &StreamAppend| tips.get(s.stream.as_str()).map_or(Head::EMPTY, |t| t.head);
-    if request.streams.iter().all(|s| actual(s) == s.expected) {
+    let holds = |s: &StreamAppend| actual(s) == s.expected && (!s.on_batch || moved.contains(s.stream.as_str()));
+    if request.streams.iter().all(holds) {
         return None;
     }
     Some(request.streams.iter().map(|s| (s.stream.clone(), actual(s))).collect())

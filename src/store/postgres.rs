@@ -138,6 +138,18 @@ impl PgEventStore {
         .await?)
     }
 
+    pub async fn find_hold_placed(&self, stream: &WalletId, hold: Uuid) -> Result<Option<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND event_type = 'HoldPlaced' \
+             AND payload ->> 'holdId' = $2 LIMIT 1"
+        ))
+        .bind(stream.as_str())
+        .bind(hold.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(decode_all(rows)?.pop())
+    }
+
     pub async fn read_stream_backwards(
         &self,
         stream: &WalletId,
@@ -252,7 +264,7 @@ impl PgEventStore {
             "SELECT stream_id, version, position, schema_version, state FROM snapshots WHERE stream_id = ",
         );
         q.push_bind(stream.as_str())
-            .push(" AND schema_version = ")
+            .push(" AND schema_version <= ")
             .push_bind(schema_version);
         match cutoff {
             Some(Cutoff::Position(p)) => {
@@ -292,7 +304,7 @@ impl PgEventStore {
 }
 
 /// Everything of a group commit, in one statement: the `wallet_append`
-/// function (migration 0007) takes the append lock, reads the stream heads
+/// function (migrations 0007, 0008) takes the append lock, reads the stream heads
 /// and idempotency keys of the whole batch, guards each request in order
 /// (key, then expected heads), links the hash chains and inserts. One round
 /// trip keeps the time the lock is held (which serialises all appends)
@@ -306,7 +318,7 @@ where
         // The rows pair with the requests by position: ordered explicitly,
         // not by the function scan's habit.
         "SELECT o_status, o_positions, o_hashes, o_versions, o_balances, o_recorded_at FROM wallet_append(\
-         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) WITH ORDINALITY AS r \
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) WITH ORDINALITY AS r \
          ORDER BY r.ordinality",
     )
     .bind(APPEND_LOCK)
@@ -319,6 +331,7 @@ where
     .bind(&args.s_stream)
     .bind(&args.s_version)
     .bind(&args.s_balance)
+    .bind(&args.s_on_batch)
     .bind(&args.e_segment)
     .bind(&args.e_id)
     .bind(&args.e_type)
@@ -341,6 +354,7 @@ struct BatchArgs<'a> {
     s_stream: Vec<&'a str>,
     s_version: Vec<i64>,
     s_balance: Vec<String>,
+    s_on_batch: Vec<bool>,
     e_segment: Vec<i32>,
     e_id: Vec<Uuid>,
     e_type: Vec<&'static str>,
@@ -363,6 +377,7 @@ impl<'a> BatchArgs<'a> {
                 a.s_stream.push(s.stream.as_str());
                 a.s_version.push(s.expected.version as i64);
                 a.s_balance.push(s.expected.balance.to_string());
+                a.s_on_batch.push(s.on_batch);
                 for (i, event) in s.events.iter().enumerate() {
                     let payload = event.event.payload();
                     a.e_body.push(chain::body(&chain::Canonical {

@@ -181,6 +181,18 @@ impl SqliteEventStore {
         decode_all(rows)
     }
 
+    pub async fn find_hold_placed(&self, stream: &WalletId, hold: Uuid) -> Result<Option<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ? AND event_type = 'HoldPlaced' \
+             AND json_extract(payload, '$.holdId') = ? LIMIT 1"
+        ))
+        .bind(stream.as_str())
+        .bind(hold.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(decode_all(rows)?.pop())
+    }
+
     pub async fn read_all(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?"
@@ -282,7 +294,7 @@ impl SqliteEventStore {
             "SELECT stream_id, version, position, schema_version, state FROM snapshots WHERE stream_id = ",
         );
         q.push_bind(stream.as_str())
-            .push(" AND schema_version = ")
+            .push(" AND schema_version <= ")
             .push_bind(schema_version);
         match cutoff {
             Some(Cutoff::Position(p)) => {

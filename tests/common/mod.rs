@@ -89,6 +89,8 @@ pub async fn serve_with_ledger(store: EventStore, ledger: wallet::ledger::Ledger
     // projection to catch up; tests assert the position, not the timing.
     state.read_wait = std::time::Duration::from_secs(20);
     state.spawn_projection_runner();
+    // Holds of a second expire within a test's patience.
+    state.spawn_expiry_sweeper(std::time::Duration::from_millis(100));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(api::serve(listener, state, std::future::pending()));

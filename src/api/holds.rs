@@ -1,0 +1,199 @@
+//! The hold and limit routes: place, capture and void a hold; set a
+//! wallet's limits. Listing holds is a read model (`read_models.rs`); expiry
+//! is the service's own (`expiry.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use chrono::{DurationRound, TimeDelta, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::input::{
+    idempotency_key, parse_amount, parse_balance, parse_wallet_id, JsonBody, OptionalJsonBody, WalletPath,
+};
+use super::problem::{Problem, ProblemBody};
+use super::wallet::created;
+use super::AppState;
+use crate::aggregate::WalletId;
+use crate::ledger::{HoldReceipt, HoldRequest, LimitsReceipt};
+
+/// A hold lasts this long unless `expiresInSeconds` says otherwise.
+pub const DEFAULT_HOLD_SECONDS: u64 = 7 * 24 * 3600;
+/// Longest a hold may last (30 days).
+pub const MAX_HOLD_SECONDS: u64 = 30 * 24 * 3600;
+
+/// Body of a hold.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HoldBody {
+    /// A JSON number or decimal string; > 0, at most 4 decimals, < 10^15.
+    #[schema(value_type = String, example = "40")]
+    amount: Box<RawValue>,
+    request_id: Option<String>,
+    /// Seconds until the hold expires (1 to 2592000; default 604800).
+    #[schema(example = 900)]
+    expires_in_seconds: Option<u64>,
+    /// Pay captures into this wallet (else out of the system).
+    to_wallet_id: Option<String>,
+}
+
+/// Body of a capture: all of the hold unless `amount` is given.
+#[derive(Deserialize, utoipa::ToSchema, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CaptureBody {
+    #[schema(value_type = Option<String>, example = "25")]
+    amount: Option<Box<RawValue>>,
+    request_id: Option<String>,
+}
+
+/// Body of a void.
+#[derive(Deserialize, utoipa::ToSchema, Default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VoidBody {
+    request_id: Option<String>,
+}
+
+/// Body of a change of limits.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsBody {
+    /// Available money may not fall below this (default 0).
+    #[schema(value_type = Option<String>, example = "0")]
+    min_balance: Option<Box<RawValue>>,
+    /// The balance may not rise above this (absent: no maximum).
+    #[schema(value_type = Option<String>, example = "10000")]
+    max_balance: Option<Box<RawValue>>,
+    request_id: Option<String>,
+}
+
+/// The `{id}` and `{holdId}` path segments.
+pub struct HoldPath(pub WalletId, pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for HoldPath {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((wallet, hold)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|e: PathRejection| Problem::bad_request("INVALID_HOLD_ID", e.body_text()))?;
+        let hold =
+            Uuid::try_parse(&hold).map_err(|_| Problem::bad_request("INVALID_HOLD_ID", "holdId must be a UUID"))?;
+        Ok(HoldPath(parse_wallet_id(&wallet)?, hold))
+    }
+}
+
+/// Reserve money on a wallet until it is captured, voided or expires.
+#[utoipa::path(post, path = "/wallet/{id}/holds", tag = "holds",
+    params(("id" = String, Path, description = "wallet id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    request_body = HoldBody,
+    responses((status = 201, body = HoldReceipt, description = "held (or replayed: header Idempotent-Replayed)"),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INSUFFICIENT_FUNDS, MIN_BALANCE_BREACHED, INVALID_AMOUNT, INVALID_EXPIRY, SAME_WALLET, ..."),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "WALLET_NOT_FOUND"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "TOO_MANY_HOLDS, CONCURRENCY_CONFLICT"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
+pub async fn place(
+    State(app): State<Arc<AppState>>,
+    WalletPath(wallet): WalletPath,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<HoldBody>,
+) -> Result<Response, Problem> {
+    let amount = parse_amount(&body.amount)?;
+    let key = idempotency_key(body.request_id, &headers)?;
+    let seconds = body.expires_in_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
+    if !(1..=MAX_HOLD_SECONDS).contains(&seconds) {
+        return Err(Problem::bad_request(
+            "INVALID_EXPIRY",
+            format!("expiresInSeconds must be from 1 to {MAX_HOLD_SECONDS}"),
+        ));
+    }
+    let to = body.to_wallet_id.as_deref().map(parse_wallet_id).transpose()?;
+    let expires_in = Duration::from_secs(seconds);
+    // Whole milliseconds: the stored text reads back as the same instant.
+    let now = Utc::now()
+        .duration_trunc(TimeDelta::milliseconds(1))
+        .unwrap_or_else(|_| Utc::now());
+    let hold = HoldRequest {
+        wallet,
+        amount,
+        expires_in,
+        expires_at: now + TimeDelta::seconds(seconds as i64),
+        to,
+    };
+    Ok(created(app.ledger.place_hold(hold, key).await?))
+}
+
+/// Capture all of a hold, or part of it (the rest goes back to available).
+#[utoipa::path(post, path = "/wallet/{id}/holds/{holdId}/capture", tag = "holds",
+    params(("id" = String, Path, description = "wallet id"), ("holdId" = Uuid, Path, description = "hold id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    request_body = CaptureBody,
+    responses((status = 201, body = HoldReceipt, description = "captured (or replayed: header Idempotent-Replayed)"),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "CAPTURE_EXCEEDS_HOLD, MAX_BALANCE_EXCEEDED, INVALID_AMOUNT, INVALID_HOLD_ID"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_FOUND"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_ACTIVE (captured, voided or expired), CONCURRENCY_CONFLICT"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
+pub async fn capture(
+    State(app): State<Arc<AppState>>,
+    HoldPath(wallet, hold): HoldPath,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<CaptureBody>,
+) -> Result<Response, Problem> {
+    let amount = body.amount.as_deref().map(parse_amount).transpose()?;
+    let key = idempotency_key(body.request_id, &headers)?;
+    Ok(created(app.ledger.capture_hold(wallet, hold, amount, key).await?))
+}
+
+/// Release a hold before it expires.
+#[utoipa::path(post, path = "/wallet/{id}/holds/{holdId}/void", tag = "holds",
+    params(("id" = String, Path, description = "wallet id"), ("holdId" = Uuid, Path, description = "hold id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    request_body = VoidBody,
+    responses((status = 201, body = HoldReceipt, description = "voided (or replayed: header Idempotent-Replayed)"),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_HOLD_ID"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_FOUND"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_ACTIVE, CONCURRENCY_CONFLICT"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
+pub async fn void(
+    State(app): State<Arc<AppState>>,
+    HoldPath(wallet, hold): HoldPath,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<VoidBody>,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(body.request_id, &headers)?;
+    Ok(created(app.ledger.void_hold(wallet, hold, key).await?))
+}
+
+/// Set a wallet's minimum and maximum balance (scope `admin`).
+#[utoipa::path(put, path = "/wallet/{id}/limits", tag = "holds",
+    params(("id" = String, Path, description = "wallet id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    request_body = LimitsBody,
+    responses((status = 201, body = LimitsReceipt, description = "set (or replayed: header Idempotent-Replayed)"),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_LIMITS, INVALID_AMOUNT"),
+              (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "WALLET_NOT_FOUND"),
+              (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT"),
+              (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
+pub async fn limits(
+    State(app): State<Arc<AppState>>,
+    WalletPath(wallet): WalletPath,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<LimitsBody>,
+) -> Result<Response, Problem> {
+    let min = body.min_balance.as_deref().map(parse_balance).transpose()?;
+    let max = body.max_balance.as_deref().map(parse_balance).transpose()?;
+    let key = idempotency_key(body.request_id, &headers)?;
+    let min = min.unwrap_or(crate::aggregate::Balance::ZERO);
+    Ok(created(app.ledger.set_limits(wallet, min, max, key).await?))
+}
