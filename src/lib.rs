@@ -11,6 +11,7 @@
 //! - [`snapshots`]: folded states stored every N events; loading = snapshot + tail.
 //! - [`projections`]: read models (history, stats, flags) built from the log.
 //! - [`replay`] and [`verify`]: time travel and whole-log checks (read-only).
+//! - [`retention`]: pruning the audit trail and old idempotency keys.
 //! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands; [`load`] and
 //!   [`seed`]: the load generator and synthetic history for benchmarks.
 
@@ -27,6 +28,7 @@ pub mod ledger;
 pub mod load;
 pub mod projections;
 pub mod replay;
+pub mod retention;
 pub mod seed;
 pub mod snapshots;
 pub mod store;
