@@ -111,7 +111,12 @@ impl AppState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log."),
+    info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log.\n\n\
+Any route may also answer, before the request is read: 400 `DUPLICATE_AUTHORIZATION` (more than one \
+`Authorization` header), 501 `UNSUPPORTED_TRANSFER_ENCODING` (a `Transfer-Encoding` other than one \
+`chunked`; the connection is closed), 429 `RATE_LIMITED` with `Retry-After` (the API key's or the \
+client address's budget is spent), and with API keys configured 401 `UNAUTHORIZED` / 403 `FORBIDDEN`. \
+All are `application/problem+json` (`ProblemBody`)."),
     paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance,
           read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
           events::log, events::stream, events::wallet_events,
