@@ -149,6 +149,17 @@ impl AuditLog {
         matches!(tokio::time::timeout(timeout, flushed).await, Ok(true))
     }
 
+    /// Queues a record without waiting: a full queue drops it (counted and
+    /// logged). For requests refused before they were read, so a flood of
+    /// them cannot hold requests waiting on the audit.
+    pub fn try_record(&self, record: AuditRecord) {
+        let audit_id = record.audit_id;
+        if self.queue.try_send(Message::Record(Box::new(record))).is_err() {
+            metrics::counter!("audit_dropped_total").increment(1);
+            tracing::warn!(%audit_id, "audit queue full: record of a refused request dropped");
+        }
+    }
+
     pub async fn record(&self, record: AuditRecord) {
         let audit_id = record.audit_id;
         if self

@@ -57,13 +57,23 @@ pub struct BrokerArgs {
     /// (<exchange>.worker, <exchange>.dlx, <exchange>.dlq).
     #[arg(long, env = "AMQP_EXCHANGE", default_value = "wallet.events", global = true)]
     pub amqp_exchange: String,
+    /// AMQP heartbeat in seconds (0: off): a broker link silent for twice
+    /// this long is dropped and reconnected. A `heartbeat=` in the URL wins.
+    #[arg(long, env = "AMQP_HEARTBEAT", default_value_t = crate::broker::DEFAULT_HEARTBEAT_SECS, global = true)]
+    pub amqp_heartbeat: u16,
 }
 
 impl BrokerArgs {
-    fn url(&self) -> anyhow::Result<&str> {
+    /// The broker URL with the heartbeat, if one is configured.
+    fn configured(&self) -> Option<String> {
         self.amqp_url
             .as_deref()
             .filter(|u| !u.trim().is_empty())
+            .map(|u| crate::broker::with_heartbeat(u, self.amqp_heartbeat))
+    }
+
+    fn url(&self) -> anyhow::Result<String> {
+        self.configured()
             .ok_or_else(|| anyhow::anyhow!("AMQP_URL (or --amqp-url) is required for this command"))
     }
 
@@ -119,6 +129,23 @@ pub enum Command {
     /// Inspect or replay the dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Delete old audit rows and, if asked, old idempotency keys (in
+    /// batches, beside a running service). The event log is never pruned.
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true)
+        .args(["audit_older_than", "idempotency_older_than"])))]
+    Prune {
+        /// Delete api_audit rows recorded longer ago than this (e.g. 90d).
+        #[arg(long, value_parser = config::parse_duration)]
+        audit_older_than: Option<Duration>,
+        /// Delete idempotency keys older than this (at least 7d). A retry
+        /// carrying a pruned key takes effect again, so keep keys at least
+        /// as long as clients may retry. Default: kept for ever.
+        #[arg(long, value_parser = config::parse_duration)]
+        idempotency_older_than: Option<Duration>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Make an API key: prints the key (give it to the client) and the
     /// entry to add to API_KEYS (the service stores only its hash).
     Keys {
@@ -190,9 +217,68 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = api::DEFAULT_MAX_IN_FLIGHT,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_in_flight: usize,
+    /// Time a connection has to send a request's headers, from opening or
+    /// from the first byte of its next request (e.g. 5s).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "5s", value_parser = config::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = config::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Open connections at most. Default: the descriptor limit (raised to
+    /// its hard limit at start) less a quarter (64-1024) kept for the
+    /// database pools, the broker and files.
+    #[arg(long, env = "MAX_CONNECTIONS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_connections: Option<usize>,
+    /// Budget per API key: N/s, N/m or N/h, optionally :burst (e.g.
+    /// 100/s:200), or off. Default with API keys: 1000/s:2000.
+    #[arg(long, env = "RATE_LIMIT_KEY")]
+    pub rate_limit_key: Option<String>,
+    /// Budget per client address (as seen on the socket: behind a proxy
+    /// every client shares one), same syntax. Default: off.
+    #[arg(long, env = "RATE_LIMIT_ADDRESS")]
+    pub rate_limit_address: Option<String>,
+    /// With a broker: /ready answers 503 while a message the relay
+    /// published has waited longer than this for the broker's confirm.
+    #[arg(long, env = "RELAY_STALL_AFTER", default_value = "5s", value_parser = config::parse_duration)]
+    pub relay_stall_after: Duration,
 }
 
+/// Per-key budget when API keys are configured and none is given.
+const DEFAULT_KEY_RATE: &str = "1000/s:2000";
+
 impl ServeArgs {
+    fn rate_limits(&self, keyed: bool) -> anyhow::Result<api::RateLimits> {
+        let key = match (&self.rate_limit_key, keyed) {
+            (Some(spec), true) => api::RateSpec::parse(spec)?,
+            (None, true) => api::RateSpec::parse(DEFAULT_KEY_RATE)?,
+            (_, false) => None,
+        };
+        let address = self
+            .rate_limit_address
+            .as_deref()
+            .map(api::RateSpec::parse)
+            .transpose()?
+            .flatten();
+        tracing::info!(per_key = ?key, per_address = ?address, "rate limits");
+        Ok(api::RateLimits::new(key, address))
+    }
+
+    /// Raises the descriptor limit and sizes the connection cap under it.
+    fn serve_options(&self) -> api::ServeOptions {
+        let soft = api::server::raise_descriptor_limit();
+        let options = api::ServeOptions {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(|| api::server::default_max_connections(soft)),
+        };
+        tracing::info!(descriptor_limit = soft, max_connections = options.max_connections,
+            header_read_timeout = ?options.header_read_timeout, idle_timeout = ?options.idle_timeout, "connection limits");
+        options
+    }
+
     fn keys(&self) -> anyhow::Result<api::ApiKeys> {
         let mut spec = self.api_keys.clone().unwrap_or_default();
         if let Some(file) = &self.api_keys_file {
@@ -350,6 +436,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut state = AppState::with_ledger(ledger, store.clone(), projections);
             state.keys = Arc::new(args.keys().context("reading API keys")?);
             state.max_in_flight = args.max_in_flight;
+            state.rate_limits = Arc::new(args.rate_limits(!state.keys.is_open()).context("rate limits")?);
+            let options = args.serve_options();
             if state.keys.is_open() {
                 tracing::warn!(
                     "NO API KEYS CONFIGURED: the API is open to anyone who can reach it; \
@@ -358,14 +446,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 tracing::info!(keys = ?state.keys.names(), "API keys required");
             }
-            let background = match cli.broker.amqp_url.as_deref().filter(|u| !u.trim().is_empty()) {
+            let background = match cli.broker.configured() {
                 // With a broker the worker owns the read models; this
                 // process relays its log (or stands by for another relay).
                 Some(amqp) => {
-                    let relay =
-                        Relay::new(store.clone(), amqp, cli.broker.topology()).with_wake(state.ledger.appended());
+                    let relay = Relay::new(store.clone(), &amqp, cli.broker.topology())
+                        .with_wake(state.ledger.appended())
+                        .with_stall_after(args.relay_stall_after);
                     state.relay = Some(relay.gauges.clone());
-                    state.broker = Some((amqp.to_owned(), cli.broker.topology()));
+                    state.broker = Some((amqp, cli.broker.topology()));
                     tracing::info!(exchange = %cli.broker.amqp_exchange, "broker mode: relay on, in-process projections off");
                     tokio::spawn(relay.run())
                 }
@@ -383,7 +472,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let audit = state.audit.clone();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let mut server = tokio::spawn(api::serve(listener, state, async {
+            let mut server = tokio::spawn(api::serve_with(listener, state, options, async {
                 let _ = stopped.await;
             }));
             shutdown_signal().await;
@@ -412,7 +501,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay { window } => {
             let amqp = cli.broker.url()?;
             let store = config::open_store(&url).await.context("opening the event store")?;
-            let relay = Relay::new(store, amqp, cli.broker.topology()).with_window(window as usize);
+            let relay = Relay::new(store, &amqp, cli.broker.topology()).with_window(window as usize);
             tokio::select! {
                 _ = relay.run() => {}
                 _ = shutdown_signal() => {}
@@ -424,14 +513,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = config::open_store(&url).await.context("opening the event store")?;
             let projections = Arc::new(Projections::new(store, rules));
             projections.ensure().await.context("creating read models")?;
-            let worker = Worker::new(projections, amqp, cli.broker.topology());
+            let worker = Worker::new(projections, &amqp, cli.broker.topology());
             tokio::select! {
                 _ = worker.run() => {}
                 _ = shutdown_signal() => {}
             }
             Ok(())
         }
-        Command::Dlq(command) => dlq(cli.broker.url()?, &cli.broker.topology(), command).await,
+        Command::Dlq(command) => dlq(&cli.broker.url()?, &cli.broker.topology(), command).await,
+        Command::Prune {
+            audit_older_than,
+            idempotency_older_than,
+            json,
+        } => prune(&url, audit_older_than, idempotency_older_than, json).await,
         Command::Keys { name, scopes } => {
             let key = format!("wk_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
             let entry = api::ApiKeys::entry(&name, &scopes, &key);
@@ -478,8 +572,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 ProjectionsCommand::Status { json } => {
                     status(&projections, json).await?;
-                    if let Some(amqp) = cli.broker.amqp_url.as_deref().filter(|u| !u.trim().is_empty()) {
-                        let b = crate::broker::status(amqp, &cli.broker.topology(), projections.store())
+                    if let Some(amqp) = cli.broker.configured() {
+                        let b = crate::broker::status(&amqp, &cli.broker.topology(), projections.store())
                             .await
                             .context("reading the broker's state")?;
                         if json {
@@ -497,6 +591,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Idempotency keys are kept at least this long (the replay window README promises).
+const MIN_IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(7 * 86_400);
+
+async fn prune(
+    url: &str,
+    audit_older_than: Option<Duration>,
+    idempotency_older_than: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    if let Some(age) = idempotency_older_than {
+        anyhow::ensure!(
+            age >= MIN_IDEMPOTENCY_RETENTION,
+            "--idempotency-older-than must be at least 7d: clients may retry a write with its key for that long"
+        );
+    }
+    let store = config::open_store(url).await.context("opening the event store")?;
+    let pruned = crate::retention::prune(&store, audit_older_than, idempotency_older_than)
+        .await
+        .context("pruning")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&pruned)?);
+    } else {
+        println!(
+            "deleted {} audit rows and {} idempotency keys",
+            pruned.audit_rows, pruned.idempotency_keys
+        );
+    }
+    Ok(())
 }
 
 async fn status(projections: &Projections, json: bool) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@
 //! - [`projections`]: read models (history, stats, flags, holds) built from the log.
 //! - [`expiry`]: the sweeper that expires holds whose time has passed.
 //! - [`replay`] and [`verify`]: time travel and whole-log checks (read-only).
+//! - [`retention`]: pruning the audit trail and old idempotency keys.
 //! - [`api`]: the HTTP API; [`cli`]: the binary's subcommands; [`load`] and
 //!   [`seed`]: the load generator and synthetic history for benchmarks.
 
@@ -29,6 +30,7 @@ pub mod ledger;
 pub mod load;
 pub mod projections;
 pub mod replay;
+pub mod retention;
 pub mod seed;
 pub mod snapshots;
 pub mod store;

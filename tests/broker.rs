@@ -551,3 +551,108 @@ async fn publish_raw(topology: &Topology, body: &[u8]) {
         .await
         .unwrap();
 }
+
+/// A half-open broker link (the relay's connection goes silent without
+/// closing; new connections still work): `/ready` turns 503 within seconds
+/// although a fresh broker connection would answer, the AMQP heartbeat
+/// drops the dead link, the relay reconnects by itself and every event
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_half_open_broker_link_turns_ready_off_and_publishing_resumes() {
+    use reqwest::StatusCode;
+    let db = common::postgres().await;
+    let topology = topology();
+    let mut observer = Observer::bind(&topology).await;
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let mut state = wallet::api::AppState::new(db.store.clone(), projections);
+    // Heartbeat 3 s: lapin drops a link silent for 6 s.
+    let url = wallet::broker::with_heartbeat(&via_proxy(&proxy), 3);
+    let relay = Relay::new(db.store.clone(), &url, topology.clone())
+        .with_wake(state.ledger.appended())
+        .with_stall_after(Duration::from_secs(1));
+    let gauges = relay.gauges.clone();
+    state.relay = Some(gauges.clone());
+    // /ready's own broker check goes straight to the broker: only the
+    // relay's progress can turn it off here.
+    state.broker = Some((amqp_url(), topology.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(wallet::api::serve(listener, state, std::future::pending()));
+    let relay = tokio::spawn(relay.run());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let deposit = |n: usize| {
+        let (http, url) = (http.clone(), format!("{base}/wallet/half-open/deposit"));
+        async move {
+            let r = http
+                .post(url)
+                .json(&serde_json::json!({"amount": "1", "requestId": format!("h{n}")}));
+            assert_eq!(
+                r.send().await.unwrap().status(),
+                StatusCode::CREATED,
+                "writes never need the broker"
+            );
+        }
+    };
+    let ready = || {
+        let (http, url) = (http.clone(), format!("{base}/ready"));
+        async move { http.get(url).send().await.unwrap() }
+    };
+    for n in 0..5 {
+        deposit(n).await;
+    }
+    let head = db.store.head_position().await.unwrap() as usize;
+    let before = observer.collect_until(WAIT, |m| distinct(m).len() >= head).await;
+    assert_eq!(distinct(&before).len(), head, "delivered before the fault");
+    assert_eq!(ready().await.status(), StatusCode::OK);
+
+    proxy.stall_open_connections();
+    let stalled_at = tokio::time::Instant::now();
+    for n in 5..10 {
+        deposit(n).await;
+    }
+    let refused = loop {
+        let r = ready().await;
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break r;
+        }
+        assert!(
+            stalled_at.elapsed() < Duration::from_secs(15),
+            "/ready still 200 with the relay stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let turned_off = stalled_at.elapsed();
+    assert!(refused.headers().contains_key("retry-after"));
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("relay"), "{body}");
+    println!("/ready turned 503 {turned_off:?} after the link went silent");
+
+    // Nobody touches the proxy again: the heartbeat ends the dead session.
+    loop {
+        if ready().await.status() == StatusCode::OK {
+            break;
+        }
+        assert!(stalled_at.elapsed() < Duration::from_secs(60), "/ready never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "/ready back to 200 {:?} after the link went silent",
+        stalled_at.elapsed()
+    );
+    let expected: BTreeSet<Position> = all_positions(&db.store).await.into_iter().collect();
+    let after = observer
+        .collect_until(WAIT, |m| distinct(m).len() + before.len() >= expected.len())
+        .await;
+    relay.abort();
+    let got: BTreeSet<Position> = distinct(&before).union(&distinct(&after)).copied().collect();
+    assert_eq!(got, expected, "every event arrived");
+    assert!(
+        gauges.sessions.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the relay reconnected"
+    );
+}

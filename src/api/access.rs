@@ -9,15 +9,12 @@
 //! `/docs` and `/openapi.json` stay open. With no keys configured the API
 //! is open, and `serve` says so loudly at start-up.
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 
 use super::problem::Problem;
-use super::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -153,13 +150,16 @@ fn needed_scope(method: &Method, path: &str) -> Option<Scope> {
     }
 }
 
-/// The middleware: 401 without a valid key, 403 without the scope.
-pub async fn require_key(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    if app.keys.is_open() {
-        return next.run(request).await;
+/// Who sent a request: the name of its key, or `None` when the route or
+/// the service is open. `Err` is the answer: 401 without a valid key
+/// (with `WWW-Authenticate: Bearer`), 403 without the scope. Called by the
+/// gate (`gate.rs`) before anything reads the body.
+pub(super) fn authenticate<'a>(keys: &'a ApiKeys, request: &Request) -> Result<Option<&'a str>, Response> {
+    if keys.is_open() {
+        return Ok(None);
     }
     let Some(needed) = needed_scope(request.method(), request.uri().path()) else {
-        return next.run(request).await;
+        return Ok(None);
     };
     let presented = request
         .headers()
@@ -172,7 +172,7 @@ pub async fn require_key(State(app): State<Arc<AppState>>, request: Request, nex
                 .map(|_| &v[7..])
         })
         .map(str::trim);
-    let Some(key) = presented.and_then(|p| app.keys.find(p)) else {
+    let Some(key) = presented.and_then(|p| keys.find(p)) else {
         let mut response = Problem::new(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
@@ -182,7 +182,7 @@ pub async fn require_key(State(app): State<Arc<AppState>>, request: Request, nex
         response
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+        return Err(response);
     };
     if !key.allows(needed) {
         let scope = match needed {
@@ -190,14 +190,14 @@ pub async fn require_key(State(app): State<Arc<AppState>>, request: Request, nex
             Scope::Write => "write",
             Scope::Admin => "admin",
         };
-        return Problem::new(
+        return Err(Problem::new(
             StatusCode::FORBIDDEN,
             "FORBIDDEN",
             format!("API key {:?} lacks the {scope} scope", key.name),
         )
-        .into_response();
+        .into_response());
     }
-    next.run(request).await
+    Ok(Some(key.name.as_str()))
 }
 
 #[cfg(test)]
@@ -232,6 +232,7 @@ mod tests {
     fn scopes_follow_the_method_and_open_routes_stay_open() {
         assert_eq!(needed_scope(&Method::GET, "/wallet/a"), Some(Scope::Read));
         assert_eq!(needed_scope(&Method::POST, "/wallet/a/deposit"), Some(Scope::Write));
+        assert_eq!(needed_scope(&Method::PUT, "/wallet/a/limits"), Some(Scope::Admin));
         assert_eq!(needed_scope(&Method::GET, "/metrics"), Some(Scope::Read));
         for open in ["/health", "/ready", "/docs", "/docs/index.html", "/openapi.json"] {
             assert_eq!(needed_scope(&Method::GET, open), None);

@@ -112,6 +112,46 @@ async fn read_body(body: Body) -> Result<Bytes, Problem> {
     Ok(Bytes::from(kept))
 }
 
+/// The record of a mutating request refused before its body was read
+/// (by the gate: framing, rate limit, API key): no body and no headers,
+/// only what identifies it and the sizes it declared, so a flood of them
+/// stays small.
+pub(super) fn refused(request: &Request, status: StatusCode, took: std::time::Duration) -> AuditRecord {
+    let headers = request.headers();
+    let declared = |name: axum::http::HeaderName| {
+        headers
+            .get(&name)
+            .map(|v| (name, truncate(&String::from_utf8_lossy(v.as_bytes()), 64).into_owned()))
+    };
+    let sizes: serde_json::Map<String, serde_json::Value> = [
+        declared(axum::http::header::CONTENT_LENGTH),
+        declared(axum::http::header::TRANSFER_ENCODING),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(name, value)| (name.as_str().to_owned(), value.into()))
+    .collect();
+    let path = truncate(request.uri().path(), MAX_PATH).into_owned();
+    AuditRecord {
+        audit_id: Uuid::now_v7(),
+        recorded_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        method: truncate(request.method().as_str(), 16).into_owned(),
+        wallet_id: wallet_of(&path),
+        path,
+        status: status.as_u16(),
+        request_id: headers
+            .get("x-request-id")
+            .map(|v| truncate(&String::from_utf8_lossy(v.as_bytes()), 128).into_owned()),
+        client_ip: request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string()),
+        headers: serde_json::Value::Object(sizes).to_string(),
+        body: String::new(),
+        duration_ms: took.as_millis() as i64,
+    }
+}
+
 pub async fn record(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(request).await;

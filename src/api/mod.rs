@@ -7,11 +7,14 @@
 pub mod access;
 mod audit;
 mod events;
+mod gate;
 mod holds;
 mod input;
 pub mod metrics;
 mod problem;
+pub mod rate_limit;
 mod read_models;
+pub mod server;
 mod system;
 mod wallet;
 
@@ -34,6 +37,8 @@ use utoipa_swagger_ui::SwaggerUi;
 
 pub use access::ApiKeys;
 pub use problem::{Problem, ProblemBody};
+pub use rate_limit::{RateLimits, RateSpec};
+pub use server::ServeOptions;
 
 use crate::audit::AuditLog;
 use crate::broker::relay::RelayGauges;
@@ -71,6 +76,8 @@ pub struct AppState {
     pub audit: AuditLog,
     /// The log for consumers: pages and the live tail.
     pub feed: Arc<Feed>,
+    /// Per-key and per-address budgets (off unless configured).
+    pub rate_limits: Arc<RateLimits>,
 }
 
 impl AppState {
@@ -92,6 +99,7 @@ impl AppState {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             relay: None,
             broker: None,
+            rate_limits: Arc::default(),
         }
     }
 
@@ -109,7 +117,12 @@ impl AppState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log."),
+    info(title = "Wallet service", description = "Event-sourced wallets: every balance is a fold over an append-only log.\n\n\
+Any route may also answer, before the request is read: 400 `DUPLICATE_AUTHORIZATION` (more than one \
+`Authorization` header), 501 `UNSUPPORTED_TRANSFER_ENCODING` (a `Transfer-Encoding` other than one \
+`chunked`; the connection is closed), 429 `RATE_LIMITED` with `Retry-After` (the API key's or the \
+client address's budget is spent), and with API keys configured 401 `UNAUTHORIZED` / 403 `FORBIDDEN`. \
+All are `application/problem+json` (`ProblemBody`)."),
     paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance,
           holds::place, holds::capture, holds::void, holds::limits, read_models::wallet_holds,
           read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
@@ -156,7 +169,6 @@ pub fn router(state: AppState) -> Router {
             REQUEST_TIMEOUT.max(state.ledger.write_deadline() + Duration::from_secs(1)),
             time_limit,
         ))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), access::require_key))
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
@@ -167,6 +179,8 @@ pub fn router(state: AppState) -> Router {
                 .layer(GlobalConcurrencyLimitLayer::new(state.max_in_flight)),
         )
         .layer(axum::middleware::from_fn_with_state(state.clone(), audit::record))
+        // Outside the audit: what it refuses is never read or recorded in full.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate::check))
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(
@@ -215,18 +229,25 @@ async fn time_limit(
     }
 }
 
-/// Serves until `shutdown` resolves, then finishes in-flight requests.
+/// Serves until `shutdown` resolves, then finishes in-flight requests,
+/// with the default connection limits (`ServeOptions::default`).
 /// Clients' addresses reach the handlers (and the audit) as `ConnectInfo`.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, ServeOptions::default(), shutdown).await
+}
+
+/// `serve` with explicit header and idle deadlines and connection cap
+/// (see `server.rs`).
+pub async fn serve_with(
+    listener: TcpListener,
+    state: AppState,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     metrics::handle();
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    server::run(listener, router(state), options, shutdown).await
 }

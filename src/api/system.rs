@@ -20,13 +20,22 @@ pub async fn health() -> Json<Value> {
 const BROKER_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The process can serve: the committer is making progress, the database
-/// answers, and the broker too when one is configured.
+/// answers, the relay running here is getting its messages confirmed, and
+/// the broker answers when one is configured.
 #[utoipa::path(get, path = "/ready", tag = "system",
-    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "committer stalled, database or broker unreachable")))]
+    responses((status = 200, description = "ready"), (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "committer stalled, database or broker unreachable, or the relay's messages unconfirmed for longer than RELAY_STALL_AFTER")))]
 pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Problem> {
     // The write path first: a committer stuck on a silent database is not
     // ready even when a fresh connection would answer.
     app.ledger.committer_status().map_err(Problem::unavailable)?;
+    // Likewise the relay: a fresh broker connection can answer while the
+    // relay's own connection is half-open and nothing gets published.
+    if let Some(age) = app.relay.as_ref().and_then(|r| r.stalled_for()) {
+        return Err(Problem::unavailable(format!(
+            "the relay has waited {} ms for the broker to confirm a message",
+            age.as_millis()
+        )));
+    }
     app.store.ping().await?;
     if let Some((url, _)) = &app.broker {
         match tokio::time::timeout(BROKER_CHECK, crate::broker::connect(url)).await {

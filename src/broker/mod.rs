@@ -43,6 +43,10 @@ pub enum BrokerError {
     Projection(#[from] crate::projections::ProjectionError),
     #[error("lost leadership of the relay")]
     LostLeadership,
+    #[error("broker URL: {0}")]
+    Url(String),
+    #[error("the broker did not answer within {0:?} ({1})")]
+    Timeout(Duration, &'static str),
 }
 
 /// The exchanges and queues of one deployment.
@@ -154,12 +158,48 @@ impl Topology {
     }
 }
 
-/// Connects with tokio as lapin's executor and reactor.
+/// AMQP heartbeat asked for when the URL names none (seconds). With it,
+/// lapin closes a connection that has heard nothing for twice this long,
+/// so a half-open link is noticed in about 20 s instead of the broker's
+/// default of minutes.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+/// Longest a connection (TCP, handshake, tuning) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest opening a channel and declaring the topology may take.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `url` with `heartbeat=<secs>` added, unless it names one already.
+pub fn with_heartbeat(url: &str, secs: u16) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_owned();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}heartbeat={secs}")
+}
+
+/// Connects with tokio as lapin's executor and reactor, within
+/// `CONNECT_TIMEOUT`, asking for `DEFAULT_HEARTBEAT_SECS` unless the URL
+/// sets `heartbeat=`.
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
+    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(BrokerError::Url)?;
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
     let properties = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio::current());
-    Ok(Connection::connect(url, properties).await?)
+    within(CONNECT_TIMEOUT, "connecting", Connection::connect_uri(uri, properties)).await
+}
+
+/// Runs a broker operation with a deadline: a silent broker is an error,
+/// not a wait without end.
+pub async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    operation: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(limit, operation).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(BrokerError::Timeout(limit, what)),
+    }
 }
 
 /// Exponential backoff between reconnects: 100 ms doubling to 5 s.
@@ -200,7 +240,7 @@ pub async fn status(
     let checkpoint = relay::checkpoint(store, topology).await?;
     let head = store.head_position().await?;
     let connection = connect(url).await?;
-    let channel = connection.create_channel().await?;
+    let channel = within(SETUP_TIMEOUT, "opening a channel", connection.create_channel()).await?;
     let status = BrokerStatus {
         relay_checkpoint: checkpoint,
         relay_lag: head - checkpoint,
@@ -209,4 +249,24 @@ pub async fn status(
     };
     let _ = connection.close(200, "status read").await;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heartbeat_is_added_unless_the_url_names_one() {
+        assert_eq!(with_heartbeat("amqp://h/%2f", 10), "amqp://h/%2f?heartbeat=10");
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?frame_max=8192", 3),
+            "amqp://h/%2f?frame_max=8192&heartbeat=3"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?heartbeat=30", 3),
+            "amqp://h/%2f?heartbeat=30"
+        );
+        let uri: lapin::uri::AMQPUri = with_heartbeat("amqp://guest:guest@h:5672/%2f", 7).parse().unwrap();
+        assert_eq!(uri.query.heartbeat, Some(7));
+    }
 }

@@ -14,10 +14,15 @@
 //! - One active relay: a relay publishes only while it holds the `relay`
 //!   leadership lock (`store::LeaderLock`); the others wait on standby and
 //!   take over when the holder's process or connection dies.
+//! - Progress: the gauges keep when the oldest message not yet confirmed
+//!   was published (across a lost session too, until its copy is
+//!   confirmed), so `/ready` can tell a relay stuck on a silent broker
+//!   (`RelayGauges::stalled_for`). The AMQP heartbeat ends such a session.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
@@ -25,7 +30,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use tokio::sync::Notify;
 
-use super::{connect, Backoff, BrokerError, EventMessage, Topology};
+use super::{connect, within, Backoff, BrokerError, EventMessage, Topology, SETUP_TIMEOUT};
 use crate::projections::{advance_checkpoint, load_checkpoint};
 use crate::store::{EventStore, LeaderLock, Position};
 
@@ -39,6 +44,10 @@ const IDLE_POLL: Duration = Duration::from_millis(50);
 const SAVE_EVERY: Duration = Duration::from_millis(100);
 const LEASE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// Default age of the oldest unconfirmed message past which the relay
+/// counts as stalled (`/ready` answers 503).
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(5);
+
 /// Live figures of a relay, for status and metrics.
 #[derive(Debug, Default)]
 pub struct RelayGauges {
@@ -48,6 +57,50 @@ pub struct RelayGauges {
     pub published: AtomicU64,
     pub confirmed_position: AtomicI64,
     pub in_flight: AtomicU64,
+    /// Unix milliseconds when the oldest message not yet confirmed was
+    /// published; 0 when every published message is confirmed.
+    pub oldest_unconfirmed_ms: AtomicI64,
+    /// Age past which an unconfirmed message means stalled (ms; 0: the
+    /// default, `DEFAULT_STALL_AFTER`).
+    pub stall_after_ms: AtomicU64,
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl RelayGauges {
+    /// How long the oldest unconfirmed message has waited, if any (and the
+    /// relay is the active one).
+    pub fn unconfirmed_for(&self) -> Option<Duration> {
+        let since = self.oldest_unconfirmed_ms.load(Ordering::Relaxed);
+        if since == 0 || !self.active.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(Duration::from_millis((unix_ms() - since).max(0) as u64))
+    }
+
+    /// Age past which an unconfirmed message means the relay is stalled.
+    pub fn stall_after(&self) -> Duration {
+        match self.stall_after_ms.load(Ordering::Relaxed) {
+            0 => DEFAULT_STALL_AFTER,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// `Some(age)` when a message has waited longer than `stall_after` for
+    /// the broker's confirm.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        self.unconfirmed_for().filter(|age| *age > self.stall_after())
+    }
+
+    fn published_now(&self) {
+        let _ = self
+            .oldest_unconfirmed_ms
+            .compare_exchange(0, unix_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    }
 }
 
 pub struct Relay {
@@ -84,6 +137,14 @@ impl Relay {
     pub fn with_window(mut self, window: usize) -> Self {
         assert!(window > 0, "at least one message in flight");
         self.window = window;
+        self
+    }
+
+    /// Unconfirmed messages older than this make the relay stalled
+    /// (`/ready` 503).
+    pub fn with_stall_after(self, limit: Duration) -> Self {
+        let ms = (limit.as_millis() as u64).max(1);
+        self.gauges.stall_after_ms.store(ms, Ordering::Relaxed);
         self
     }
 
@@ -126,6 +187,7 @@ impl Relay {
             }
             self.gauges.active.store(false, Ordering::SeqCst);
             self.gauges.in_flight.store(0, Ordering::SeqCst);
+            self.gauges.oldest_unconfirmed_ms.store(0, Ordering::SeqCst);
             tracing::warn!("relay lost its leadership; standing by");
             drop(lock);
         }
@@ -151,9 +213,17 @@ impl Relay {
     ) -> Result<(), BrokerError> {
         let name = checkpoint_name(&self.topology);
         let connection = connect(&self.url).await?;
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        self.topology.declare(&channel).await?;
+        let channel = within(SETUP_TIMEOUT, "opening a channel", connection.create_channel()).await?;
+        within(
+            SETUP_TIMEOUT,
+            "selecting confirms",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
+        match tokio::time::timeout(SETUP_TIMEOUT, self.topology.declare(&channel)).await {
+            Ok(declared) => declared?,
+            Err(_) => return Err(BrokerError::Timeout(SETUP_TIMEOUT, "declaring the topology")),
+        }
         backoff.reset();
         self.gauges.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(from = *confirmed, "relay connected; publishing");
@@ -163,6 +233,8 @@ impl Relay {
         let mut last_lease_check = Instant::now();
         let mut published = *confirmed;
         let mut in_flight = FuturesOrdered::new();
+        // Unix ms each in-flight message was published at, oldest first.
+        let mut sent_at: VecDeque<i64> = VecDeque::new();
         loop {
             // Fill the window from the log.
             let room = self.window - in_flight.len();
@@ -198,6 +270,8 @@ impl Relay {
                         None => publish.await?,
                     };
                     in_flight.push_back(confirmation(e.position, confirm));
+                    sent_at.push_back(unix_ms());
+                    self.gauges.published_now();
                     published = e.position;
                 }
                 self.gauges.published.fetch_add(events.len() as u64, Ordering::Relaxed);
@@ -214,9 +288,13 @@ impl Relay {
             };
             if let Some(first) = first {
                 *confirmed = first?;
+                sent_at.pop_front();
                 while let Some(Some(next)) = in_flight.next().now_or_never() {
                     *confirmed = next?;
+                    sent_at.pop_front();
                 }
+                let oldest = sent_at.front().copied().unwrap_or(0);
+                self.gauges.oldest_unconfirmed_ms.store(oldest, Ordering::Relaxed);
             }
             self.gauges.in_flight.store(in_flight.len() as u64, Ordering::Relaxed);
             self.gauges.confirmed_position.store(*confirmed, Ordering::Relaxed);

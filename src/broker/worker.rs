@@ -25,7 +25,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 use uuid::Uuid;
 
-use super::{connect, Backoff, BrokerError, EventMessage, Topology, REASON_HEADER};
+use super::{connect, Backoff, BrokerError, EventMessage, Topology, REASON_HEADER, SETUP_TIMEOUT};
 use crate::aggregate::WalletId;
 use crate::projections::{Delivery, Incoming, Projections};
 use crate::store::RecordedEvent;
@@ -118,18 +118,25 @@ impl Worker {
     async fn session(&self, backoff: &mut Backoff) -> Result<(), BrokerError> {
         self.projections.ensure().await?;
         let connection = connect(&self.url).await?;
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        self.topology.declare(&channel).await?;
-        channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
-        let mut consumer = channel
-            .basic_consume(
-                &self.topology.worker_queue,
-                &format!("wallet-worker-{}", Uuid::new_v4().simple()),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        // Every step has a deadline: a silent broker ends the session.
+        let setup = async {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            self.topology.declare(&channel).await?;
+            channel.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
+            let consumer = channel
+                .basic_consume(
+                    &self.topology.worker_queue,
+                    &format!("wallet-worker-{}", Uuid::new_v4().simple()),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, BrokerError>((channel, consumer))
+        };
+        let (channel, mut consumer) = tokio::time::timeout(SETUP_TIMEOUT, setup)
+            .await
+            .map_err(|_| BrokerError::Timeout(SETUP_TIMEOUT, "setting up the consumer"))??;
         backoff.reset();
         tracing::info!(queue = %self.topology.worker_queue, "worker consuming");
         loop {

@@ -151,6 +151,8 @@ pub struct TcpProxy {
     pub port: u16,
     flags: Arc<Flags>,
     live: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Each open connection's own stall flag (`stall_open_connections`).
+    open_stalls: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
     accept: JoinHandle<()>,
 }
 
@@ -169,22 +171,26 @@ impl TcpProxy {
         let port = listener.local_addr().unwrap().port();
         let live: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let flags: Arc<Flags> = Arc::default();
+        let open_stalls: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> = Arc::default();
         let target = target.to_owned();
         let accept = {
             let live = live.clone();
             let flags = flags.clone();
+            let open_stalls = open_stalls.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     if flags.down.load(std::sync::atomic::Ordering::SeqCst) {
                         continue; // dropped: the server is "unreachable"
                     }
                     let (target, flags) = (target.clone(), flags.clone());
+                    let own_stall: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+                    open_stalls.lock().unwrap().push(own_stall.clone());
                     let pipe = tokio::spawn(async move {
                         if let Ok(server) = TcpStream::connect(&target).await {
                             let (client_read, client_write) = client.into_split();
                             let (server_read, server_write) = server.into_split();
-                            let up = forward(client_read, server_write, flags.clone(), false);
-                            let down = forward(server_read, client_write, flags, true);
+                            let up = forward(client_read, server_write, flags.clone(), own_stall.clone(), false);
+                            let down = forward(server_read, client_write, flags, own_stall, true);
                             tokio::join!(up, down);
                         }
                     });
@@ -196,7 +202,17 @@ impl TcpProxy {
             port,
             flags,
             live,
+            open_stalls,
             accept,
+        }
+    }
+
+    /// A half-open link: every connection open now goes silent for good
+    /// (nothing forwarded either way, not even a close), while new
+    /// connections get through.
+    pub fn stall_open_connections(&self) {
+        for stall in self.open_stalls.lock().unwrap().drain(..) {
+            stall.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -233,22 +249,29 @@ impl TcpProxy {
     }
 }
 
-/// Copies one direction, waiting while the flags hold it.
+/// Copies one direction, waiting while the flags hold it (a close too).
 async fn forward(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     flags: Arc<Flags>,
+    own_stall: Arc<std::sync::atomic::AtomicBool>,
     reply: bool,
 ) {
     use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
+    let held = || own_stall.load(SeqCst) || flags.stall.load(SeqCst) || (reply && flags.hold_replies.load(SeqCst));
     loop {
         let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => {
+                // A silent peer does not close either.
+                while own_stall.load(SeqCst) || flags.stall.load(SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                break;
+            }
             Ok(n) => n,
         };
-        let held = || flags.stall.load(SeqCst) || (reply && flags.hold_replies.load(SeqCst));
         if held() {
             flags.held.fetch_add(n, SeqCst);
             while held() {
