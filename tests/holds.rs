@@ -1,7 +1,7 @@
 //! Holds and limits over HTTP, on both backends: the lifecycle a card or
 //! ride flow uses (authorise, capture part, release the rest), expiry by the
 //! service itself, limits, and races between captures, voids, expiry and
-//! withdrawals. Every case ends with `verify` over the whole log, which also
+//! withdrawals; batches, atomic and independent. Every case ends with `verify` over the whole log, which also
 //! compares each read model with a rebuild from the log.
 
 mod common;
@@ -417,4 +417,140 @@ async fn withdrawals_race_holds(db: TestDb) {
     api.verify().await;
 }
 
-on_both_backends!(lifecycle, expiry, limits, resolutions_race, withdrawals_race_holds);
+/// An atomic batch with a refused operation in the middle writes nothing and
+/// names it; one that passes commits every operation, replays as a whole.
+async fn atomic_batches(db: TestDb) {
+    let api = Api::start(db).await;
+    api.expect("/wallet/a/deposit", json!({"amount": 100}), StatusCode::CREATED)
+        .await;
+    let head = api.store.head_position().await.unwrap();
+    let refused = api
+        .expect(
+            "/batch",
+            json!({"atomic": true, "operations": [
+                {"op": "deposit", "walletId": "a", "amount": "10"},
+                {"op": "withdraw", "walletId": "a", "amount": "1000"},
+                {"op": "deposit", "walletId": "b", "amount": "5"}]}),
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    assert_eq!(
+        (code(&refused), refused["operationIndex"].as_u64()),
+        ("INSUFFICIENT_FUNDS", Some(1))
+    );
+    assert_eq!(api.store.head_position().await.unwrap(), head, "nothing written");
+    assert_eq!(api.wallet("b").await["exists"], false);
+
+    let ops = json!({"atomic": true, "requestId": "batch-1", "operations": [
+        {"op": "deposit", "walletId": "a", "amount": "10"},
+        {"op": "hold", "walletId": "a", "amount": "100", "toWalletId": "shop"},
+        {"op": "transfer", "walletId": "a", "toWalletId": "b", "amount": "10", "requestId": "t1"},
+        {"op": "deposit", "walletId": "c", "amount": "1"}]});
+    let done = api.expect("/batch", ops.clone(), StatusCode::CREATED).await;
+    let results = done["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0]["receipt"]["balance"], "110.0000");
+    assert_eq!(
+        results[1]["receipt"]["available"], "10.0000",
+        "decided on the deposit before it"
+    );
+    assert_eq!(results[2]["receipt"]["fromBalance"], "100.0000");
+    assert_eq!(results[2]["receipt"]["requestId"], "t1");
+    assert_eq!(results[3]["receipt"]["created"], true);
+    let w = api.wallet("a").await;
+    assert_eq!(
+        (w["balance"].as_str(), w["available"].as_str()),
+        (Some("100.0000"), Some("0.0000"))
+    );
+    let again = api.post("/batch", ops).await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(api.wallet("a").await["balance"], "100.0000", "applied once");
+    api.verify().await;
+}
+
+/// An independent batch writes exactly the valid operations, decided in
+/// request order, each with its own result and key.
+async fn independent_batches(db: TestDb) {
+    let api = Api::start(db).await;
+    let ops = json!({"operations": [
+        {"op": "deposit", "walletId": "x", "amount": "10", "requestId": "k1"},
+        {"op": "withdraw", "walletId": "x", "amount": "10", "requestId": "k2"},
+        {"op": "withdraw", "walletId": "x", "amount": "1", "requestId": "k3"},
+        {"op": "deposit", "walletId": "not valid!", "amount": "1"},
+        {"op": "capture", "walletId": "x", "holdId": uuid::Uuid::now_v7().to_string()},
+        {"op": "teleport", "walletId": "x"},
+        {"op": "transfer", "walletId": "y", "toWalletId": "x", "amount": "1"}]});
+    let r = api.post("/batch", ops.clone()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body: Value = r.json().await.unwrap();
+    let statuses: Vec<u64> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, vec![201, 201, 400, 400, 404, 400, 404]);
+    let codes: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["problem"]["code"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            "",
+            "",
+            "INSUFFICIENT_FUNDS",
+            "INVALID_WALLET_ID",
+            "HOLD_NOT_FOUND",
+            "INVALID_OPERATION",
+            "WALLET_NOT_FOUND"
+        ]
+    );
+    let x = api.wallet("x").await;
+    assert_eq!(
+        (x["balance"].as_str(), x["version"].as_u64()),
+        (Some("0.0000"), Some(3))
+    );
+    // Repeated: the keyed operations replay, nothing moves twice.
+    let again: Value = api.post("/batch", ops).await.json().await.unwrap();
+    assert_eq!(again["results"][0]["replayed"], true);
+    assert_eq!(
+        again["results"][2]["replayed"], true,
+        "a remembered rejection replays too"
+    );
+    assert_eq!(api.wallet("x").await["version"], 3);
+
+    let too_many: Vec<Value> = (0..1001)
+        .map(|_| json!({"op": "deposit", "walletId": "x", "amount": 1}))
+        .collect();
+    let e = api
+        .expect("/batch", json!({"operations": too_many}), StatusCode::BAD_REQUEST)
+        .await;
+    assert_eq!(code(&e), "INVALID_BATCH");
+    let thousand: Vec<Value> = (0..1000)
+        .map(|i| json!({"op": "deposit", "walletId": format!("m{}", i % 50), "amount": 1}))
+        .collect();
+    let done = api
+        .expect(
+            "/batch",
+            json!({"atomic": true, "operations": thousand}),
+            StatusCode::CREATED,
+        )
+        .await;
+    assert_eq!(done["results"].as_array().unwrap().len(), 1000);
+    assert_eq!(api.wallet("m7").await["balance"], "20.0000");
+    api.verify().await;
+}
+
+on_both_backends!(
+    lifecycle,
+    expiry,
+    limits,
+    resolutions_race,
+    withdrawals_race_holds,
+    atomic_batches,
+    independent_batches
+);

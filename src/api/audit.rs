@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 use uuid::Uuid;
 
 use super::problem::Problem;
-use super::{AppState, MAX_BODY_BYTES};
+use super::{AppState, MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES};
 use crate::audit::{AuditRecord, AUDIT_ID, TRACEPARENT};
 
 const MAX_AUDIT_BODY: usize = 4096;
@@ -85,10 +85,10 @@ fn wallet_of(path: &str) -> Option<String> {
     Some(truncate(id, 128).into_owned())
 }
 
-/// The body, at most `MAX_BODY_BYTES`. A longer one is read on (and
+/// The body, at most `limit` bytes (`MAX_BODY_BYTES`; a batch's larger). A longer one is read on (and
 /// discarded) up to `DRAIN_BYTES` before the 413, so a client still sending
 /// gets the answer instead of a reset connection.
-async fn read_body(body: Body) -> Result<Bytes, Problem> {
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Problem> {
     let mut stream = body.into_data_stream();
     let mut kept = Vec::new();
     let mut seen = 0usize;
@@ -96,17 +96,17 @@ async fn read_body(body: Body) -> Result<Bytes, Problem> {
         let chunk =
             chunk.map_err(|e| Problem::bad_request("INVALID_REQUEST", format!("could not read the body: {e}")))?;
         seen += chunk.len();
-        if seen <= MAX_BODY_BYTES {
+        if seen <= limit {
             kept.extend_from_slice(&chunk);
         } else if seen > DRAIN_BYTES {
             break;
         }
     }
-    if seen > MAX_BODY_BYTES {
+    if seen > limit {
         return Err(Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
-            format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+            format!("request body is larger than {limit} bytes"),
         ));
     }
     Ok(Bytes::from(kept))
@@ -182,7 +182,12 @@ pub async fn record(State(app): State<Arc<AppState>>, request: Request, next: Ne
     let work = async move {
         // Buffer the body (bounded, and within the request timeout, which
         // only starts inside) to record it, then hand it on unchanged.
-        let (bytes, response) = match tokio::time::timeout(BODY_TIMEOUT, read_body(body)).await {
+        let limit = if path == "/batch" {
+            MAX_BATCH_BODY_BYTES
+        } else {
+            MAX_BODY_BYTES
+        };
+        let (bytes, response) = match tokio::time::timeout(BODY_TIMEOUT, read_body(body, limit)).await {
             Ok(Ok(bytes)) => {
                 let request = Request::from_parts(parts, Body::from(bytes.clone()));
                 let handled = TRACEPARENT.scope(traceparent, next.run(request));

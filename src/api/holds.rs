@@ -21,7 +21,7 @@ use super::input::{
 use super::problem::{Problem, ProblemBody};
 use super::wallet::created;
 use super::AppState;
-use crate::aggregate::WalletId;
+use crate::aggregate::{Amount, WalletId};
 use crate::ledger::{HoldReceipt, HoldRequest, LimitsReceipt};
 
 /// A hold lasts this long unless `expiresInSeconds` says otherwise.
@@ -108,27 +108,36 @@ pub async fn place(
 ) -> Result<Response, Problem> {
     let amount = parse_amount(&body.amount)?;
     let key = idempotency_key(body.request_id, &headers)?;
-    let seconds = body.expires_in_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
+    let to = body.to_wallet_id.as_deref().map(parse_wallet_id).transpose()?;
+    let hold = hold_request(wallet, amount, body.expires_in_seconds, to)?;
+    Ok(created(app.ledger.place_hold(hold, key).await?))
+}
+
+/// A hold as asked: its expiry checked and fixed from now, in whole
+/// milliseconds (the stored text reads back as the same instant).
+pub(super) fn hold_request(
+    wallet: WalletId,
+    amount: Amount,
+    expires_in_seconds: Option<u64>,
+    to: Option<WalletId>,
+) -> Result<HoldRequest, Problem> {
+    let seconds = expires_in_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
     if !(1..=MAX_HOLD_SECONDS).contains(&seconds) {
         return Err(Problem::bad_request(
             "INVALID_EXPIRY",
             format!("expiresInSeconds must be from 1 to {MAX_HOLD_SECONDS}"),
         ));
     }
-    let to = body.to_wallet_id.as_deref().map(parse_wallet_id).transpose()?;
-    let expires_in = Duration::from_secs(seconds);
-    // Whole milliseconds: the stored text reads back as the same instant.
     let now = Utc::now()
         .duration_trunc(TimeDelta::milliseconds(1))
         .unwrap_or_else(|_| Utc::now());
-    let hold = HoldRequest {
+    Ok(HoldRequest {
         wallet,
         amount,
-        expires_in,
+        expires_in: Duration::from_secs(seconds),
         expires_at: now + TimeDelta::seconds(seconds as i64),
         to,
-    };
-    Ok(created(app.ledger.place_hold(hold, key).await?))
+    })
 }
 
 /// Capture all of a hold, or part of it (the rest goes back to available).

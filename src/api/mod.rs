@@ -6,6 +6,7 @@
 
 pub mod access;
 mod audit;
+mod batch;
 mod events;
 mod gate;
 mod holds;
@@ -50,6 +51,8 @@ use crate::store::EventStore;
 
 /// Largest request body accepted (bytes).
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Largest `POST /batch` body: 1,000 operations of about 250 bytes each.
+pub const MAX_BATCH_BODY_BYTES: usize = 512 * 1024;
 /// Default longest wait of a read-model request for its `minPosition`.
 pub const DEFAULT_READ_WAIT: Duration = Duration::from_secs(2);
 /// A request taking longer than this is answered 408.
@@ -124,7 +127,7 @@ Any route may also answer, before the request is read: 400 `DUPLICATE_AUTHORIZAT
 client address's budget is spent), and with API keys configured 401 `UNAUTHORIZED` / 403 `FORBIDDEN`. \
 All are `application/problem+json` (`ProblemBody`)."),
     paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance,
-          holds::place, holds::capture, holds::void, holds::limits, read_models::wallet_holds,
+          holds::place, holds::capture, holds::void, holds::limits, read_models::wallet_holds, batch::batch,
           read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
           events::log, events::stream, events::wallet_events,
           system::health, system::ready),
@@ -149,6 +152,10 @@ pub fn router(state: AppState) -> Router {
         .route("/wallet/{id}/holds/{holdId}/capture", post(holds::capture))
         .route("/wallet/{id}/holds/{holdId}/void", post(holds::void))
         .route("/wallet/{id}/limits", put(holds::limits))
+        .route(
+            "/batch",
+            post(batch::batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
+        )
         .route("/wallet/{id}/history", get(read_models::history))
         .route("/wallet/{id}/stats", get(read_models::stats))
         .route("/wallet/{id}/flags", get(read_models::wallet_flags))

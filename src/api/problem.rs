@@ -64,7 +64,7 @@ impl Problem {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", detail)
     }
 
-    fn body(&self) -> ProblemBody {
+    pub(super) fn body(&self) -> ProblemBody {
         let title = self.status.canonical_reason().unwrap_or("Error").to_owned();
         ProblemBody {
             kind: format!(

@@ -17,11 +17,14 @@
 
 mod committer;
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Notify};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -174,6 +177,29 @@ pub(crate) enum Outcome {
     Rejected(DomainError),
 }
 
+/// A command on its way to the committer, with what its answer needs.
+struct Submission {
+    command: Command,
+    key: Option<String>,
+    fingerprint: String,
+    /// An atomic command: each operation's request id.
+    request_ids: Vec<String>,
+    /// The command's cold wallets, already loaded (a batch loads them first).
+    preloaded: Option<Vec<Wallet>>,
+}
+
+impl Submission {
+    fn new(command: Command, key: Option<String>, fingerprint: String) -> Self {
+        Self {
+            command,
+            key,
+            fingerprint,
+            request_ids: Vec::new(),
+            preloaded: None,
+        }
+    }
+}
+
 /// A hold to place.
 #[derive(Debug, Clone)]
 pub struct HoldRequest {
@@ -183,6 +209,48 @@ pub struct HoldRequest {
     pub expires_in: Duration,
     pub expires_at: DateTime<Utc>,
     pub to: Option<WalletId>,
+}
+
+/// One money operation, as a client asks for it (one route, or one entry of
+/// a batch).
+#[derive(Debug, Clone)]
+pub enum Operation {
+    Deposit {
+        wallet: WalletId,
+        amount: Amount,
+    },
+    Withdraw {
+        wallet: WalletId,
+        amount: Amount,
+    },
+    Transfer {
+        from: WalletId,
+        to: WalletId,
+        amount: Amount,
+    },
+    Hold(HoldRequest),
+    Capture {
+        wallet: WalletId,
+        hold_id: Uuid,
+        amount: Option<Amount>,
+    },
+    Void {
+        wallet: WalletId,
+        hold_id: Uuid,
+    },
+}
+
+impl Operation {
+    fn name(&self) -> &'static str {
+        match self {
+            Operation::Deposit { .. } => "deposit",
+            Operation::Withdraw { .. } => "withdraw",
+            Operation::Transfer { .. } => "transfer",
+            Operation::Hold(_) => "hold",
+            Operation::Capture { .. } => "capture",
+            Operation::Void { .. } => "void",
+        }
+    }
 }
 
 /// A receipt, and whether it was replayed from an earlier identical request.
@@ -285,13 +353,7 @@ impl Ledger {
         amount: Amount,
         key: Option<String>,
     ) -> Result<Answer<WalletReceipt>, CommandError> {
-        let fingerprint = format!("deposit:{amount}");
-        let span = tracing::info_span!("append", op = "deposit");
-        wallet_answer(
-            self.execute(Command::Deposit { wallet, amount }, key, fingerprint)
-                .instrument(span)
-                .await?,
-        )
+        wallet_answer(self.run(Operation::Deposit { wallet, amount }, key).await?)
     }
 
     pub async fn withdraw(
@@ -300,13 +362,7 @@ impl Ledger {
         amount: Amount,
         key: Option<String>,
     ) -> Result<Answer<WalletReceipt>, CommandError> {
-        let fingerprint = format!("withdraw:{amount}");
-        let span = tracing::info_span!("append", op = "withdraw");
-        wallet_answer(
-            self.execute(Command::Withdraw { wallet, amount }, key, fingerprint)
-                .instrument(span)
-                .await?,
-        )
+        wallet_answer(self.run(Operation::Withdraw { wallet, amount }, key).await?)
     }
 
     pub async fn transfer(
@@ -316,15 +372,7 @@ impl Ledger {
         amount: Amount,
         key: Option<String>,
     ) -> Result<Answer<TransferReceipt>, CommandError> {
-        let fingerprint = format!("transfer:{to}:{amount}");
-        let command = Command::Transfer {
-            from,
-            to,
-            amount,
-            transfer_id: Uuid::now_v7(),
-        };
-        let span = tracing::info_span!("append", op = "transfer");
-        match self.execute(command, key, fingerprint).instrument(span).await? {
+        match self.run(Operation::Transfer { from, to, amount }, key).await? {
             Answer {
                 receipt: Receipt::Transfer(receipt),
                 replayed,
@@ -341,17 +389,7 @@ impl Ledger {
         hold: HoldRequest,
         key: Option<String>,
     ) -> Result<Answer<HoldReceipt>, CommandError> {
-        let to = hold.to.as_ref().map_or("", |w| w.as_str());
-        let fingerprint = format!("hold:{}:{}:{to}", hold.amount, hold.expires_in.as_millis());
-        let command = Command::PlaceHold {
-            wallet: hold.wallet,
-            hold_id: Uuid::now_v7(),
-            amount: hold.amount,
-            expires_at: hold.expires_at,
-            to: hold.to,
-        };
-        let span = tracing::info_span!("append", op = "hold");
-        hold_answer(self.execute(command, key, fingerprint).instrument(span).await?)
+        hold_answer(self.run(Operation::Hold(hold), key).await?)
     }
 
     /// Captures all of a hold, or `amount` of it (the rest is released).
@@ -362,20 +400,17 @@ impl Ledger {
         amount: Option<Amount>,
         key: Option<String>,
     ) -> Result<Answer<HoldReceipt>, CommandError> {
-        let fingerprint = format!(
-            "capture:{hold_id}:{}",
-            amount.map(|a| a.to_string()).unwrap_or_default()
-        );
-        let to = self.hold_payee(&wallet, hold_id).await?;
-        let command = Command::CaptureHold {
-            wallet,
-            hold_id,
-            amount,
-            to,
-            now: Utc::now(),
-        };
-        let span = tracing::info_span!("append", op = "capture");
-        hold_answer(self.execute(command, key, fingerprint).instrument(span).await?)
+        hold_answer(
+            self.run(
+                Operation::Capture {
+                    wallet,
+                    hold_id,
+                    amount,
+                },
+                key,
+            )
+            .await?,
+        )
     }
 
     /// Releases a hold before it expires.
@@ -385,15 +420,171 @@ impl Ledger {
         hold_id: Uuid,
         key: Option<String>,
     ) -> Result<Answer<HoldReceipt>, CommandError> {
-        let fingerprint = format!("void:{hold_id}");
-        self.hold_payee(&wallet, hold_id).await?;
-        let command = Command::VoidHold {
-            wallet,
-            hold_id,
-            now: Utc::now(),
-        };
-        let span = tracing::info_span!("append", op = "void");
-        hold_answer(self.execute(command, key, fingerprint).instrument(span).await?)
+        hold_answer(self.run(Operation::Void { wallet, hold_id }, key).await?)
+    }
+
+    /// One operation, decided and appended by the committer.
+    pub async fn run(&self, op: Operation, key: Option<String>) -> Result<Answer<Receipt>, CommandError> {
+        let span = tracing::info_span!("append", op = op.name());
+        async {
+            let (command, fingerprint) = self.command_of(op).await?;
+            self.execute(Submission::new(command, key, fingerprint)).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Independent operations in one trip through the committer: their
+    /// wallets are loaded first, then every command is handed over in
+    /// request order, then the verdicts are awaited together. Each gets its
+    /// own answer, in request order.
+    pub async fn batch(&self, items: Vec<(Operation, Option<String>)>) -> Vec<Result<Answer<Receipt>, CommandError>> {
+        let span = tracing::info_span!("append", op = "batch", operations = items.len());
+        async {
+            let mut prepared = Vec::with_capacity(items.len());
+            for (op, key) in items {
+                prepared.push(self.command_of(op).await.map(|(c, f)| Submission::new(c, key, f)));
+            }
+            let commands: Vec<&Command> = prepared
+                .iter()
+                .filter_map(|p| p.as_ref().ok())
+                .map(|s| &s.command)
+                .collect();
+            let loaded = match tokio::time::timeout(LOAD_DEADLINE, self.cold_states_of(&commands)).await {
+                Ok(Ok(loaded)) => loaded,
+                // Each command then loads its own wallets, as alone.
+                _ => HashMap::new(),
+            };
+            let runs = prepared.into_iter().map(|p| {
+                let loaded = &loaded;
+                async move {
+                    let mut submission = p?;
+                    submission.preloaded = Some(
+                        submission
+                            .command
+                            .wallets()
+                            .into_iter()
+                            .filter_map(|id| loaded.get(id).cloned())
+                            .collect(),
+                    );
+                    self.execute(submission).await
+                }
+            });
+            join_all(runs).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// All of `items` or none, as one command: each decided on the states
+    /// the earlier ones leave, appended together. The key (scoped to the
+    /// first operation's wallet) covers the whole batch; each operation's
+    /// own requestId only names it in its receipt.
+    pub async fn batch_atomic(
+        &self,
+        items: Vec<(Operation, Option<String>)>,
+        key: Option<String>,
+    ) -> Result<Answer<Vec<Receipt>>, CommandError> {
+        let span = tracing::info_span!("append", op = "atomic", operations = items.len());
+        async {
+            let mut ops = Vec::with_capacity(items.len());
+            let mut request_ids = Vec::with_capacity(items.len());
+            let mut fingerprint = Sha256::new();
+            for (index, (op, op_key)) in items.into_iter().enumerate() {
+                let (command, f) = self.command_of(op).await.map_err(|e| match e {
+                    CommandError::Rejected { error, replayed } => CommandError::Rejected {
+                        error: DomainError::OperationFailed {
+                            index,
+                            error: Box::new(error),
+                        },
+                        replayed,
+                    },
+                    other => other,
+                })?;
+                fingerprint.update(f.as_bytes());
+                fingerprint.update([0x1f]);
+                ops.push(command);
+                request_ids.push(op_key.unwrap_or_else(|| Uuid::new_v4().to_string()));
+            }
+            let fingerprint = format!("atomic:{}", hex::encode(fingerprint.finalize()));
+            let mut submission = Submission::new(Command::Atomic { ops }, key, fingerprint);
+            submission.request_ids = request_ids;
+            match self.execute(submission).await? {
+                Answer {
+                    receipt: Receipt::Batch(receipts),
+                    replayed,
+                } => Ok(Answer {
+                    receipt: receipts,
+                    replayed,
+                }),
+                _ => Err(CommandError::KeyReused),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The command an operation is, and its fingerprint: what a key
+    /// remembers of the request, so the same key with another payload is
+    /// told apart.
+    async fn command_of(&self, op: Operation) -> Result<(Command, String), CommandError> {
+        Ok(match op {
+            Operation::Deposit { wallet, amount } => (Command::Deposit { wallet, amount }, format!("deposit:{amount}")),
+            Operation::Withdraw { wallet, amount } => {
+                (Command::Withdraw { wallet, amount }, format!("withdraw:{amount}"))
+            }
+            Operation::Transfer { from, to, amount } => {
+                let fingerprint = format!("transfer:{to}:{amount}");
+                let transfer_id = Uuid::now_v7();
+                let command = Command::Transfer {
+                    from,
+                    to,
+                    amount,
+                    transfer_id,
+                };
+                (command, fingerprint)
+            }
+            Operation::Hold(hold) => {
+                let to = hold.to.as_ref().map_or("", |w| w.as_str());
+                let fingerprint = format!("hold:{}:{}:{to}", hold.amount, hold.expires_in.as_millis());
+                let command = Command::PlaceHold {
+                    wallet: hold.wallet,
+                    hold_id: Uuid::now_v7(),
+                    amount: hold.amount,
+                    expires_at: hold.expires_at,
+                    to: hold.to,
+                };
+                (command, fingerprint)
+            }
+            Operation::Capture {
+                wallet,
+                hold_id,
+                amount,
+            } => {
+                let fingerprint = format!(
+                    "capture:{hold_id}:{}",
+                    amount.map(|a| a.to_string()).unwrap_or_default()
+                );
+                let to = self.hold_payee(&wallet, hold_id).await?;
+                let command = Command::CaptureHold {
+                    wallet,
+                    hold_id,
+                    amount,
+                    to,
+                    now: Utc::now(),
+                };
+                (command, fingerprint)
+            }
+            Operation::Void { wallet, hold_id } => {
+                self.hold_payee(&wallet, hold_id).await?;
+                let command = Command::VoidHold {
+                    wallet,
+                    hold_id,
+                    now: Utc::now(),
+                };
+                (command, format!("void:{hold_id}"))
+            }
+        })
     }
 
     /// Records the expiry of a hold whose time has passed (the expiry
@@ -406,7 +597,11 @@ impl Ledger {
             now: Utc::now(),
         };
         let span = tracing::info_span!("append", op = "expire");
-        hold_answer(self.execute(command, None, String::new()).instrument(span).await?)
+        hold_answer(
+            self.execute(Submission::new(command, None, String::new()))
+                .instrument(span)
+                .await?,
+        )
     }
 
     /// Sets the wallet's limits from now on.
@@ -425,7 +620,11 @@ impl Ledger {
             max_balance,
         };
         let span = tracing::info_span!("append", op = "limits");
-        match self.execute(command, key, fingerprint).instrument(span).await? {
+        match self
+            .execute(Submission::new(command, key, fingerprint))
+            .instrument(span)
+            .await?
+        {
             Answer {
                 receipt: Receipt::Limits(receipt),
                 replayed,
@@ -508,13 +707,15 @@ impl Ledger {
         w.connect_timeout + w.batch_deadline + w.resolve_deadline + Duration::from_secs(2)
     }
 
-    async fn execute(
-        &self,
-        command: Command,
-        key: Option<String>,
-        fingerprint: String,
-    ) -> Result<Answer<Receipt>, CommandError> {
-        let scope = command.wallets()[0].clone();
+    async fn execute(&self, submission: Submission) -> Result<Answer<Receipt>, CommandError> {
+        let Submission {
+            command,
+            key,
+            fingerprint,
+            request_ids,
+            mut preloaded,
+        } = submission;
+        let scope = command.wallet().clone();
         let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
         let mut metadata = serde_json::json!({
             "requestId": request_id,
@@ -530,9 +731,12 @@ impl Ledger {
         // and its decision, or moved by another writer, sends the command
         // back here to load it again.
         for _ in 0..MAX_CONFLICTS {
-            let loaded = tokio::time::timeout(LOAD_DEADLINE, self.cold_states(&command))
-                .await
-                .map_err(|_| StoreError::BatchFailed("loading the wallets took too long".to_owned()))??;
+            let loaded = match preloaded.take() {
+                Some(loaded) => loaded,
+                None => tokio::time::timeout(LOAD_DEADLINE, self.cold_states(&command))
+                    .await
+                    .map_err(|_| StoreError::BatchFailed("loading the wallets took too long".to_owned()))??,
+            };
             // Decided by then, or not at all: its batch still fits before `give_up`.
             let deadline = (tokio::time::Instant::now() + QUEUE_DEADLINE).min(give_up - self.batch_budget());
             let (reply, verdict) = tokio::sync::oneshot::channel();
@@ -542,7 +746,7 @@ impl Ledger {
                 key: key.clone(),
                 fingerprint: fingerprint.clone(),
                 request_id: request_id.clone(),
-                request_ids: Vec::new(),
+                request_ids: request_ids.clone(),
                 metadata: metadata.clone(),
                 deadline,
                 reply,
@@ -611,6 +815,18 @@ impl Ledger {
         for id in command.wallets() {
             if !self.cache.contains(id) {
                 loaded.push(snapshots::load(&self.store, id, None).await?);
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// The wallets of `commands` the committer does not hold, each loaded
+    /// once, in order.
+    async fn cold_states_of(&self, commands: &[&Command]) -> Result<HashMap<WalletId, Wallet>, StoreError> {
+        let mut loaded: HashMap<WalletId, Wallet> = HashMap::new();
+        for id in commands.iter().flat_map(|c| c.wallets()) {
+            if !loaded.contains_key(id) && !self.cache.contains(id) {
+                loaded.insert(id.clone(), snapshots::load(&self.store, id, None).await?);
             }
         }
         Ok(loaded)
