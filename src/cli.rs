@@ -367,6 +367,12 @@ pub struct LoadArgs {
     /// time from a write's 201 to its event reaching them.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub subscribers: u64,
+    /// Percent of operations on holds (place, then capture or void).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub holds: u8,
+    /// Send every request as POST /batch of this many independent operations.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub batch: u64,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -913,14 +919,16 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         reads: args.reads,
         keyed: args.keyed,
         subscribers: args.subscribers as usize,
+        holds: args.holds,
+        batch: args.batch as usize,
     };
     let r = crate::load::run(cfg).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "{} requests in {:.1} s: {:.0} requests/s",
-            r.requests, r.seconds, r.requests_per_sec
+            "{} requests in {:.1} s: {:.0} requests/s, {:.0} operations/s",
+            r.requests, r.seconds, r.requests_per_sec, r.operations_per_sec
         );
         println!(
             "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9}",

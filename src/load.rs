@@ -37,6 +37,13 @@ pub struct LoadConfig {
     /// Live subscribers (`GET /events/stream`) open during the run: each
     /// measures the time from a write's 201 to its event's arrival.
     pub subscribers: usize,
+    /// Percent of operations on holds: a worker places a hold payable to
+    /// another wallet, and its next hold operation captures (2 in 3) or
+    /// voids it. Held money still counts as the wallet's.
+    pub holds: u8,
+    /// 0: one operation per request. N: every request is a `POST /batch`
+    /// of N independent operations drawn from the mix.
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -46,6 +53,8 @@ pub enum Op {
     Withdraw,
     Transfer,
     Read,
+    Hold,
+    Batch,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +73,9 @@ pub struct LoadReport {
     pub requests: u64,
     pub seconds: f64,
     pub requests_per_sec: f64,
+    /// Money operations sent (a batch request carries many).
+    pub operations: u64,
+    pub operations_per_sec: f64,
     pub by_op: BTreeMap<Op, OpStats>,
     pub by_status: BTreeMap<u16, u64>,
     pub transport_errors: u64,
@@ -166,8 +178,220 @@ struct Worker {
     samples: BTreeMap<Op, Vec<u32>>,
     statuses: BTreeMap<u16, u64>,
     errors: u64,
+    operations: u64,
     deposited: Decimal,
     withdrawn: Decimal,
+    /// The hold this worker placed and has not resolved yet: wallet index, id.
+    open_hold: Option<(usize, String)>,
+}
+
+/// What one operation does to the money this run put in and took out.
+#[derive(Clone, Copy)]
+enum Effect {
+    In(Decimal),
+    Out(Decimal),
+    /// Moves money between the run's wallets, or holds it: no change.
+    Within,
+}
+
+/// One request to send: what it is, its path and body, and the effect of
+/// each operation in it once answered 201.
+struct Planned {
+    op: Op,
+    /// The wallet it is addressed to (index into the run's wallets).
+    wallet: usize,
+    path: String,
+    body: Option<String>,
+    effects: Vec<Effect>,
+}
+
+/// Draws the run's operations; the one place the workload is defined.
+struct Draw<'a> {
+    cfg: &'a LoadConfig,
+    wallets: &'a [String],
+    rng: u64,
+    run: &'a str,
+    worker: usize,
+    sent: u64,
+}
+
+impl Draw<'_> {
+    fn amount(&mut self) -> String {
+        format!("{}.{:02}", 1 + pick(&mut self.rng, 100), pick(&mut self.rng, 100))
+    }
+
+    fn key(&mut self) -> String {
+        self.sent += 1;
+        match self.cfg.keyed {
+            true => format!(",\"requestId\":\"{}-{}-{}\"", self.run, self.worker, self.sent),
+            false => String::new(),
+        }
+    }
+
+    fn other(&mut self, i: usize) -> usize {
+        (i + 1 + pick(&mut self.rng, self.wallets.len() as u64 - 1) as usize) % self.wallets.len()
+    }
+
+    /// The next request of a worker.
+    fn next(&mut self, open_hold: &Option<(usize, String)>) -> Planned {
+        let i = pick(&mut self.rng, self.wallets.len() as u64) as usize;
+        if self.cfg.reads {
+            return Planned {
+                wallet: i,
+                op: Op::Read,
+                path: format!("/wallet/{}", self.wallets[i]),
+                body: None,
+                effects: Vec::new(),
+            };
+        }
+        if self.cfg.batch > 0 {
+            return self.batch();
+        }
+        if (pick(&mut self.rng, 100) as u8) < self.cfg.holds {
+            return self.hold(i, open_hold);
+        }
+        let (kind, fields, effect) = self.money(i);
+        let key = self.key();
+        Planned {
+            wallet: i,
+            op: kind,
+            path: format!("/wallet/{}/{}", self.wallets[i], op_name(kind)),
+            body: Some(format!("{{{fields}{key}}}")),
+            effects: vec![effect],
+        }
+    }
+
+    /// A deposit, withdrawal or transfer from wallet `i`, by the mix: its
+    /// JSON fields (no braces) and effect.
+    fn money(&mut self, i: usize) -> (Op, String, Effect) {
+        let amount = self.amount();
+        let value = Decimal::from_str(&amount).unwrap_or_default();
+        let roll = pick(&mut self.rng, 100) as u8;
+        if roll < self.cfg.mix[0] {
+            (Op::Deposit, format!("\"amount\":{amount}"), Effect::In(value))
+        } else if roll < self.cfg.mix[0] + self.cfg.mix[1] {
+            (Op::Withdraw, format!("\"amount\":{amount}"), Effect::Out(value))
+        } else {
+            let j = self.other(i);
+            let fields = format!("\"toWalletId\":\"{}\",\"amount\":{amount}", self.wallets[j]);
+            (Op::Transfer, fields, Effect::Within)
+        }
+    }
+
+    fn hold(&mut self, i: usize, open_hold: &Option<(usize, String)>) -> Planned {
+        let key = self.key();
+        let (wallet, path, body) = match open_hold {
+            None => {
+                let (j, amount) = (self.other(i), self.amount());
+                let body = format!(
+                    "{{\"amount\":{amount},\"expiresInSeconds\":60,\"toWalletId\":\"{}\"{key}}}",
+                    self.wallets[j]
+                );
+                (i, format!("/wallet/{}/holds", self.wallets[i]), body)
+            }
+            Some((w, id)) => {
+                let how = if pick(&mut self.rng, 3) < 2 { "capture" } else { "void" };
+                let body = format!("{{{}}}", key.trim_start_matches(','));
+                (*w, format!("/wallet/{}/holds/{id}/{how}", self.wallets[*w]), body)
+            }
+        };
+        Planned {
+            wallet,
+            op: Op::Hold,
+            path,
+            body: Some(body),
+            effects: vec![Effect::Within],
+        }
+    }
+
+    /// `POST /batch` of `cfg.batch` independent operations from the mix.
+    fn batch(&mut self) -> Planned {
+        let mut ops = Vec::with_capacity(self.cfg.batch);
+        let mut effects = Vec::with_capacity(self.cfg.batch);
+        for _ in 0..self.cfg.batch {
+            let i = pick(&mut self.rng, self.wallets.len() as u64) as usize;
+            let (kind, fields, effect) = self.money(i);
+            let key = self.key();
+            ops.push(format!(
+                "{{\"op\":\"{}\",\"walletId\":\"{}\",{fields}{key}}}",
+                op_name(kind),
+                self.wallets[i]
+            ));
+            effects.push(effect);
+        }
+        Planned {
+            wallet: 0,
+            op: Op::Batch,
+            path: "/batch".to_owned(),
+            body: Some(format!("{{\"operations\":[{}]}}", ops.join(","))),
+            effects,
+        }
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Deposit => "deposit",
+        Op::Withdraw => "withdraw",
+        Op::Transfer => "transfer",
+        Op::Read => "read",
+        Op::Hold => "hold",
+        Op::Batch => "batch",
+    }
+}
+
+impl Worker {
+    /// Books an answer: its latency and status, and the money of every
+    /// operation in it that was answered 201.
+    fn book(&mut self, planned: &Planned, status: u16, body: &[u8], took: Duration) {
+        self.samples
+            .entry(planned.op)
+            .or_default()
+            .push(took.as_micros().min(u32::MAX as u128) as u32);
+        *self.statuses.entry(status).or_default() += 1;
+        self.operations += planned.effects.len().max(1) as u64;
+        let succeeded: Vec<bool> = match planned.op {
+            Op::Batch => batch_statuses(body).into_iter().map(|s| s == 201).collect(),
+            _ => vec![status == 201],
+        };
+        for (effect, ok) in planned.effects.iter().zip(succeeded) {
+            match (effect, ok) {
+                (Effect::In(a), true) => self.deposited += a,
+                (Effect::Out(a), true) => self.withdrawn += a,
+                _ => {}
+            }
+        }
+        if planned.op == Op::Hold {
+            self.open_hold = match (&self.open_hold, status) {
+                (None, 201) => hold_of(body).map(|id| (planned.wallet, id)),
+                _ => None,
+            };
+        }
+    }
+}
+
+/// Each operation's status in a batch's answer.
+fn batch_statuses(body: &[u8]) -> Vec<u16> {
+    #[derive(serde::Deserialize)]
+    struct Result {
+        status: u16,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        results: Vec<Result>,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .map_or_else(|_| Vec::new(), |a| a.results.into_iter().map(|r| r.status).collect())
+}
+
+/// The id of the hold a 201 to `POST /wallet/{w}/holds` placed.
+fn hold_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Placed {
+        hold_id: String,
+    }
+    serde_json::from_slice::<Placed>(body).ok().map(|p| p.hold_id)
 }
 
 /// The `position` of a write's answer.
@@ -189,6 +413,8 @@ fn pick(rng: &mut u64, n: u64) -> u64 {
 pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(cfg.wallets >= 2, "at least 2 wallets");
     anyhow::ensure!(cfg.concurrency >= 1, "at least 1 worker");
+    anyhow::ensure!(cfg.holds <= 100, "holds is a percentage");
+    anyhow::ensure!(cfg.batch <= 1000, "a batch holds at most 1,000 operations");
     anyhow::ensure!(
         cfg.mix.iter().map(|m| u32::from(*m)).sum::<u32>() == 100,
         "the mix must sum to 100"
@@ -238,39 +464,22 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         let answered = (cfg.subscribers > 0).then(|| answered.clone());
         tasks.push(tokio::spawn(async move {
             let mut w = Worker::default();
-            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((k as u64 + 1) * 0x1000_0001);
+            let mut draw = Draw {
+                cfg: &cfg,
+                wallets: &wallets,
+                rng: 0x9E37_79B9_7F4A_7C15u64 ^ ((k as u64 + 1) * 0x1000_0001),
+                run: &run_id[..8],
+                worker: k,
+                sent: 0,
+            };
             let mut sent = 0u64;
             while sent < per_worker && Instant::now() < deadline {
                 sent += 1;
-                let i = pick(&mut rng, wallets.len() as u64) as usize;
-                let amount = format!("{}.{:02}", 1 + pick(&mut rng, 100), pick(&mut rng, 100));
-                let key = if cfg.keyed {
-                    format!(",\"requestId\":\"{}-{k}-{sent}\"", &run_id[..8])
-                } else {
-                    String::new()
-                };
-                let roll = pick(&mut rng, 100) as u8;
-                let (op, request) = if cfg.reads {
-                    (Op::Read, http.get(format!("{base}/wallet/{}", wallets[i])))
-                } else if roll < cfg.mix[0] {
-                    let body = format!("{{\"amount\":{amount}{key}}}");
-                    (
-                        Op::Deposit,
-                        http.post(format!("{base}/wallet/{}/deposit", wallets[i])).body(body),
-                    )
-                } else if roll < cfg.mix[0] + cfg.mix[1] {
-                    let body = format!("{{\"amount\":{amount}{key}}}");
-                    (
-                        Op::Withdraw,
-                        http.post(format!("{base}/wallet/{}/withdraw", wallets[i])).body(body),
-                    )
-                } else {
-                    let j = (i + 1 + pick(&mut rng, wallets.len() as u64 - 1) as usize) % wallets.len();
-                    let body = format!("{{\"toWalletId\":\"{}\",\"amount\":{amount}{key}}}", wallets[j]);
-                    (
-                        Op::Transfer,
-                        http.post(format!("{base}/wallet/{}/transfer", wallets[i])).body(body),
-                    )
+                let planned = draw.next(&w.open_hold);
+                let url = format!("{base}{}", planned.path);
+                let request = match &planned.body {
+                    Some(body) => http.post(url).body(body.clone()),
+                    None => http.get(url),
                 };
                 let t = Instant::now();
                 match request.header("content-type", "application/json").send().await {
@@ -283,19 +492,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                                 answered.insert(p, Instant::now());
                             }
                         }
-                        w.samples
-                            .entry(op)
-                            .or_default()
-                            .push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                        *w.statuses.entry(status).or_default() += 1;
-                        if status == 201 {
-                            let a = Decimal::from_str(&amount).unwrap_or_default();
-                            match op {
-                                Op::Deposit => w.deposited += a,
-                                Op::Withdraw => w.withdrawn += a,
-                                _ => {}
-                            }
-                        }
+                        w.book(&planned, status, &body, t.elapsed());
                     }
                     Err(_) => w.errors += 1,
                 }
@@ -313,6 +510,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
             *all.statuses.entry(status).or_default() += n;
         }
         all.errors += w.errors;
+        all.operations += w.operations;
         all.deposited += w.deposited;
         all.withdrawn += w.withdrawn;
     }
@@ -354,6 +552,8 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         requests,
         seconds,
         requests_per_sec: requests as f64 / seconds,
+        operations: all.operations,
+        operations_per_sec: all.operations as f64 / seconds,
         by_op,
         by_status: all.statuses,
         transport_errors: all.errors,
