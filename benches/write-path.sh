@@ -59,10 +59,11 @@ run_load() {
     sleep 1 # statistics are reported by backends with a short delay
     local idem_scans=$(( $(scans) - scans0 ))
     rps=$(grep -oE '[0-9.]+ requests/s' "$out" | head -1 | cut -d' ' -f1)
-    p99=$(awk '$1 ~ /^(deposit|withdraw|transfer)$/ && $5 > m {m = $5} END {print m}' "$out")
+    ops=$(grep -oE '[0-9.]+ operations/s' "$out" | head -1 | cut -d' ' -f1)
+    p99=$(awk '$1 ~ /^(deposit|withdraw|transfer|hold|batch)$/ && $5 > m {m = $5} END {print m}' "$out")
     statuses=$(grep -E '^statuses' "$out" | head -1)
     conservation=$(grep -E '^conservation' "$out" | head -1 | cut -c1-16)
-    echo "$label wallets=$wallets processes=$PROCESSES rps=$rps p99_ms=$p99 idempotency_seq_scans=$idem_scans $statuses; $conservation"
+    echo "$label wallets=$wallets processes=$PROCESSES rps=$rps ops=$ops p99_ms=$p99 idempotency_seq_scans=$idem_scans $statuses; $conservation"
     rm -f "$out"
 }
 for wallets in "${WALLETS[@]}"; do

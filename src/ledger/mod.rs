@@ -289,6 +289,34 @@ pub struct Ledger {
     committed: Arc<watch::Sender<Position>>,
     snapshot_every: u64,
     writer: WriterOptions,
+    /// What "now" is for hold commands (expiry): the system clock, or a
+    /// test's.
+    clock: Clock,
+}
+
+/// The time source of hold decisions.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Self {
+        Clock(Arc::new(Utc::now))
+    }
+
+    /// A clock the caller moves (property tests of expiry).
+    pub fn manual(now: impl Fn() -> DateTime<Utc> + Send + Sync + 'static) -> Self {
+        Clock(Arc::new(now))
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
 }
 
 impl Ledger {
@@ -302,6 +330,7 @@ impl Ledger {
             committed: Arc::new(watch::channel(0).0),
             snapshot_every: snapshots::DEFAULT_SNAPSHOT_EVERY,
             writer: WriterOptions::default(),
+            clock: Clock::system(),
         }
     }
 
@@ -314,6 +343,12 @@ impl Ledger {
     /// Events between snapshots of a stream (0 disables snapshots).
     pub fn with_snapshot_every(mut self, events: u64) -> Self {
         self.snapshot_every = events;
+        self
+    }
+
+    /// The clock hold commands are decided by.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -571,7 +606,7 @@ impl Ledger {
                     hold_id,
                     amount,
                     to,
-                    now: Utc::now(),
+                    now: self.clock.now(),
                 };
                 (command, fingerprint)
             }
@@ -580,7 +615,7 @@ impl Ledger {
                 let command = Command::VoidHold {
                     wallet,
                     hold_id,
-                    now: Utc::now(),
+                    now: self.clock.now(),
                 };
                 (command, format!("void:{hold_id}"))
             }
@@ -594,7 +629,7 @@ impl Ledger {
         let command = Command::ExpireHold {
             wallet,
             hold_id,
-            now: Utc::now(),
+            now: self.clock.now(),
         };
         let span = tracing::info_span!("append", op = "expire");
         hold_answer(
