@@ -373,6 +373,9 @@ pub struct LoadArgs {
     /// Send every request as POST /batch of this many independent operations.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub batch: u64,
+    /// With --batch: atomic batches (all or none) instead of independent ones.
+    #[arg(long, requires = "batch")]
+    pub atomic: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -921,6 +924,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         subscribers: args.subscribers as usize,
         holds: args.holds,
         batch: args.batch as usize,
+        atomic: args.atomic,
     };
     let r = crate::load::run(cfg).await?;
     if args.json {

@@ -42,8 +42,10 @@ pub struct LoadConfig {
     /// voids it. Held money still counts as the wallet's.
     pub holds: u8,
     /// 0: one operation per request. N: every request is a `POST /batch`
-    /// of N independent operations drawn from the mix.
+    /// of N operations drawn from the mix.
     pub batch: usize,
+    /// Batches are atomic (all or none) rather than independent.
+    pub atomic: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -304,7 +306,8 @@ impl Draw<'_> {
         }
     }
 
-    /// `POST /batch` of `cfg.batch` independent operations from the mix.
+    /// `POST /batch` of `cfg.batch` operations from the mix (a refused
+    /// atomic batch books none of them: its answer has no results).
     fn batch(&mut self) -> Planned {
         let mut ops = Vec::with_capacity(self.cfg.batch);
         let mut effects = Vec::with_capacity(self.cfg.batch);
@@ -323,7 +326,11 @@ impl Draw<'_> {
             wallet: 0,
             op: Op::Batch,
             path: "/batch".to_owned(),
-            body: Some(format!("{{\"operations\":[{}]}}", ops.join(","))),
+            body: Some(format!(
+                "{{\"atomic\":{},\"operations\":[{}]}}",
+                self.cfg.atomic,
+                ops.join(",")
+            )),
             effects,
         }
     }

@@ -90,6 +90,7 @@ pub struct BatchAnswer {
               (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "atomic: WALLET_NOT_FOUND, HOLD_NOT_FOUND with operationIndex"),
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "atomic: HOLD_NOT_ACTIVE with operationIndex, CONCURRENCY_CONFLICT"),
               (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
               (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
 pub async fn batch(

@@ -99,6 +99,8 @@ impl<S: Send + Sync> FromRequestParts<S> for HoldPath {
               (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "WALLET_NOT_FOUND"),
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "TOO_MANY_HOLDS, CONCURRENCY_CONFLICT"),
               (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
 pub async fn place(
     State(app): State<Arc<AppState>>,
@@ -150,6 +152,8 @@ pub(super) fn hold_request(
               (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_FOUND"),
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_ACTIVE (captured, voided or expired), CONCURRENCY_CONFLICT"),
               (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
 pub async fn capture(
     State(app): State<Arc<AppState>>,
@@ -172,6 +176,8 @@ pub async fn capture(
               (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_FOUND"),
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "HOLD_NOT_ACTIVE, CONCURRENCY_CONFLICT"),
               (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
 pub async fn void(
     State(app): State<Arc<AppState>>,
@@ -193,6 +199,8 @@ pub async fn void(
               (status = 404, body = ProblemBody, content_type = "application/problem+json", description = "WALLET_NOT_FOUND"),
               (status = 409, body = ProblemBody, content_type = "application/problem+json", description = "CONCURRENCY_CONFLICT"),
               (status = 422, body = ProblemBody, content_type = "application/problem+json", description = "IDEMPOTENCY_KEY_REUSED"),
+              (status = 413, body = ProblemBody, content_type = "application/problem+json", description = "PAYLOAD_TOO_LARGE"),
+              (status = 415, body = ProblemBody, content_type = "application/problem+json", description = "UNSUPPORTED_MEDIA_TYPE"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE, OUTCOME_UNKNOWN")))]
 pub async fn limits(
     State(app): State<Arc<AppState>>,
