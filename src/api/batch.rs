@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use super::holds::hold_request;
+use super::holds::{hold_request, MAX_HOLD_SECONDS};
 use super::input::{idempotency_key, parse_amount, parse_wallet_id, JsonBody, MAX_REQUEST_ID_LEN};
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
@@ -38,7 +38,7 @@ pub struct BatchBody {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OperationBody {
     /// `deposit`, `withdraw`, `transfer`, `hold`, `capture` or `void`.
-    #[schema(example = "deposit")]
+    #[schema(example = "deposit", pattern = "^(deposit|withdraw|transfer|hold|capture|void)$")]
     op: String,
     #[schema(example = "alice")]
     wallet_id: String,
@@ -48,7 +48,8 @@ pub struct OperationBody {
     to_wallet_id: Option<String>,
     /// capture, void: the hold.
     hold_id: Option<String>,
-    /// hold: seconds until it expires.
+    /// hold: seconds until it expires (1 to 2592000; default 604800).
+    #[schema(minimum = 1, maximum = 2592000)]
     expires_in_seconds: Option<u64>,
     /// This operation's idempotency key (independent batches).
     request_id: Option<String>,
@@ -103,6 +104,12 @@ pub async fn batch(
             "INVALID_BATCH",
             format!("operations must hold 1 to {MAX_ATOMIC_OPS} operations"),
         ));
+    }
+    for (index, op) in body.operations.iter().enumerate() {
+        shape(op).map_err(|p| Problem {
+            operation_index: Some(index),
+            ..p
+        })?;
     }
     let parsed: Vec<Result<(Operation, Option<String>), Problem>> =
         body.operations.into_iter().map(operation).collect();
@@ -190,7 +197,48 @@ fn failed(index: usize, problem: Problem) -> OperationResult {
     }
 }
 
-/// Validates one operation as its own route would.
+/// What the schema says of an operation: a known `op`, only the fields it
+/// uses, an expiry in range. A batch with an operation of the wrong shape
+/// is refused whole (it is not a batch the client meant), naming it.
+fn shape(body: &OperationBody) -> Result<(), Problem> {
+    const OPS: [&str; 6] = ["deposit", "withdraw", "transfer", "hold", "capture", "void"];
+    if !OPS.contains(&body.op.as_str()) {
+        return Err(Problem::bad_request(
+            "INVALID_OPERATION",
+            "op must be one of deposit, withdraw, transfer, hold, capture, void",
+        ));
+    }
+    let unused = |field: &str, given: bool, used_by: &[&str]| {
+        (given && !used_by.contains(&body.op.as_str())).then(|| {
+            Problem::bad_request(
+                "INVALID_REQUEST",
+                format!("{field} has no meaning for a {} operation", body.op),
+            )
+        })
+    };
+    let stray = [
+        unused(
+            "amount",
+            body.amount.is_some(),
+            &["deposit", "withdraw", "transfer", "hold", "capture"],
+        ),
+        unused("toWalletId", body.to_wallet_id.is_some(), &["transfer", "hold"]),
+        unused("holdId", body.hold_id.is_some(), &["capture", "void"]),
+        unused("expiresInSeconds", body.expires_in_seconds.is_some(), &["hold"]),
+    ];
+    if let Some(problem) = stray.into_iter().flatten().next() {
+        return Err(problem);
+    }
+    match body.expires_in_seconds {
+        Some(s) if !(1..=MAX_HOLD_SECONDS).contains(&s) => Err(Problem::bad_request(
+            "INVALID_EXPIRY",
+            format!("expiresInSeconds must be from 1 to {MAX_HOLD_SECONDS}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Validates one operation's values as its own route would.
 fn operation(body: OperationBody) -> Result<(Operation, Option<String>), Problem> {
     let wallet = parse_wallet_id(&body.wallet_id)?;
     let key = match body.request_id {

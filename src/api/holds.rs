@@ -38,7 +38,7 @@ pub struct HoldBody {
     amount: Box<RawValue>,
     request_id: Option<String>,
     /// Seconds until the hold expires (1 to 2592000; default 604800).
-    #[schema(example = 900)]
+    #[schema(example = 900, minimum = 1, maximum = 2592000)]
     expires_in_seconds: Option<u64>,
     /// Pay captures into this wallet (else out of the system).
     to_wallet_id: Option<String>,
