@@ -8,10 +8,11 @@
 //!
 //! The database guards every decision: each stream's append states the head
 //! (version and balance) it was decided on, a rejection asserts the heads it
-//! was decided on, and the store refuses anything else. So a state made
-//! stale by another process costs a conflict, answered with the actual
-//! heads; the committer takes them as its state and decides the command
-//! again in the next batch, with no query of its own.
+//! was decided on, and the store refuses anything else. A conflict whose
+//! heads are the committer's own state (an earlier command of the batch did
+//! not go through) is decided again in the next batch; one caused by
+//! another process sends the command back to be loaded afresh (a head is
+//! not the whole state: holds, limits).
 //!
 //! After a batch whose answer was lost, the writer finds out what it did
 //! (`BatchWriter::resolve`), and each command is answered with the truth.
