@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Args, Debug)]
 pub struct DatabaseArgs {
     /// postgres://... or sqlite://...; unset means an SQLite file in --data-dir.
-    #[arg(long, env = "DATABASE_URL", global = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
     /// Directory of the embedded SQLite database.
     #[arg(long, env = "WALLET_DATA_DIR", default_value = "data", global = true)]
@@ -51,7 +51,7 @@ pub struct DatabaseArgs {
 #[derive(Args, Debug)]
 pub struct BrokerArgs {
     /// amqp://user:pass@host:5672/%2f
-    #[arg(long, env = "AMQP_URL", global = true)]
+    #[arg(long, env = "AMQP_URL", hide_env_values = true, global = true)]
     pub amqp_url: Option<String>,
     /// Name of the fanout exchange; the queues are named after it
     /// (<exchange>.worker, <exchange>.dlx, <exchange>.dlq).
