@@ -602,6 +602,12 @@ async fn system_routes(db: TestDb) {
         StatusCode::OK,
         "the UI's script is served from the binary, offline"
     );
+    let init = api.get("/docs/swagger-initializer.js").await.text().await.unwrap();
+    assert!(init.contains("/openapi.json"), "the UI loads our spec: {init}");
+    assert!(
+        init.contains(r#""validatorUrl": "none""#),
+        "the UI must not send the spec's URL to an outside validator: {init}"
+    );
 }
 
 on_both_backends!(

@@ -159,7 +159,13 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(system::health))
         .route("/ready", get(system::ready))
         .route("/metrics", get(metrics::render))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        // validatorUrl "none": the page never sends the spec's URL to an
+        // outside validator (swagger.io's, the UI's default).
+        .merge(
+            SwaggerUi::new("/docs")
+                .url("/openapi.json", ApiDoc::openapi())
+                .config(utoipa_swagger_ui::Config::default().validator_url("none")),
+        )
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
