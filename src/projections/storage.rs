@@ -37,6 +37,10 @@ pub struct DocQuery<'a> {
     pub wallet_id: Option<&'a str>,
     pub tag: Option<&'a str>,
     pub before_sort: Option<i64>,
+    /// With `before_sort`: also the documents of that very `sort` whose key
+    /// is below this one (a cursor naming one document where several share
+    /// a `sort`, as two flags of one event do).
+    pub before_key: Option<&'a str>,
     pub limit: u32,
 }
 
@@ -496,8 +500,15 @@ pub async fn query(store: &EventStore, table: &str, query: &DocQuery<'_>) -> Res
         if let Some(t) = query.tag {
             q.push(" AND tag = ").push_bind(t);
         }
-        if let Some(b) = query.before_sort {
-            q.push(" AND sort < ").push_bind(b);
+        match (query.before_sort, query.before_key) {
+            (Some(b), Some(k)) => {
+                q.push(" AND (sort < ").push_bind(b);
+                q.push(" OR (sort = ").push_bind(b).push(" AND key < ").push_bind(k).push("))");
+            }
+            (Some(b), None) => {
+                q.push(" AND sort < ").push_bind(b);
+            }
+            (None, _) => {}
         }
         q.push(" ORDER BY sort DESC, key DESC LIMIT ").push_bind(i64::from(query.limit));
         let rows = q.build().fetch_all(pool).await?;
