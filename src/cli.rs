@@ -417,12 +417,16 @@ pub enum ProjectionsCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let url = config::database_url(cli.database.database_url.as_deref(), &cli.database.data_dir)
-        .context("creating the data directory")?;
+    let url = config::database_url(cli.database.database_url.as_deref(), &cli.database.data_dir);
     let rules = cli.fraud.rules();
     match cli.command {
         Command::Migrate => {
-            config::open_store(&url).await.context("migrating")?;
+            let store = config::open_store(&url).await.context("migrating")?;
+            // The read models' tables too, so read-only commands find them.
+            Projections::new(store, rules)
+                .ensure()
+                .await
+                .context("creating read models")?;
             tracing::info!(database = %config::redact_url(&url), "migrations applied");
             Ok(())
         }
@@ -534,26 +538,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("entry (add to API_KEYS, comma-separated, or as a line of API_KEYS_FILE):\n  {entry}");
             Ok(())
         }
+        // Read-only from here to Projections::Status: no migration, no
+        // table, no file is created (`config::open_existing`).
         Command::Replay(args) => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             replay(&store, args).await
         }
         Command::Tail(args) => {
-            // Read-only: no migration.
-            let store = crate::store::EventStore::connect(&url)
-                .await
-                .context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             tail(&store, args).await
         }
         Command::Verify { json } => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             let projections = Projections::new(store.clone(), rules);
-            projections.ensure().await.context("creating read models")?;
             verify(&store, &projections, json).await
         }
         Command::Load(args) => load(args).await,
         Command::Seed { events, wallets } => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             let bar = progress_bar(events, "seed");
             let started = std::time::Instant::now();
             let done = crate::seed::seed(&store, wallets as usize, events, |n| bar.set_position(n)).await?;
@@ -566,9 +568,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Projections(command) => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             let projections = Projections::new(store, rules);
-            projections.ensure().await.context("creating read models")?;
             match command {
                 ProjectionsCommand::Status { json } => {
                     status(&projections, json).await?;
@@ -587,7 +588,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Ok(())
                 }
-                ProjectionsCommand::Rebuild { names, restart } => rebuild(&projections, names, restart).await,
+                ProjectionsCommand::Rebuild { names, restart } => {
+                    projections.ensure().await.context("creating read models")?;
+                    rebuild(&projections, names, restart).await
+                }
             }
         }
     }
@@ -608,7 +612,7 @@ async fn prune(
             "--idempotency-older-than must be at least 7d: clients may retry a write with its key for that long"
         );
     }
-    let store = config::open_store(url).await.context("opening the event store")?;
+    let store = config::open_existing(url).await.context("opening the event store")?;
     let pruned = crate::retention::prune(&store, audit_older_than, idempotency_older_than)
         .await
         .context("pruning")?;

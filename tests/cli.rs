@@ -47,3 +47,127 @@ fn help_never_shows_secrets_from_the_environment() {
         assert!(!help.contains("s3cret"), "{sub} --help shows a secret: {help}");
     }
 }
+
+/// The tables in a PostgreSQL database's public schema.
+async fn tables(url: &str) -> Vec<String> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url)
+        .await
+        .expect("PostgreSQL is required for this test");
+    sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn read_only_commands_create_nothing_on_an_empty_database() {
+    let url = common::postgres_without_schema().await;
+    for args in [
+        &["replay", "--at", "1"][..],
+        &["verify"],
+        &["projections", "status"],
+        &["tail"],
+        &["prune", "--audit-older-than", "90d"],
+    ] {
+        let out = run(wallet(args).env("DATABASE_URL", &url));
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("holds no wallet schema") && said.contains("wallet migrate"),
+            "{args:?}: {said}"
+        );
+        assert_eq!(
+            said.trim().lines().count(),
+            1,
+            "{args:?}: one clear line, no backtrace: {said}"
+        );
+    }
+    assert_eq!(
+        tables(&url).await,
+        Vec::<String>::new(),
+        "read-only commands created tables"
+    );
+}
+
+#[tokio::test]
+async fn replay_and_verify_run_on_a_read_only_connection() {
+    let url = common::postgres_without_schema().await;
+    let out = run(wallet(&["migrate"]).env("DATABASE_URL", &url));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(wallet(&["seed", "--events", "300", "--wallets", "5"]).env("DATABASE_URL", &url));
+    assert!(out.status.success(), "{}", text(&out));
+    let store = wallet::config::open_existing(&url).await.unwrap();
+    let projections = wallet::projections::Projections::new(store, Default::default());
+    projections.catch_up().await.unwrap();
+    let before = tables(&url).await;
+
+    let read_only = format!("{url}?options=-c%20default_transaction_read_only%3Don");
+    for args in [
+        &["replay", "--at", "100"][..],
+        &["replay", "--at", "100", "--json"],
+        &["verify"],
+        &["projections", "status", "--json"],
+        &["tail", "--after", "290"],
+    ] {
+        let out = run(wallet(args).env("DATABASE_URL", &read_only));
+        assert!(
+            out.status.success(),
+            "{args:?} on a read-only connection: {}",
+            text(&out)
+        );
+    }
+    let out = run(wallet(&["verify"]).env("DATABASE_URL", &read_only));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no discrepancies"),
+        "{}",
+        text(&out)
+    );
+    // The connection really is read-only: a writer fails on it.
+    let out = run(wallet(&["seed", "--events", "10", "--wallets", "2"]).env("DATABASE_URL", &read_only));
+    assert!(
+        !out.status.success() && text(&out).contains("read-only"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(tables(&url).await, before, "nothing created");
+}
+
+#[test]
+fn the_embedded_database_is_not_created_by_commands_that_read() {
+    let mut c = wallet(&["replay", "--at", "1"]);
+    let out = run(&mut c);
+    let dir = c.get_current_dir().unwrap().to_owned();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("no database at data/wallet.db"), "{said}");
+    for args in [&["keys", "--name", "ci"][..], &["verify"], &["tail"]] {
+        let mut c = wallet(args);
+        c.current_dir(&dir);
+        run(&mut c);
+    }
+    assert!(!dir.join("data").exists(), "a stray data/ directory was created");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn dlq_list_with_a_mistyped_exchange_declares_nothing() {
+    let topology = common::broker::topology();
+    let out = run(wallet(&["dlq", "list"])
+        .env("AMQP_URL", common::broker::amqp_url())
+        .env("AMQP_EXCHANGE", &topology.exchange));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("queue \"{}\" does not exist", topology.dead_letter_queue)),
+        "{said}"
+    );
+    // Still missing: a passive declare on a channel of our own fails.
+    let connection = common::broker::connect(&common::broker::amqp_url()).await;
+    let channel = connection.create_channel().await.unwrap();
+    let missing = topology.require(&channel, &topology.dead_letter_queue).await;
+    assert!(
+        matches!(missing, Err(wallet::broker::BrokerError::MissingQueue(_))),
+        "{missing:?}"
+    );
+}

@@ -47,6 +47,21 @@ pub enum BrokerError {
     Url(String),
     #[error("the broker did not answer within {0:?} ({1})")]
     Timeout(Duration, &'static str),
+    /// A command that only reads found its queue missing (it never declares).
+    #[error(
+        "queue {0:?} does not exist on the broker: is AMQP_EXCHANGE right? (`relay`, `worker` and `serve` declare it)"
+    )]
+    MissingQueue(String),
+}
+
+impl BrokerError {
+    /// The broker's answer was 404 NOT_FOUND (a passive declare of a queue
+    /// that does not exist).
+    pub fn is_not_found(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+        matches!(self, BrokerError::Amqp(e) if matches!(e.kind(),
+            lapin::ErrorKind::ProtocolError(p) if p.kind() == &AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+    }
 }
 
 /// The exchanges and queues of one deployment.
@@ -140,6 +155,16 @@ impl Topology {
             )
             .await?;
         Ok(())
+    }
+
+    /// Messages ready in `queue`, or `MissingQueue` if it does not exist
+    /// (a passive declare: never creates it; on failure the broker closes
+    /// the channel, so use a channel of its own).
+    pub async fn require(&self, channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
+        self.depth(channel, queue).await.map_err(|e| match e.is_not_found() {
+            true => BrokerError::MissingQueue(queue.to_owned()),
+            false => e,
+        })
     }
 
     /// Messages ready in a queue (declared passively: never creates it).
@@ -244,8 +269,8 @@ pub async fn status(
     let status = BrokerStatus {
         relay_checkpoint: checkpoint,
         relay_lag: head - checkpoint,
-        worker_queue_depth: topology.depth(&channel, &topology.worker_queue).await?,
-        dead_letter_depth: topology.depth(&channel, &topology.dead_letter_queue).await?,
+        worker_queue_depth: topology.require(&channel, &topology.worker_queue).await?,
+        dead_letter_depth: topology.require(&channel, &topology.dead_letter_queue).await?,
     };
     let _ = connection.close(200, "status read").await;
     Ok(status)
