@@ -28,13 +28,13 @@ fn sqlite_file(url: &str) -> Option<PathBuf> {
 
 /// Connects and applies migrations: what `serve`, `migrate`, `worker` and
 /// `relay` do first (an SQLite file and its directory are created).
-pub async fn open_store(url: &str) -> Result<EventStore, StoreError> {
+pub async fn open_store(url: &str) -> Result<EventStore, OpenError> {
     if let Some(dir) = sqlite_file(url).as_deref().and_then(Path::parent) {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("creating {}", dir.display()), e))?;
         }
     }
-    let store = EventStore::connect(url).await?;
+    let store = connect(url).await?;
     store.migrate().await?;
     Ok(store)
 }
@@ -52,8 +52,72 @@ pub enum OpenError {
         found: i64,
         expected: i64,
     },
+    /// What was tried (never the password) and the first cause, once.
+    #[error("cannot connect to {target}: {cause}")]
+    Connect { target: String, cause: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Connects; a failure names the server, database and user tried and the
+/// first cause (the pool alone says only that it timed out).
+async fn connect(url: &str) -> Result<EventStore, OpenError> {
+    match EventStore::connect(url).await {
+        Ok(store) => Ok(store),
+        Err(e @ StoreError::BadUrl(_)) => Err(e.into()),
+        Err(e) => Err(OpenError::Connect {
+            target: describe_target(url),
+            cause: first_cause(url, e).await,
+        }),
+    }
+}
+
+/// "PostgreSQL at host:port, database D, user U" or "SQLite file F".
+fn describe_target(url: &str) -> String {
+    use std::str::FromStr;
+    if let Some(file) = sqlite_file(url) {
+        return format!("SQLite file {}", file.display());
+    }
+    match sqlx::postgres::PgConnectOptions::from_str(url) {
+        Ok(o) => format!(
+            "PostgreSQL at {}:{}, database {}, user {}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or(o.get_username()),
+            o.get_username()
+        ),
+        Err(_) => redact_url(url),
+    }
+}
+
+/// The innermost error's text: the one that says what happened.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(inner) = e.source() {
+        e = inner;
+    }
+    e.to_string()
+}
+
+async fn first_cause(url: &str, e: StoreError) -> String {
+    use sqlx::Connection as _;
+    use std::str::FromStr;
+    let inner = match e {
+        StoreError::Unavailable(inner) | StoreError::Database(inner) => inner,
+        other => return other.to_string(),
+    };
+    // A pool that timed out hides why: one direct attempt finds out.
+    if matches!(inner, sqlx::Error::PoolTimedOut) && sqlite_file(url).is_none() {
+        if let Ok(options) = sqlx::postgres::PgConnectOptions::from_str(url) {
+            let direct = sqlx::PgConnection::connect_with(&options);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), direct).await {
+                Ok(Err(e)) => return innermost(&e),
+                Err(_) => return "no answer within 5 s".to_owned(),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+    innermost(&inner)
 }
 
 /// Connects for a command that only reads (`replay`, `verify`, `tail`,
@@ -66,7 +130,7 @@ pub async fn open_existing(url: &str) -> Result<EventStore, OpenError> {
             return Err(OpenError::NoFile(file.display().to_string()));
         }
     }
-    let store = EventStore::connect(url).await?;
+    let store = connect(url).await?;
     let database = redact_url(url);
     let (found, expected) = match &store {
         EventStore::Postgres(s) => {

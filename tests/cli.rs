@@ -171,3 +171,16 @@ async fn dlq_list_with_a_mistyped_exchange_declares_nothing() {
         "{missing:?}"
     );
 }
+
+#[test]
+fn a_database_that_cannot_be_reached_is_named_with_its_cause_once() {
+    let out = run(wallet(&["verify"]).env("DATABASE_URL", "postgres://someone:pw-s3cret@127.0.0.1:1/nowhere"));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_eq!(said.trim().lines().count(), 1, "one line: {said}");
+    for part in ["127.0.0.1:1", "database nowhere", "user someone", "Connection refused"] {
+        assert!(said.contains(part), "names {part:?}: {said}");
+    }
+    assert_eq!(said.matches("Connection refused").count(), 1, "the cause once: {said}");
+    assert!(!said.contains("s3cret"), "{said}");
+}
