@@ -507,7 +507,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = config::open_store(&url).await.context("opening the event store")?;
             let relay = Relay::new(store, &amqp, cli.broker.topology()).with_window(window as usize);
             tokio::select! {
-                _ = relay.run() => {}
+                r = relay.run_checked() => r.context("relay")?,
                 _ = shutdown_signal() => {}
             }
             Ok(())
@@ -519,7 +519,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             projections.ensure().await.context("creating read models")?;
             let worker = Worker::new(projections, &amqp, cli.broker.topology());
             tokio::select! {
-                _ = worker.run() => {}
+                r = worker.run_checked() => r.context("worker")?,
                 _ = shutdown_signal() => {}
             }
             Ok(())

@@ -196,7 +196,8 @@ impl Drop for LoggingGuard {
 }
 
 /// JSON lines when stderr is not a terminal (production, CI), readable text
-/// on a terminal. `RUST_LOG` filters (default `info`). With `LOG_DIR` set,
+/// on a terminal. `RUST_LOG` filters (default `info`; lapin's own lines are
+/// off: every broker error it returns is logged once by its caller). With `LOG_DIR` set,
 /// JSON lines also go to a daily rolling file `wallet.log.<date>` there.
 /// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also exported over
 /// OTLP/HTTP (the exporter reads the standard `OTEL_*` variables); unset,
@@ -208,8 +209,16 @@ pub fn init_logging() -> LoggingGuard {
 
     // RUST_LOG filters the log lines only: exported spans keep their own
     // level, so a quiet log does not silence the traces.
-    let filter =
-        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    // lapin's own lines stay off unless RUST_LOG names lapin.
+    let filter = || {
+        let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx::postgres::notice=warn".to_owned());
+        let spec = if spec.contains("lapin") {
+            spec
+        } else {
+            format!("{spec},lapin=off")
+        };
+        EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,lapin=off"))
+    };
     let stderr = if std::io::stderr().is_terminal() {
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
     } else {

@@ -184,3 +184,83 @@ fn a_database_that_cannot_be_reached_is_named_with_its_cause_once() {
     assert_eq!(said.matches("Connection refused").count(), 1, "the cause once: {said}");
     assert!(!said.contains("s3cret"), "{said}");
 }
+
+/// Waits for the process to end, at most `limit`; kills it otherwise.
+fn wait_at_most(mut child: std::process::Child, limit: std::time::Duration) -> Option<Output> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn misconfigured_brokers() -> Vec<(String, &'static str)> {
+    let good = common::broker::amqp_url();
+    vec![
+        (good.replacen("guest:guest", "guest:wrong-s3cret", 1), "ACCESS_REFUSED"),
+        (format!("{}/no-such-vhost", good.rsplit_once('/').unwrap().0), "vhost"),
+        ("http://127.0.0.1:5672/".to_owned(), "scheme"),
+    ]
+}
+
+#[test]
+fn a_misconfigured_broker_ends_worker_relay_and_dlq_with_one_line() {
+    for (url, expected) in misconfigured_brokers() {
+        for args in [&["worker"][..], &["relay"], &["dlq", "list"]] {
+            let child = wallet(args)
+                .env("AMQP_URL", &url)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = wait_at_most(child, std::time::Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("{args:?} with {url} kept retrying"));
+            let said = text(&out);
+            assert_eq!(out.status.code(), Some(1), "{args:?} with {url}: {said}");
+            assert_eq!(said.trim().lines().count(), 1, "{args:?} with {url}: one line: {said}");
+            assert!(said.contains(expected), "{args:?} with {url}: {said}");
+            assert!(!said.contains("s3cret"), "{said}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn serve_with_a_misconfigured_broker_says_why_it_is_not_ready() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (url, expected) = misconfigured_brokers().remove(0);
+    let mut serve = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .env("AMQP_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut ready = None;
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            ready = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let ready = ready.expect("serve answers");
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("refuses this configuration") && detail.contains(expected),
+        "{body}"
+    );
+}

@@ -42,7 +42,13 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Prob
             Ok(Ok(connection)) => {
                 let _ = connection.close(200, "ready check").await;
             }
-            _ => return Err(Problem::unavailable("the message broker is unreachable")),
+            Ok(Err(e)) if e.is_misconfiguration() => {
+                return Err(Problem::unavailable(format!(
+                    "the message broker refuses this configuration: {e}"
+                )))
+            }
+            Ok(Err(e)) => return Err(Problem::unavailable(format!("the message broker is unreachable: {e}"))),
+            Err(_) => return Err(Problem::unavailable("the message broker did not answer in time")),
         }
         return Ok(Json(
             json!({"status": "ready", "database": app.store.backend(), "broker": "ok"}),

@@ -31,8 +31,9 @@ pub const REPLAY_HEADER: &str = "x-wallet-replay";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker: {0}")]
-    Amqp(#[from] lapin::Error),
+    /// The innermost cause only: lapin's own errors repeat their source.
+    #[error("broker: {}", innermost(.0))]
+    Amqp(lapin::Error),
     #[error("broker refused message at position {0} (nack)")]
     Nacked(i64),
     #[error("no queue is bound to the exchange: message at position {0} came back")]
@@ -54,7 +55,37 @@ pub enum BrokerError {
     MissingQueue(String),
 }
 
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        BrokerError::Amqp(e)
+    }
+}
+
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(inner) = e.source() {
+        e = inner;
+    }
+    e.to_string()
+}
+
+/// How often `serve` repeats a broker misconfiguration in its log.
+pub const MISCONFIGURED_LOG_EVERY: Duration = Duration::from_secs(60);
+
 impl BrokerError {
+    /// Retrying cannot cure it: a URL that is not amqp://, a refused login
+    /// (ACCESS_REFUSED) or an unknown or forbidden vhost (NOT_ALLOWED).
+    pub fn is_misconfiguration(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        match self {
+            BrokerError::Url(_) => true,
+            BrokerError::Amqp(e) => matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED))),
+            _ => false,
+        }
+    }
+
     /// The broker's answer was 404 NOT_FOUND (a passive declare of a queue
     /// that does not exist).
     pub fn is_not_found(&self) -> bool {

@@ -110,9 +110,32 @@ impl Worker {
     /// Runs until the task is dropped, reconnecting with backoff.
     pub async fn run(self) {
         let mut backoff = Backoff::new();
+        let mut logged: Option<std::time::Instant> = None;
         loop {
-            if let Err(e) = self.session(&mut backoff).await {
-                tracing::warn!(error = %e, "worker session ended; reconnecting");
+            match self.session(&mut backoff).await {
+                Err(e) if e.is_misconfiguration() => {
+                    // Not transient: say it once a minute, not per attempt.
+                    if logged.is_none_or(|t| t.elapsed() >= super::MISCONFIGURED_LOG_EVERY) {
+                        tracing::error!(error = %e, "the broker refuses this configuration; retrying");
+                        logged = Some(std::time::Instant::now());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "worker session ended; reconnecting"),
+                Ok(()) => {}
+            }
+            backoff.wait().await;
+        }
+    }
+
+    /// `run` for the `worker` command: ends with the error when the broker
+    /// refuses the configuration (login, vhost, URL), which no retry cures.
+    pub async fn run_checked(self) -> Result<(), BrokerError> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.session(&mut backoff).await {
+                Err(e) if e.is_misconfiguration() => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "worker session ended; reconnecting"),
+                Ok(()) => {}
             }
             backoff.wait().await;
         }
