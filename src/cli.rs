@@ -95,8 +95,29 @@ pub struct FraudArgs {
           value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub fraud_rapid_window_ms: u64,
     /// A single outflow of at least this amount raises LARGE_OUTFLOW.
-    #[arg(long, env = "FRAUD_LARGE_AMOUNT", default_value = "10000", global = true)]
+    #[arg(long, env = "FRAUD_LARGE_AMOUNT", default_value = "10000", global = true,
+          value_parser = parse_positive_amount)]
     pub fraud_large_amount: Decimal,
+}
+
+/// A decimal greater than 0 (a threshold of 0 would flag every outflow).
+fn parse_positive_amount(text: &str) -> Result<Decimal, String> {
+    match text.trim().parse::<Decimal>() {
+        Ok(d) if d > Decimal::ZERO => Ok(d),
+        Ok(_) => Err("must be greater than 0".to_owned()),
+        Err(_) => Err(format!("{text:?} is not a decimal number")),
+    }
+}
+
+/// `--mix D,W,T`: three percentages (deposits, withdrawals, transfers)
+/// adding up to 100.
+fn parse_mix(text: &str) -> Result<[u8; 3], String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let numbers: Vec<u8> = parts.iter().filter_map(|p| p.parse::<u8>().ok()).collect();
+    match numbers[..] {
+        [d, w, t] if parts.len() == 3 && u32::from(d) + u32::from(w) + u32::from(t) == 100 => Ok([d, w, t]),
+        _ => Err(format!("{text:?}: three percentages adding up to 100, e.g. 40,30,30")),
+    }
 }
 
 impl FraudArgs {
@@ -355,8 +376,8 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub requests: u64,
     /// Percent deposits,withdrawals,transfers.
-    #[arg(long, default_value = "40,30,30", value_delimiter = ',', num_args = 3)]
-    pub mix: Vec<u8>,
+    #[arg(long, default_value = "40,30,30", value_parser = parse_mix)]
+    pub mix: [u8; 3],
     /// Balance reads (GET /wallet/{id}) instead of writes.
     #[arg(long)]
     pub reads: bool,
@@ -913,7 +934,7 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency as usize,
         duration: Duration::from_secs(args.seconds),
         max_requests: args.requests,
-        mix: [args.mix[0], args.mix[1], args.mix[2]],
+        mix: args.mix,
         reads: args.reads,
         keyed: args.keyed,
         subscribers: args.subscribers as usize,
@@ -1000,4 +1021,37 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutdown signal received, finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_is_three_percentages_adding_up_to_100() {
+        assert_eq!(parse_mix("40,30,30"), Ok([40, 30, 30]));
+        assert_eq!(parse_mix("100, 0, 0"), Ok([100, 0, 0]));
+        for bad in ["40,30", "40,30,20", "40,30,30,0", "a,b,c", "", "300,0,0"] {
+            assert!(parse_mix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_large_outflow_threshold_is_positive() {
+        assert_eq!(parse_positive_amount("10000"), Ok(Decimal::from(10_000)));
+        assert!(parse_positive_amount("0.0001").is_ok());
+        for bad in ["0", "-5", "x", ""] {
+            assert!(parse_positive_amount(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn load_takes_the_mix_in_the_form_its_help_shows() {
+        let cli = Cli::try_parse_from(["wallet", "load", "--mix", "40,30,30"]).unwrap();
+        let Command::Load(args) = cli.command else {
+            panic!("load")
+        };
+        assert_eq!(args.mix, [40, 30, 30]);
+        assert!(Cli::try_parse_from(["wallet", "--fraud-large-amount", "0", "migrate"]).is_err());
+    }
 }
