@@ -264,3 +264,49 @@ async fn serve_with_a_misconfigured_broker_says_why_it_is_not_ready() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn probes_stay_out_of_the_info_log_and_latency_is_a_number() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")]);
+    let dir = command.get_current_dir().unwrap().to_owned();
+    let log = dir.join("serve.log");
+    let mut serve = command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..300 {
+        if client.get(format!("{base}/health")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let ready = client.get(format!("{base}/ready")).send().await.map(|r| r.status());
+    let wallet = client.get(format!("{base}/wallet/x")).send().await.map(|r| r.status());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(up, "serve answers");
+    assert_eq!(ready.unwrap(), 200);
+    assert_eq!(wallet.unwrap(), 200);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["message"] == "finished processing request")
+        .collect();
+    assert_eq!(lines.len(), 1, "only /wallet/x, no probe: {lines:?}");
+    assert_eq!(lines[0]["span"]["path"], "/wallet/x", "{lines:?}");
+    assert!(lines[0]["latency_ms"].is_f64(), "latency as a number: {lines:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -67,4 +68,13 @@ pub async fn method_not_allowed() -> Problem {
         "METHOD_NOT_ALLOWED",
         "method not allowed on this route",
     )
+}
+
+/// Marks a probe's answer (`/health`, `/ready`): logged at DEBUG, not INFO.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe;
+
+pub async fn mark_probe(mut response: Response) -> Response {
+    response.extensions_mut().insert(Probe);
+    response
 }
