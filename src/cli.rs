@@ -214,6 +214,13 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The long-running services (they print nothing to stdout).
+    pub fn is_service(&self) -> bool {
+        matches!(self, Command::Serve(_) | Command::Relay { .. } | Command::Worker)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on.

@@ -310,3 +310,19 @@ async fn probes_stay_out_of_the_info_log_and_latency_is_a_number() {
     assert!(lines[0]["latency_ms"].is_f64(), "latency as a number: {lines:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_closed_pipe_ends_a_printing_command_without_a_panic() {
+    // `wallet keys | true`: the reader is gone before the first line.
+    let mut child = wallet(&["keys", "--name", "ci"])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(!said.contains("panicked"), "{said}");
+    assert_ne!(out.status.code(), Some(101), "{said}");
+}
