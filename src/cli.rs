@@ -415,8 +415,9 @@ pub enum DlqCommand {
     /// Put dead letters back through the worker, oldest first (after the
     /// cause is fixed). A wallet's parked events apply in order.
     Replay {
-        /// Only these message (event) ids; default: all.
-        #[arg(long = "id")]
+        /// Only these message (event) ids (`--id A B` or `--id A --id B`);
+        /// default: all. An id not in the queue is an error.
+        #[arg(long = "id", num_args = 1..)]
         ids: Vec<String>,
         /// At most this many (at most 10,000).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -722,6 +723,20 @@ async fn dlq(amqp: &str, topology: &Topology, command: DlqCommand) -> anyhow::Re
         DlqCommand::Replay { ids, limit } => {
             let replayed = crate::broker::dlq::replay(amqp, topology, &ids, limit as usize).await?;
             println!("replayed {} dead letters to {}", replayed.len(), topology.worker_queue);
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|id| !replayed.iter().any(|l| l.message_id.as_ref() == Some(*id)))
+                .collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "no dead letter with id {} in {} (see `wallet dlq list`)",
+                missing
+                    .iter()
+                    .map(|id| format!("{id:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                topology.dead_letter_queue
+            );
             Ok(())
         }
     }

@@ -326,3 +326,21 @@ fn a_closed_pipe_ends_a_printing_command_without_a_panic() {
     assert!(!said.contains("panicked"), "{said}");
     assert_ne!(out.status.code(), Some(101), "{said}");
 }
+
+#[tokio::test]
+async fn dlq_replay_of_unknown_ids_is_an_error_naming_them() {
+    let topology = common::broker::topology();
+    let connection = common::broker::connect(&common::broker::amqp_url()).await;
+    let channel = connection.create_channel().await.unwrap();
+    topology.declare(&channel).await.unwrap();
+    let out = run(wallet(&["dlq", "replay", "--id", "nope-1", "nope-2"])
+        .env("AMQP_URL", common::broker::amqp_url())
+        .env("AMQP_EXCHANGE", &topology.exchange));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("replayed 0 dead letters"), "{said}");
+    assert!(
+        said.contains(r#"no dead letter with id "nope-1", "nope-2""#),
+        "both ids parsed and named: {said}"
+    );
+}
