@@ -363,7 +363,7 @@ pub struct TailArgs {
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
-    /// Base URL of the server under load.
+    /// Base URL of the server under load (`host:port` means http://).
     #[arg(long, default_value = "http://127.0.0.1:3000")]
     pub url: String,
     /// Another server on the same database (repeatable): connections are
@@ -950,8 +950,8 @@ async fn verify(store: &crate::store::EventStore, projections: &Projections, jso
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let cfg = crate::load::LoadConfig {
-        base_url: args.url,
-        other_urls: args.also_urls,
+        base_url: with_scheme(&args.url),
+        other_urls: args.also_urls.iter().map(|u| with_scheme(u)).collect(),
         wallets: args.wallets as usize,
         concurrency: args.concurrency as usize,
         duration: Duration::from_secs(args.seconds),
@@ -1007,6 +1007,17 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `host:port` as `http://host:port`: a URL without a scheme is plain HTTP
+/// (not "relative URL without a base").
+fn with_scheme(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/');
+    if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    }
+}
+
 /// A bar with rate and ETA on a terminal; hidden otherwise.
 fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
@@ -1056,6 +1067,12 @@ mod tests {
         for bad in ["40,30", "40,30,20", "40,30,30,0", "a,b,c", "", "300,0,0"] {
             assert!(parse_mix(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_load_url_without_a_scheme_is_http() {
+        assert_eq!(with_scheme("127.0.0.1:3000"), "http://127.0.0.1:3000");
+        assert_eq!(with_scheme("https://w.example/"), "https://w.example");
     }
 
     #[test]
