@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Args, Debug)]
 pub struct DatabaseArgs {
     /// postgres://... or sqlite://...; unset means an SQLite file in --data-dir.
-    #[arg(long, env = "DATABASE_URL", global = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
     /// Directory of the embedded SQLite database.
     #[arg(long, env = "WALLET_DATA_DIR", default_value = "data", global = true)]
@@ -51,7 +51,7 @@ pub struct DatabaseArgs {
 #[derive(Args, Debug)]
 pub struct BrokerArgs {
     /// amqp://user:pass@host:5672/%2f
-    #[arg(long, env = "AMQP_URL", global = true)]
+    #[arg(long, env = "AMQP_URL", hide_env_values = true, global = true)]
     pub amqp_url: Option<String>,
     /// Name of the fanout exchange; the queues are named after it
     /// (<exchange>.worker, <exchange>.dlx, <exchange>.dlq).
@@ -95,8 +95,29 @@ pub struct FraudArgs {
           value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
     pub fraud_rapid_window_ms: u64,
     /// A single outflow of at least this amount raises LARGE_OUTFLOW.
-    #[arg(long, env = "FRAUD_LARGE_AMOUNT", default_value = "10000", global = true)]
+    #[arg(long, env = "FRAUD_LARGE_AMOUNT", default_value = "10000", global = true,
+          value_parser = parse_positive_amount)]
     pub fraud_large_amount: Decimal,
+}
+
+/// A decimal greater than 0 (a threshold of 0 would flag every outflow).
+fn parse_positive_amount(text: &str) -> Result<Decimal, String> {
+    match text.trim().parse::<Decimal>() {
+        Ok(d) if d > Decimal::ZERO => Ok(d),
+        Ok(_) => Err("must be greater than 0".to_owned()),
+        Err(_) => Err(format!("{text:?} is not a decimal number")),
+    }
+}
+
+/// `--mix D,W,T`: three percentages (deposits, withdrawals, transfers)
+/// adding up to 100.
+fn parse_mix(text: &str) -> Result<[u8; 3], String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let numbers: Vec<u8> = parts.iter().filter_map(|p| p.parse::<u8>().ok()).collect();
+    match numbers[..] {
+        [d, w, t] if parts.len() == 3 && u32::from(d) + u32::from(w) + u32::from(t) == 100 => Ok([d, w, t]),
+        _ => Err(format!("{text:?}: three percentages adding up to 100, e.g. 40,30,30")),
+    }
 }
 
 impl FraudArgs {
@@ -191,6 +212,13 @@ pub enum Command {
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=10_000_000))]
         wallets: u64,
     },
+}
+
+impl Command {
+    /// The long-running services (they print nothing to stdout).
+    pub fn is_service(&self) -> bool {
+        matches!(self, Command::Serve(_) | Command::Relay { .. } | Command::Worker)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -335,7 +363,7 @@ pub struct TailArgs {
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
-    /// Base URL of the server under load.
+    /// Base URL of the server under load (`host:port` means http://).
     #[arg(long, default_value = "http://127.0.0.1:3000")]
     pub url: String,
     /// Another server on the same database (repeatable): connections are
@@ -355,8 +383,8 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub requests: u64,
     /// Percent deposits,withdrawals,transfers.
-    #[arg(long, default_value = "40,30,30", value_delimiter = ',', num_args = 3)]
-    pub mix: Vec<u8>,
+    #[arg(long, default_value = "40,30,30", value_parser = parse_mix)]
+    pub mix: [u8; 3],
     /// Balance reads (GET /wallet/{id}) instead of writes.
     #[arg(long)]
     pub reads: bool,
@@ -396,8 +424,9 @@ pub enum DlqCommand {
     /// Put dead letters back through the worker, oldest first (after the
     /// cause is fixed). A wallet's parked events apply in order.
     Replay {
-        /// Only these message (event) ids; default: all.
-        #[arg(long = "id")]
+        /// Only these message (event) ids (`--id A B` or `--id A --id B`);
+        /// default: all. An id not in the queue is an error.
+        #[arg(long = "id", num_args = 1..)]
         ids: Vec<String>,
         /// At most this many (at most 10,000).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -426,12 +455,16 @@ pub enum ProjectionsCommand {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let url = config::database_url(cli.database.database_url.as_deref(), &cli.database.data_dir)
-        .context("creating the data directory")?;
+    let url = config::database_url(cli.database.database_url.as_deref(), &cli.database.data_dir);
     let rules = cli.fraud.rules();
     match cli.command {
         Command::Migrate => {
-            config::open_store(&url).await.context("migrating")?;
+            let store = config::open_store(&url).await.context("migrating")?;
+            // The read models' tables too, so read-only commands find them.
+            Projections::new(store, rules)
+                .ensure()
+                .await
+                .context("creating read models")?;
             tracing::info!(database = %config::redact_url(&url), "migrations applied");
             Ok(())
         }
@@ -512,7 +545,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let store = config::open_store(&url).await.context("opening the event store")?;
             let relay = Relay::new(store, &amqp, cli.broker.topology()).with_window(window as usize);
             tokio::select! {
-                _ = relay.run() => {}
+                r = relay.run_checked() => r.context("relay")?,
                 _ = shutdown_signal() => {}
             }
             Ok(())
@@ -524,7 +557,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             projections.ensure().await.context("creating read models")?;
             let worker = Worker::new(projections, &amqp, cli.broker.topology());
             tokio::select! {
-                _ = worker.run() => {}
+                r = worker.run_checked() => r.context("worker")?,
                 _ = shutdown_signal() => {}
             }
             Ok(())
@@ -543,26 +576,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("entry (add to API_KEYS, comma-separated, or as a line of API_KEYS_FILE):\n  {entry}");
             Ok(())
         }
+        // Read-only from here to Projections::Status: no migration, no
+        // table, no file is created (`config::open_existing`).
         Command::Replay(args) => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             replay(&store, args).await
         }
         Command::Tail(args) => {
-            // Read-only: no migration.
-            let store = crate::store::EventStore::connect(&url)
-                .await
-                .context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             tail(&store, args).await
         }
         Command::Verify { json } => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             let projections = Projections::new(store.clone(), rules);
-            projections.ensure().await.context("creating read models")?;
             verify(&store, &projections, json).await
         }
         Command::Load(args) => load(args).await,
         Command::Seed { events, wallets } => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             let bar = progress_bar(events, "seed");
             let started = std::time::Instant::now();
             let done = crate::seed::seed(&store, wallets as usize, events, |n| bar.set_position(n)).await?;
@@ -575,9 +606,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Projections(command) => {
-            let store = config::open_store(&url).await.context("opening the event store")?;
+            let store = config::open_existing(&url).await.context("opening the event store")?;
             let projections = Projections::new(store, rules);
-            projections.ensure().await.context("creating read models")?;
             match command {
                 ProjectionsCommand::Status { json } => {
                     status(&projections, json).await?;
@@ -596,7 +626,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     Ok(())
                 }
-                ProjectionsCommand::Rebuild { names, restart } => rebuild(&projections, names, restart).await,
+                ProjectionsCommand::Rebuild { names, restart } => {
+                    projections.ensure().await.context("creating read models")?;
+                    rebuild(&projections, names, restart).await
+                }
             }
         }
     }
@@ -617,7 +650,7 @@ async fn prune(
             "--idempotency-older-than must be at least 7d: clients may retry a write with its key for that long"
         );
     }
-    let store = config::open_store(url).await.context("opening the event store")?;
+    let store = config::open_existing(url).await.context("opening the event store")?;
     let pruned = crate::retention::prune(&store, audit_older_than, idempotency_older_than)
         .await
         .context("pruning")?;
@@ -699,6 +732,20 @@ async fn dlq(amqp: &str, topology: &Topology, command: DlqCommand) -> anyhow::Re
         DlqCommand::Replay { ids, limit } => {
             let replayed = crate::broker::dlq::replay(amqp, topology, &ids, limit as usize).await?;
             println!("replayed {} dead letters to {}", replayed.len(), topology.worker_queue);
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|id| !replayed.iter().any(|l| l.message_id.as_ref() == Some(*id)))
+                .collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "no dead letter with id {} in {} (see `wallet dlq list`)",
+                missing
+                    .iter()
+                    .map(|id| format!("{id:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                topology.dead_letter_queue
+            );
             Ok(())
         }
     }
@@ -912,13 +959,13 @@ async fn verify(store: &crate::store::EventStore, projections: &Projections, jso
 
 async fn load(args: LoadArgs) -> anyhow::Result<()> {
     let cfg = crate::load::LoadConfig {
-        base_url: args.url,
-        other_urls: args.also_urls,
+        base_url: with_scheme(&args.url),
+        other_urls: args.also_urls.iter().map(|u| with_scheme(u)).collect(),
         wallets: args.wallets as usize,
         concurrency: args.concurrency as usize,
         duration: Duration::from_secs(args.seconds),
         max_requests: args.requests,
-        mix: [args.mix[0], args.mix[1], args.mix[2]],
+        mix: args.mix,
         reads: args.reads,
         keyed: args.keyed,
         subscribers: args.subscribers as usize,
@@ -972,6 +1019,17 @@ async fn load(args: LoadArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `host:port` as `http://host:port`: a URL without a scheme is plain HTTP
+/// (not "relative URL without a base").
+fn with_scheme(url: &str) -> String {
+    let url = url.trim().trim_end_matches('/');
+    if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    }
+}
+
 /// A bar with rate and ETA on a terminal; hidden otherwise.
 fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
@@ -1008,4 +1066,43 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutdown signal received, finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_is_three_percentages_adding_up_to_100() {
+        assert_eq!(parse_mix("40,30,30"), Ok([40, 30, 30]));
+        assert_eq!(parse_mix("100, 0, 0"), Ok([100, 0, 0]));
+        for bad in ["40,30", "40,30,20", "40,30,30,0", "a,b,c", "", "300,0,0"] {
+            assert!(parse_mix(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_load_url_without_a_scheme_is_http() {
+        assert_eq!(with_scheme("127.0.0.1:3000"), "http://127.0.0.1:3000");
+        assert_eq!(with_scheme("https://w.example/"), "https://w.example");
+    }
+
+    #[test]
+    fn the_large_outflow_threshold_is_positive() {
+        assert_eq!(parse_positive_amount("10000"), Ok(Decimal::from(10_000)));
+        assert!(parse_positive_amount("0.0001").is_ok());
+        for bad in ["0", "-5", "x", ""] {
+            assert!(parse_positive_amount(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn load_takes_the_mix_in_the_form_its_help_shows() {
+        let cli = Cli::try_parse_from(["wallet", "load", "--mix", "40,30,30"]).unwrap();
+        let Command::Load(args) = cli.command else {
+            panic!("load")
+        };
+        assert_eq!(args.mix, [40, 30, 30]);
+        assert!(Cli::try_parse_from(["wallet", "--fraud-large-amount", "0", "migrate"]).is_err());
+    }
 }

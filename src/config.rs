@@ -1,7 +1,7 @@
 //! Where the service finds its database, and logging set-up.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tracing_subscriber::EnvFilter;
 
@@ -10,22 +10,172 @@ use crate::store::{EventStore, StoreError};
 /// File name of the embedded database inside the data directory.
 const SQLITE_FILE: &str = "wallet.db";
 
-/// `DATABASE_URL` if set, else an SQLite file in `data_dir` (created).
-pub fn database_url(explicit: Option<&str>, data_dir: &Path) -> std::io::Result<String> {
+/// `DATABASE_URL` if set, else an SQLite file in `data_dir`. Creates
+/// nothing: only the commands that migrate create the directory.
+pub fn database_url(explicit: Option<&str>, data_dir: &Path) -> String {
     match explicit {
-        Some(url) if !url.trim().is_empty() => Ok(url.to_owned()),
-        _ => {
-            std::fs::create_dir_all(data_dir)?;
-            Ok(format!("sqlite://{}", data_dir.join(SQLITE_FILE).display()))
-        }
+        Some(url) if !url.trim().is_empty() => url.to_owned(),
+        _ => format!("sqlite://{}", data_dir.join(SQLITE_FILE).display()),
     }
 }
 
-/// Connects and applies migrations: what `serve` and `migrate` both do first.
-pub async fn open_store(url: &str) -> Result<EventStore, StoreError> {
-    let store = EventStore::connect(url).await?;
+/// The file of an SQLite URL (`None` for other backends and `:memory:`).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && !path.contains(":memory:")).then(|| PathBuf::from(path))
+}
+
+/// Connects and applies migrations: what `serve`, `migrate`, `worker` and
+/// `relay` do first (an SQLite file and its directory are created).
+pub async fn open_store(url: &str) -> Result<EventStore, OpenError> {
+    if let Some(dir) = sqlite_file(url).as_deref().and_then(Path::parent) {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("creating {}", dir.display()), e))?;
+        }
+    }
+    let store = connect(url).await?;
     store.migrate().await?;
     Ok(store)
+}
+
+/// Why a read-only command cannot read the database.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no database at {0} (run `wallet migrate` or `wallet serve` first, or set DATABASE_URL)")]
+    NoFile(String),
+    #[error("{0} holds no wallet schema (run `wallet migrate` first)")]
+    NoSchema(String),
+    #[error("{database} has schema version {found}; this binary reads {expected} (run `wallet migrate`)")]
+    Behind {
+        database: String,
+        found: i64,
+        expected: i64,
+    },
+    /// What was tried (never the password) and the first cause, once.
+    #[error("cannot connect to {target}: {cause}")]
+    Connect { target: String, cause: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Connects; a failure names the server, database and user tried and the
+/// first cause (the pool alone says only that it timed out).
+async fn connect(url: &str) -> Result<EventStore, OpenError> {
+    match EventStore::connect(url).await {
+        Ok(store) => Ok(store),
+        Err(e @ StoreError::BadUrl(_)) => Err(e.into()),
+        Err(e) => Err(OpenError::Connect {
+            target: describe_target(url),
+            cause: first_cause(url, e).await,
+        }),
+    }
+}
+
+/// "PostgreSQL at host:port, database D, user U" or "SQLite file F".
+fn describe_target(url: &str) -> String {
+    use std::str::FromStr;
+    if let Some(file) = sqlite_file(url) {
+        return format!("SQLite file {}", file.display());
+    }
+    match sqlx::postgres::PgConnectOptions::from_str(url) {
+        Ok(o) => format!(
+            "PostgreSQL at {}:{}, database {}, user {}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or(o.get_username()),
+            o.get_username()
+        ),
+        Err(_) => redact_url(url),
+    }
+}
+
+/// The innermost error's text: the one that says what happened.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(inner) = e.source() {
+        e = inner;
+    }
+    e.to_string()
+}
+
+async fn first_cause(url: &str, e: StoreError) -> String {
+    use sqlx::Connection as _;
+    use std::str::FromStr;
+    let inner = match e {
+        StoreError::Unavailable(inner) | StoreError::Database(inner) => inner,
+        other => return other.to_string(),
+    };
+    // A pool that timed out hides why: one direct attempt finds out.
+    if matches!(inner, sqlx::Error::PoolTimedOut) && sqlite_file(url).is_none() {
+        if let Ok(options) = sqlx::postgres::PgConnectOptions::from_str(url) {
+            let direct = sqlx::PgConnection::connect_with(&options);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), direct).await {
+                Ok(Err(e)) => return innermost(&e),
+                Err(_) => return "no answer within 5 s".to_owned(),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+    innermost(&inner)
+}
+
+/// Connects for a command that only reads (`replay`, `verify`, `tail`,
+/// `projections status`...): applies no migration, creates no table or
+/// file, works on a read-only connection, and says so when the schema is
+/// missing or older than this binary's.
+pub async fn open_existing(url: &str) -> Result<EventStore, OpenError> {
+    if let Some(file) = sqlite_file(url) {
+        if !file.exists() {
+            return Err(OpenError::NoFile(file.display().to_string()));
+        }
+    }
+    let store = connect(url).await?;
+    let database = redact_url(url);
+    let (found, expected) = match &store {
+        EventStore::Postgres(s) => {
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(s.pool())
+                .await
+                .map_err(StoreError::from)?;
+            if !exists {
+                return Err(OpenError::NoSchema(database));
+            }
+            let found: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success")
+                .fetch_one(s.pool())
+                .await
+                .map_err(StoreError::from)?;
+            (found, newest(&sqlx::migrate!("./migrations/postgres")))
+        }
+        EventStore::Sqlite(s) => {
+            let exists: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+            )
+            .fetch_one(s.reader())
+            .await
+            .map_err(StoreError::from)?;
+            if exists == 0 {
+                return Err(OpenError::NoSchema(database));
+            }
+            let found: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success")
+                .fetch_one(s.reader())
+                .await
+                .map_err(StoreError::from)?;
+            (found, newest(&sqlx::migrate!("./migrations/sqlite")))
+        }
+    };
+    if found < expected {
+        return Err(OpenError::Behind {
+            database,
+            found,
+            expected,
+        });
+    }
+    Ok(store)
+}
+
+fn newest(migrator: &sqlx::migrate::Migrator) -> i64 {
+    migrator.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
 /// What must live until exit: the log file's writer and the span exporter
@@ -46,7 +196,8 @@ impl Drop for LoggingGuard {
 }
 
 /// JSON lines when stderr is not a terminal (production, CI), readable text
-/// on a terminal. `RUST_LOG` filters (default `info`). With `LOG_DIR` set,
+/// on a terminal. `RUST_LOG` filters (default `info`; lapin's own lines are
+/// off: every broker error it returns is logged once by its caller). With `LOG_DIR` set,
 /// JSON lines also go to a daily rolling file `wallet.log.<date>` there.
 /// With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also exported over
 /// OTLP/HTTP (the exporter reads the standard `OTEL_*` variables); unset,
@@ -58,8 +209,16 @@ pub fn init_logging() -> LoggingGuard {
 
     // RUST_LOG filters the log lines only: exported spans keep their own
     // level, so a quiet log does not silence the traces.
-    let filter =
-        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
+    // lapin's own lines stay off unless RUST_LOG names lapin.
+    let filter = || {
+        let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx::postgres::notice=warn".to_owned());
+        let spec = if spec.contains("lapin") {
+            spec
+        } else {
+            format!("{spec},lapin=off")
+        };
+        EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,lapin=off"))
+    };
     let stderr = if std::io::stderr().is_terminal() {
         tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
     } else {
@@ -190,6 +349,21 @@ mod tests {
         for bad in ["", "5", "s", "5x", "-5s", "1.5s", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn sqlite_urls_name_their_file() {
+        assert_eq!(
+            sqlite_file("sqlite://data/wallet.db"),
+            Some(PathBuf::from("data/wallet.db"))
+        );
+        assert_eq!(
+            sqlite_file("sqlite:///tmp/w.db?mode=rwc"),
+            Some(PathBuf::from("/tmp/w.db"))
+        );
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://h/db"), None);
+        assert_eq!(database_url(None, Path::new("d")), "sqlite://d/wallet.db");
     }
 
     #[test]

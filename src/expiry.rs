@@ -48,6 +48,7 @@ pub async fn sweep(ledger: &Ledger, projections: &Projections, now: DateTime<Utc
         wallet_id: None,
         tag: Some("held"),
         before_sort: Some(now.timestamp_millis() + 1),
+        before_key: None,
         limit: SWEEP_BATCH,
     };
     let due: Vec<(WalletId, uuid::Uuid)> = projections

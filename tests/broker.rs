@@ -479,6 +479,77 @@ async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() {
     worker.abort();
 }
 
+/// A database error that always recurs for one wallet (a trigger refusing
+/// its stats row) must not stall the others: after a few attempts the
+/// worker parks that wallet and dead-letters its messages with the
+/// database's reason; after the fix a replay applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wallet_the_database_keeps_refusing_is_parked_and_the_others_go_on() {
+    let db = common::postgres().await;
+    let topology = topology();
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let pool = match &db.store {
+        EventStore::Postgres(s) => s.pool().clone(),
+        EventStore::Sqlite(_) => unreachable!("a PostgreSQL test"),
+    };
+    sqlx::query(
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.wallet_id = 'bad' THEN RAISE EXCEPTION 'stats of bad refused by trigger'; END IF; \
+         RETURN NEW; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON rm_stats FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
+    let worker = tokio::spawn(Worker::new(projections.clone(), &amqp_url(), topology.clone()).run());
+
+    let ledger = Ledger::new(db.store.clone());
+    for wallet in ["good1", "bad", "good2"] {
+        ledger.deposit(id(wallet), amount("100"), None).await.unwrap();
+    }
+    ledger.withdraw(id("bad"), amount("1"), None).await.unwrap();
+    ledger.deposit(id("good1"), amount("5"), None).await.unwrap();
+    let head = db.store.head_position().await.unwrap();
+    wait_for_worker(&projections, head).await;
+
+    let good: serde_json::Value =
+        serde_json::from_str(&projections.get("stats", "s/good1").await.unwrap().unwrap()).unwrap();
+    assert_eq!(good["totalDeposited"], "105.0000", "other wallets move on");
+    let letters = dlq::list(&amqp_url(), &topology, 100).await.unwrap();
+    assert_eq!(letters.len(), 3, "bad's three events, nothing else: {letters:?}");
+    assert!(
+        letters.iter().all(|l| l.wallet_id.as_deref() == Some("bad")),
+        "{letters:?}"
+    );
+    assert!(
+        letters[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("stats of bad refused by trigger"),
+        "the database's reason is kept: {letters:?}"
+    );
+
+    // The fix, then the replay: every read model equals a rebuild.
+    sqlx::query("DROP TRIGGER refuse_bad ON rm_stats")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let replayed = dlq::replay(&amqp_url(), &topology, &[], 100).await.unwrap();
+    assert_eq!(replayed.len(), 3);
+    wait_for_unparked(&projections).await;
+    assert_equal_to_rebuild(&projections).await;
+    relay.abort();
+    worker.abort();
+}
+
 /// A body that is not an event message is dead-lettered with its reason,
 /// and the worker goes on with the next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -303,6 +303,63 @@ async fn history_pages(db: TestDb) {
     }
 }
 
+/// Follows `X-Next-Before` from `first` until a page comes back short;
+/// returns every item.
+async fn follow_pages(api: &Api, first: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut path = first.to_owned();
+    for _ in 0..50 {
+        let r = api.get(&path).await;
+        assert_eq!(r.status(), StatusCode::OK, "GET {path}");
+        let next = r.headers().get("x-next-before").map(|v| v.to_str().unwrap().to_owned());
+        let page: Vec<Value> = r.json().await.unwrap();
+        all.extend(page);
+        match next {
+            Some(cursor) => path = format!("{first}&before={cursor}"),
+            None => return all,
+        }
+    }
+    panic!("paging {first} did not end");
+}
+
+/// Both rules fire on one withdrawal: two flags at one position. Paging one
+/// flag at a time must still return each flag once.
+async fn flag_pages_name_one_flag(db: TestDb) {
+    let api = Api::start(db).await;
+    api.post("/wallet/f/deposit", json!({"amount": "100000"})).await;
+    let mut p = 0;
+    for _ in 0..3 {
+        let r: Value = api
+            .post("/wallet/f/withdraw", json!({"amount": "10000"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        p = r["position"].as_i64().unwrap();
+    }
+    let all = api.get_json(&format!("/wallet/f/flags?minPosition={p}")).await;
+    let key = |f: &Value| (f["position"].as_i64().unwrap(), f["rule"].as_str().unwrap().to_owned());
+    let expected: Vec<(i64, String)> = all.as_array().unwrap().iter().map(key).collect();
+    assert_eq!(expected.len(), 4, "3 LARGE_OUTFLOW and 1 RAPID_OUTFLOWS: {all}");
+    assert_eq!(expected[0].0, expected[1].0, "two flags share the last position: {all}");
+    for first in ["/wallet/f/flags?limit=1", "/flags?walletId=f&limit=1"] {
+        let paged: Vec<(i64, String)> = follow_pages(&api, first).await.iter().map(key).collect();
+        assert_eq!(paged, expected, "{first}: every flag once, in order");
+    }
+    // A bare position still lists the flags below it.
+    let below = api.get_json(&format!("/flags?walletId=f&before={p}")).await;
+    assert_eq!(below.as_array().unwrap().len(), 2);
+    for bad in [
+        "before=0",
+        "before=x",
+        "before=5:NOPE",
+        "before=:LARGE_OUTFLOW",
+        "before=5:",
+    ] {
+        problem(api.get(&format!("/flags?{bad}")).await, 400, "INVALID_CURSOR").await;
+    }
+}
+
 async fn idempotency(db: TestDb) {
     let api = Api::start(db).await;
     let first = api
@@ -602,6 +659,12 @@ async fn system_routes(db: TestDb) {
         StatusCode::OK,
         "the UI's script is served from the binary, offline"
     );
+    let init = api.get("/docs/swagger-initializer.js").await.text().await.unwrap();
+    assert!(init.contains("/openapi.json"), "the UI loads our spec: {init}");
+    assert!(
+        init.contains(r#""validatorUrl": "none""#),
+        "the UI must not send the spec's URL to an outside validator: {init}"
+    );
 }
 
 on_both_backends!(
@@ -609,6 +672,7 @@ on_both_backends!(
     withdraw_errors,
     transfers,
     history_pages,
+    flag_pages_name_one_flag,
     idempotency,
     hostile_input,
     system_routes,

@@ -32,7 +32,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -163,10 +163,16 @@ pub fn router(state: AppState) -> Router {
         .route("/events", get(events::log))
         .route("/events/stream", get(events::stream))
         .route("/wallet/{id}/events", get(events::wallet_events))
-        .route("/health", get(system::health))
-        .route("/ready", get(system::ready))
+        .route("/health", get(system::health).layer(axum::middleware::map_response(system::mark_probe)))
+        .route("/ready", get(system::ready).layer(axum::middleware::map_response(system::mark_probe)))
         .route("/metrics", get(metrics::render))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        // validatorUrl "none": the page never sends the spec's URL to an
+        // outside validator (swagger.io's, the UI's default).
+        .merge(
+            SwaggerUi::new("/docs")
+                .url("/openapi.json", ApiDoc::openapi())
+                .config(utoipa_swagger_ui::Config::default().validator_url("none")),
+        )
         .fallback(system::not_found)
         .method_not_allowed_fallback(system::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -209,7 +215,17 @@ pub fn router(state: AppState) -> Router {
                     crate::config::continue_trace(&span, traceparent.as_deref());
                     span
                 })
-                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+                // Latency as a number (milliseconds, fractional); probes
+                // (/health, /ready, every few seconds) only at DEBUG.
+                .on_response(|res: &axum::response::Response, latency: Duration, _span: &tracing::Span| {
+                    let status = res.status().as_u16();
+                    let latency_ms = latency.as_secs_f64() * 1e3;
+                    if res.extensions().get::<system::Probe>().is_some() {
+                        tracing::debug!(status, latency_ms, "finished processing request");
+                    } else {
+                        tracing::info!(status, latency_ms, "finished processing request");
+                    }
+                }),
         )
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
         .with_state(state)

@@ -42,7 +42,9 @@ impl From<ProjectionError> for Problem {
 pub struct PageQuery {
     /// Page size, 1-200 (default 50).
     limit: Option<String>,
-    /// Cursor: the last item's `version` (history) or `position` (flags).
+    /// Cursor from `X-Next-Before`: the last item's `version` (history), or
+    /// `<position>:<rule>` of the last flag (flags; a bare position lists
+    /// the flags below it).
     before: Option<String>,
     /// Wait (up to 2 s) until the read model has applied this log position.
     min_position: Option<String>,
@@ -56,8 +58,12 @@ pub struct FlagsQuery {
     wallet_id: Option<String>,
     /// Only this rule: `RAPID_OUTFLOWS` or `LARGE_OUTFLOW`.
     rule: Option<String>,
+    /// Page size, 1-200 (default 50).
     limit: Option<String>,
+    /// Cursor from `X-Next-Before`: `<position>:<rule>` of the last flag of
+    /// the previous page (a bare position lists the flags below it).
     before: Option<String>,
+    /// Wait (up to 2 s) until the read model has applied this log position.
     min_position: Option<String>,
 }
 
@@ -82,6 +88,26 @@ fn parse_limit(text: Option<&str>) -> Result<u32, Problem> {
             .filter(|l| (1..=MAX_LIMIT).contains(l))
             .ok_or_else(|| Problem::bad_request("INVALID_LIMIT", "limit must be an integer from 1 to 200")),
     }
+}
+
+/// A flags cursor: `<position>:<rule>` (the last flag of the previous page,
+/// as `X-Next-Before` gives it) or a bare `<position>` (every flag below it).
+/// Returns the position and the flag's key.
+fn parse_flag_cursor(text: Option<&str>) -> Result<Option<(i64, Option<String>)>, Problem> {
+    let Some(text) = text else { return Ok(None) };
+    let bad = || {
+        Problem::bad_request(
+            "INVALID_CURSOR",
+            "before must be a flag cursor: <position>:<rule> (from X-Next-Before) or a positive position",
+        )
+    };
+    let (position, rule) = match text.split_once(':') {
+        Some((p, rule)) if rule == RAPID_OUTFLOWS || rule == LARGE_OUTFLOW => (p, Some(rule)),
+        Some(_) => return Err(bad()),
+        None => (text, None),
+    };
+    let position = position.parse::<i64>().ok().filter(|v| *v >= 1).ok_or_else(bad)?;
+    Ok(Some((position, rule.map(|r| flags::flag_key(position, r)))))
 }
 
 fn parse_cursor(text: Option<&str>) -> Result<Option<i64>, Problem> {
@@ -110,7 +136,7 @@ async fn settle(app: &AppState, projection: &str, min_position: Option<&str>) ->
 }
 
 /// A JSON response made of stored JSON bodies, without re-parsing them.
-fn json_response(body: String, position: Position, next_before: Option<i64>) -> Response {
+fn json_response(body: String, position: Position, next_before: Option<String>) -> Response {
     let mut response = (
         [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
         body,
@@ -118,8 +144,8 @@ fn json_response(body: String, position: Position, next_before: Option<i64>) -> 
         .into_response();
     let headers = response.headers_mut();
     headers.insert("x-projection-position", HeaderValue::from(position));
-    if let Some(next) = next_before {
-        headers.insert("x-next-before", HeaderValue::from(next));
+    if let Some(next) = next_before.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        headers.insert("x-next-before", next);
     }
     response
 }
@@ -129,6 +155,24 @@ fn page(rows: Vec<(i64, String)>, limit: u32, position: Position) -> Response {
     let next = (rows.len() == limit as usize)
         .then(|| rows.last().map(|(sort, _)| *sort))
         .flatten();
+    let next = next.filter(|n| *n > 1).map(|n| n.to_string());
+    json_response(array_body(&rows), position, next)
+}
+
+/// A page of flags. Two flags can share a position (both rules fire on one
+/// event), so the next page's cursor names the last flag itself:
+/// `<position>:<rule>`.
+fn flag_page(rows: Vec<(i64, String)>, limit: u32, position: Position) -> Response {
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last())
+        .flatten()
+        .and_then(|(_, body)| serde_json::from_str::<Flag>(body).ok())
+        .map(|f| format!("{}:{}", f.position, f.rule));
+    json_response(array_body(&rows), position, next)
+}
+
+/// Stored JSON bodies as one JSON array, without re-parsing them.
+fn array_body(rows: &[(i64, String)]) -> String {
     let mut body = String::with_capacity(rows.iter().map(|(_, b)| b.len() + 1).sum::<usize>() + 2);
     body.push('[');
     for (i, (_, b)) in rows.iter().enumerate() {
@@ -138,7 +182,7 @@ fn page(rows: Vec<(i64, String)>, limit: u32, position: Position) -> Response {
         body.push_str(b);
     }
     body.push(']');
-    json_response(body, position, next.filter(|n| *n > 1))
+    body
 }
 
 /// A wallet's events, newest first. Next page: `before` = the last item's
@@ -162,6 +206,7 @@ pub async fn history(
         wallet_id: Some(wallet.as_str()),
         tag: None,
         before_sort: before,
+        before_key: None,
         limit,
     };
     let rows = app.projections.query(history::NAME, &query).await?;
@@ -212,6 +257,7 @@ pub async fn wallet_holds(
         wallet_id: Some(wallet.as_str()),
         tag: status,
         before_sort: before,
+        before_key: None,
         limit,
     };
     let rows = app.projections.query(holds::NAME, &query).await?;
@@ -255,24 +301,25 @@ async fn list_flags(
         }
     }
     let limit = parse_limit(limit)?;
-    let before = parse_cursor(before)?;
+    let before = parse_flag_cursor(before)?;
     let position = settle(app, flags::NAME, min_position).await?;
     let query = DocQuery {
         kind: FLAG_KIND,
         wallet_id: wallet,
         tag: rule,
-        before_sort: before,
+        before_sort: before.as_ref().map(|(p, _)| *p),
+        before_key: before.as_ref().and_then(|(_, k)| k.as_deref()),
         limit,
     };
     let rows = app.projections.query(flags::NAME, &query).await?;
-    Ok(page(rows, limit, position))
+    Ok(flag_page(rows, limit, position))
 }
 
-/// A wallet's fraud flags, newest first. Next page: `before` = the last
-/// flag's position.
+/// A wallet's fraud flags, newest first. Next page: `before` = the
+/// `X-Next-Before` of a full page (`<position>:<rule>` of its last flag).
 #[utoipa::path(get, path = "/wallet/{id}/flags", tag = "read models",
     params(("id" = String, Path, description = "wallet id"), PageQuery),
-    responses((status = 200, body = [Flag]), (status = 400, body = ProblemBody, content_type = "application/problem+json"),
+    responses((status = 200, body = [Flag], headers(("X-Projection-Position" = i64), ("X-Next-Before" = String, description = "next page's cursor, <position>:<rule>"))), (status = 400, body = ProblemBody, content_type = "application/problem+json"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn wallet_flags(
     State(app): State<Arc<AppState>>,
@@ -294,7 +341,7 @@ pub async fn wallet_flags(
 /// All fraud flags, newest first, optionally for one wallet or one rule.
 #[utoipa::path(get, path = "/flags", tag = "read models",
     params(FlagsQuery),
-    responses((status = 200, body = [Flag]),
+    responses((status = 200, body = [Flag], headers(("X-Projection-Position" = i64), ("X-Next-Before" = String, description = "next page's cursor, <position>:<rule>"))),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_RULE, INVALID_WALLET_ID, INVALID_LIMIT, INVALID_CURSOR"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn flags(

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -42,7 +43,13 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Prob
             Ok(Ok(connection)) => {
                 let _ = connection.close(200, "ready check").await;
             }
-            _ => return Err(Problem::unavailable("the message broker is unreachable")),
+            Ok(Err(e)) if e.is_misconfiguration() => {
+                return Err(Problem::unavailable(format!(
+                    "the message broker refuses this configuration: {e}"
+                )))
+            }
+            Ok(Err(e)) => return Err(Problem::unavailable(format!("the message broker is unreachable: {e}"))),
+            Err(_) => return Err(Problem::unavailable("the message broker did not answer in time")),
         }
         return Ok(Json(
             json!({"status": "ready", "database": app.store.backend(), "broker": "ok"}),
@@ -61,4 +68,13 @@ pub async fn method_not_allowed() -> Problem {
         "METHOD_NOT_ALLOWED",
         "method not allowed on this route",
     )
+}
+
+/// Marks a probe's answer (`/health`, `/ready`): logged at DEBUG, not INFO.
+#[derive(Debug, Clone, Copy)]
+pub struct Probe;
+
+pub async fn mark_probe(mut response: Response) -> Response {
+    response.extensions_mut().insert(Probe);
+    response
 }

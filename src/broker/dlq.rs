@@ -1,6 +1,9 @@
 //! The dead-letter queue from the command line: list what is in it (with
 //! each message's reason) and replay messages back through the worker.
 //!
+//! Neither declares anything: a queue that does not exist (a mistyped
+//! `AMQP_EXCHANGE`) is an error naming it, never a new empty queue.
+//!
 //! Listing takes messages without acknowledging them and hands them all
 //! back at the end, so it changes nothing. Replaying publishes a message to
 //! the worker's queue (confirmed) before acknowledging it in the DLQ, so a
@@ -111,7 +114,7 @@ async fn give_back(channel: &Channel, last: Option<u64>) -> Result<(), BrokerErr
 pub async fn list(url: &str, topology: &Topology, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
     let connection = connect(url).await?;
     let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
+    topology.require(&channel, &topology.dead_letter_queue).await?;
     let taken = take(&channel, topology, limit).await?;
     let letters = taken.iter().map(describe).collect();
     give_back(&channel, taken.last().map(|m| m.delivery.delivery_tag)).await?;
@@ -130,7 +133,8 @@ pub async fn replay(
     let connection = connect(url).await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    topology.declare(&channel).await?;
+    topology.require(&channel, &topology.dead_letter_queue).await?;
+    topology.require(&channel, &topology.worker_queue).await?;
     let taken = take(&channel, topology, MAX_BATCH).await?;
     let mut replayed = Vec::new();
     let mut last_kept = None;

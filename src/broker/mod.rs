@@ -31,8 +31,9 @@ pub const REPLAY_HEADER: &str = "x-wallet-replay";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("broker: {0}")]
-    Amqp(#[from] lapin::Error),
+    /// The innermost cause only: lapin's own errors repeat their source.
+    #[error("broker: {}", innermost(.0))]
+    Amqp(lapin::Error),
     #[error("broker refused message at position {0} (nack)")]
     Nacked(i64),
     #[error("no queue is bound to the exchange: message at position {0} came back")]
@@ -47,6 +48,51 @@ pub enum BrokerError {
     Url(String),
     #[error("the broker did not answer within {0:?} ({1})")]
     Timeout(Duration, &'static str),
+    /// A command that only reads found its queue missing (it never declares).
+    #[error(
+        "queue {0:?} does not exist on the broker: is AMQP_EXCHANGE right? (`relay`, `worker` and `serve` declare it)"
+    )]
+    MissingQueue(String),
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        BrokerError::Amqp(e)
+    }
+}
+
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(inner) = e.source() {
+        e = inner;
+    }
+    e.to_string()
+}
+
+/// How often `serve` repeats a broker misconfiguration in its log.
+pub const MISCONFIGURED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl BrokerError {
+    /// Retrying cannot cure it: a URL that is not amqp://, a refused login
+    /// (ACCESS_REFUSED) or an unknown or forbidden vhost (NOT_ALLOWED).
+    pub fn is_misconfiguration(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        match self {
+            BrokerError::Url(_) => true,
+            BrokerError::Amqp(e) => matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if matches!(p.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                    | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED))),
+            _ => false,
+        }
+    }
+
+    /// The broker's answer was 404 NOT_FOUND (a passive declare of a queue
+    /// that does not exist).
+    pub fn is_not_found(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+        matches!(self, BrokerError::Amqp(e) if matches!(e.kind(),
+            lapin::ErrorKind::ProtocolError(p) if p.kind() == &AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
+    }
 }
 
 /// The exchanges and queues of one deployment.
@@ -140,6 +186,16 @@ impl Topology {
             )
             .await?;
         Ok(())
+    }
+
+    /// Messages ready in `queue`, or `MissingQueue` if it does not exist
+    /// (a passive declare: never creates it; on failure the broker closes
+    /// the channel, so use a channel of its own).
+    pub async fn require(&self, channel: &Channel, queue: &str) -> Result<u32, BrokerError> {
+        self.depth(channel, queue).await.map_err(|e| match e.is_not_found() {
+            true => BrokerError::MissingQueue(queue.to_owned()),
+            false => e,
+        })
     }
 
     /// Messages ready in a queue (declared passively: never creates it).
@@ -244,8 +300,8 @@ pub async fn status(
     let status = BrokerStatus {
         relay_checkpoint: checkpoint,
         relay_lag: head - checkpoint,
-        worker_queue_depth: topology.depth(&channel, &topology.worker_queue).await?,
-        dead_letter_depth: topology.depth(&channel, &topology.dead_letter_queue).await?,
+        worker_queue_depth: topology.require(&channel, &topology.worker_queue).await?,
+        dead_letter_depth: topology.require(&channel, &topology.dead_letter_queue).await?,
     };
     let _ = connection.close(200, "status read").await;
     Ok(status)

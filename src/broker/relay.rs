@@ -157,6 +157,17 @@ impl Relay {
     /// Runs until the task is dropped: standby until it leads, then
     /// publishes, reconnecting with backoff after any failure.
     pub async fn run(self) {
+        let _ = self.run_inner(false).await;
+    }
+
+    /// `run` for the `relay` command: ends with the error when the broker
+    /// refuses the configuration (login, vhost, URL), which no retry cures.
+    pub async fn run_checked(self) -> Result<(), BrokerError> {
+        self.run_inner(true).await
+    }
+
+    async fn run_inner(self, strict: bool) -> Result<(), BrokerError> {
+        let mut logged: Option<std::time::Instant> = None;
         let job = checkpoint_name(&self.topology);
         let mut backoff = Backoff::new();
         loop {
@@ -177,6 +188,14 @@ impl Relay {
             loop {
                 match self.session(&mut lock, &mut backoff).await {
                     Err(BrokerError::LostLeadership) => break,
+                    Err(e) if e.is_misconfiguration() && strict => return Err(e),
+                    Err(e) if e.is_misconfiguration() => {
+                        // Not transient: said once a minute, not per attempt.
+                        if logged.is_none_or(|t| t.elapsed() >= super::MISCONFIGURED_LOG_EVERY) {
+                            tracing::error!(error = %e, "the broker refuses this configuration; retrying");
+                            logged = Some(std::time::Instant::now());
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "relay session ended; reconnecting"),
                     Ok(()) => {}
                 }

@@ -8,10 +8,13 @@
 //! `MAX_ATTEMPTS` times) is parked with its reason, published to the
 //! dead-letter exchange, and acknowledged; the worker moves on. Later
 //! events of the same wallet are parked behind it (`projections/delivery.rs`)
-//! until `dlq replay` brings them back in order. Nothing is acknowledged
+//! until `dlq replay` brings them back in order. A database error that
+//! recurs (a refusal, not an outage) is narrowed down to the wallets it
+//! comes from, which are parked the same way with the database's reason,
+//! so one wallet's bad row never stalls the others. Nothing is acknowledged
 //! before its outcome is committed and its dead letter confirmed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +30,8 @@ use uuid::Uuid;
 
 use super::{connect, Backoff, BrokerError, EventMessage, Topology, REASON_HEADER, SETUP_TIMEOUT};
 use crate::aggregate::WalletId;
-use crate::projections::{Delivery, Incoming, Projections};
-use crate::store::RecordedEvent;
+use crate::projections::{Delivery, Incoming, ProjectionError, Projections};
+use crate::store::{RecordedEvent, StoreError};
 
 /// Unacknowledged messages the broker sends ahead, and the largest batch:
 /// each batch pays a synchronous commit, so bigger batches go faster
@@ -107,9 +110,32 @@ impl Worker {
     /// Runs until the task is dropped, reconnecting with backoff.
     pub async fn run(self) {
         let mut backoff = Backoff::new();
+        let mut logged: Option<std::time::Instant> = None;
         loop {
-            if let Err(e) = self.session(&mut backoff).await {
-                tracing::warn!(error = %e, "worker session ended; reconnecting");
+            match self.session(&mut backoff).await {
+                Err(e) if e.is_misconfiguration() => {
+                    // Not transient: say it once a minute, not per attempt.
+                    if logged.is_none_or(|t| t.elapsed() >= super::MISCONFIGURED_LOG_EVERY) {
+                        tracing::error!(error = %e, "the broker refuses this configuration; retrying");
+                        logged = Some(std::time::Instant::now());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "worker session ended; reconnecting"),
+                Ok(()) => {}
+            }
+            backoff.wait().await;
+        }
+    }
+
+    /// `run` for the `worker` command: ends with the error when the broker
+    /// refuses the configuration (login, vhost, URL), which no retry cures.
+    pub async fn run_checked(self) -> Result<(), BrokerError> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.session(&mut backoff).await {
+                Err(e) if e.is_misconfiguration() => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "worker session ended; reconnecting"),
+                Ok(()) => {}
             }
             backoff.wait().await;
         }
@@ -193,16 +219,7 @@ impl Worker {
                 Prepared::Unaddressed(_) => None,
             })
             .collect();
-        // The database may be away: keep the batch (unacknowledged) and retry.
-        let outcomes = loop {
-            match self.projections.apply_delivered(&incoming).await {
-                Ok(outcomes) => break outcomes,
-                Err(e) => {
-                    tracing::warn!(error = %e, "worker cannot write the read models; retrying");
-                    backoff.wait().await;
-                }
-            }
-        };
+        let outcomes = self.apply(incoming, backoff).await;
         backoff.reset();
 
         let mut outcomes = outcomes.into_iter();
@@ -228,6 +245,73 @@ impl Worker {
         let last = batch.last().expect("batches are not empty").delivery_tag;
         channel.basic_ack(last, BasicAckOptions { multiple: true }).await?;
         Ok(())
+    }
+
+    /// Applies the batch, retrying while the database is away (the batch
+    /// stays unacknowledged). A refusal that recurs `MAX_ATTEMPTS` times is
+    /// narrowed down to the wallets whose updates the database refuses on
+    /// their own; their messages are parked (and dead-lettered) with the
+    /// database's reason, and the others are applied.
+    async fn apply(&self, mut incoming: Vec<Incoming>, backoff: &mut Backoff) -> Vec<Delivery> {
+        let mut refusals = 0;
+        loop {
+            let e = match self.projections.apply_delivered(&incoming).await {
+                Ok(outcomes) => return outcomes,
+                Err(e) => e,
+            };
+            refusals = if refused(&e) { refusals + 1 } else { 0 };
+            if refusals >= MAX_ATTEMPTS {
+                let culprits = self.isolate(&incoming).await;
+                if !culprits.is_empty() {
+                    for message in &mut incoming {
+                        if let Some(reason) = culprits.get(message.stream()) {
+                            *message = Incoming::Failed {
+                                stream: message.stream().to_owned(),
+                                position: message.position(),
+                                reason: reason.clone(),
+                            };
+                        }
+                    }
+                    refusals = 0;
+                    continue;
+                }
+            }
+            tracing::warn!(error = %e, attempt = refusals, "worker cannot write the read models; retrying");
+            backoff.wait().await;
+        }
+    }
+
+    /// The wallets whose messages the database refuses on their own, with
+    /// its reason, found by halving the batch's wallets (each probe is
+    /// rolled back). Empty when none fails alone or the database is away.
+    async fn isolate(&self, incoming: &[Incoming]) -> HashMap<String, String> {
+        let mut streams: Vec<&str> = incoming.iter().map(Incoming::stream).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let mut culprits = HashMap::new();
+        let mut groups = vec![streams];
+        while let Some(group) = groups.pop() {
+            let subset: Vec<Incoming> = incoming
+                .iter()
+                .filter(|m| group.binary_search(&m.stream()).is_ok())
+                .cloned()
+                .collect();
+            match self.projections.probe_delivered(&subset).await {
+                Ok(()) => {}
+                Err(e) if !refused(&e) => return HashMap::new(),
+                Err(e) if group.len() == 1 => {
+                    let reason = format!("the database refused wallet {}'s read-model update: {e}", group[0]);
+                    tracing::error!(wallet = group[0], reason = %reason, "parking a wallet the database refuses");
+                    culprits.insert(group[0].to_owned(), reason);
+                }
+                Err(_) => {
+                    let (a, b) = group.split_at(group.len() / 2);
+                    groups.push(a.to_vec());
+                    groups.push(b.to_vec());
+                }
+            }
+        }
+        culprits
     }
 
     async fn prepare(&self, body: &[u8]) -> Prepared {
@@ -299,4 +383,19 @@ impl Worker {
             )
             .await?)
     }
+}
+
+/// The database answered with an error that retrying will not cure (a
+/// constraint, a trigger, a type error), as opposed to its being away or
+/// busy: connection and resource errors, serialization failures and
+/// deadlocks (SQLSTATE classes 08, 40, 53, 57) and SQLite's busy/locked.
+fn refused(e: &ProjectionError) -> bool {
+    let ProjectionError::Store(StoreError::Database(sqlx::Error::Database(db))) = e else {
+        return false;
+    };
+    let code = db.code().unwrap_or_default();
+    let transient = ["08", "40", "53", "57"].iter().any(|class| code.starts_with(class))
+        || matches!(code.as_ref(), "5" | "6" | "261" | "262" | "517" | "518")
+        || db.message().contains("database is locked");
+    !transient
 }

@@ -31,14 +31,14 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    fn stream(&self) -> &str {
+    pub fn stream(&self) -> &str {
         match self {
             Incoming::Event(e) => e.stream.as_str(),
             Incoming::Failed { stream, .. } => stream,
         }
     }
 
-    fn position(&self) -> Position {
+    pub fn position(&self) -> Position {
         match self {
             Incoming::Event(e) => e.position,
             Incoming::Failed { position, .. } => *position,
@@ -97,6 +97,22 @@ impl Projections {
     /// Returns one outcome per message; on error nothing was written.
     pub async fn apply_delivered(&self, incoming: &[Incoming]) -> Result<Vec<Delivery>, ProjectionError> {
         let mut tx = Tx::begin(&self.store).await?;
+        let outcomes = self.deliver_in(&mut tx, incoming).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Does all `apply_delivered` would, then rolls it back: whether these
+    /// messages could be applied (the worker's search for the wallet whose
+    /// update the database keeps refusing).
+    pub async fn probe_delivered(&self, incoming: &[Incoming]) -> Result<(), ProjectionError> {
+        let mut tx = Tx::begin(&self.store).await?;
+        self.deliver_in(&mut tx, incoming).await?;
+        drop(tx); // rolls back
+        Ok(())
+    }
+
+    async fn deliver_in(&self, tx: &mut Tx, incoming: &[Incoming]) -> Result<Vec<Delivery>, ProjectionError> {
         // Checkpoints first (locked, in a fixed order), parked rows after:
         // a rebuild's swap that unparks rows takes the checkpoint lock too,
         // so what is read below cannot change before this commits.
@@ -159,13 +175,12 @@ impl Projections {
                 }
             }
             if !to_apply.is_empty() {
-                apply_events(&mut tx, projection.as_ref(), &table(name), to_apply.into_iter()).await?;
+                apply_events(tx, projection.as_ref(), &table(name), to_apply.into_iter()).await?;
             }
             if checkpoint != start {
                 tx.set_checkpoint(name, checkpoint).await?;
             }
         }
-        tx.commit().await?;
         Ok(outcomes)
     }
 }

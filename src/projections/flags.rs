@@ -125,6 +125,12 @@ pub fn detect(rules: &FraudRules, window: &mut OutflowWindow, e: &RecordedEvent)
     flags
 }
 
+/// Key of the flag `rule` raised at `position`: unique, and in the order
+/// pages list flags of one position (`GET /flags` cursors name it).
+pub fn flag_key(position: Position, rule: &str) -> String {
+    format!("f/{position:020}/{rule}")
+}
+
 pub fn window_key(wallet: &str) -> String {
     format!("w/{wallet}")
 }
@@ -172,7 +178,7 @@ impl Projection for Flags {
         let mut window = load_window(batch, &key);
         for flag in detect(&self.rules, &mut window, e) {
             batch.put(Doc {
-                key: format!("f/{:020}/{}", flag.position, flag.rule),
+                key: flag_key(flag.position, &flag.rule),
                 kind: FLAG_KIND.to_owned(),
                 wallet_id: flag.wallet_id.clone(),
                 sort: flag.position,
@@ -246,6 +252,22 @@ mod tests {
         let fired = rules_fired(&[0, 10_000, 70_001, 80_000], "1");
         assert!(fired[2].is_empty(), "{fired:?}");
         assert!(fired[3].is_empty(), "only 2 outflows within [20 s, 80 s]: {fired:?}");
+    }
+
+    #[test]
+    fn a_fourth_quick_outflow_names_the_last_three() {
+        let rules = FraudRules::default();
+        let mut window = OutflowWindow::default();
+        let mut flags = Vec::new();
+        for (i, t) in [0, 1_000, 2_000, 3_000].into_iter().enumerate() {
+            flags = detect(&rules, &mut window, &outflow_at(t, "1", i as i64 + 1));
+        }
+        assert_eq!(flags.len(), 1, "{flags:?}");
+        let ids: Vec<Uuid> = (2..=4).map(Uuid::from_u128).collect();
+        assert_eq!(
+            flags[0].event_ids, ids,
+            "as DESIGN.md says: the window's last rapid_count outflows"
+        );
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub struct DocQuery<'a> {
     pub wallet_id: Option<&'a str>,
     pub tag: Option<&'a str>,
     pub before_sort: Option<i64>,
+    /// With `before_sort`: also the documents of that very `sort` whose key
+    /// is below this one (a cursor naming one document where several share
+    /// a `sort`, as two flags of one event do).
+    pub before_key: Option<&'a str>,
     pub limit: u32,
 }
 
@@ -361,20 +365,6 @@ impl Tx {
         Ok(())
     }
 
-    /// Every document of a table in key order, as this transaction sees it.
-    pub async fn dump(&mut self, table: &str) -> Result<Vec<Doc>, StoreError> {
-        check_table_name(table);
-        on_tx!(self, conn, Db, FOR_UPDATE => {
-            let rows = QueryBuilder::<Db>::new(format!(
-                "SELECT key, kind, wallet_id, sort, tag, body FROM {table} ORDER BY key"
-            ))
-            .build()
-            .fetch_all(&mut **conn)
-            .await?;
-            rows.into_iter().map(row_to_doc).collect::<Result<_, _>>().map_err(Into::into)
-        })
-    }
-
     pub async fn table_exists(&mut self, table: &str) -> Result<bool, StoreError> {
         check_table_name(table);
         Ok(match self {
@@ -496,8 +486,15 @@ pub async fn query(store: &EventStore, table: &str, query: &DocQuery<'_>) -> Res
         if let Some(t) = query.tag {
             q.push(" AND tag = ").push_bind(t);
         }
-        if let Some(b) = query.before_sort {
-            q.push(" AND sort < ").push_bind(b);
+        match (query.before_sort, query.before_key) {
+            (Some(b), Some(k)) => {
+                q.push(" AND (sort < ").push_bind(b);
+                q.push(" OR (sort = ").push_bind(b).push(" AND key < ").push_bind(k).push("))");
+            }
+            (Some(b), None) => {
+                q.push(" AND sort < ").push_bind(b);
+            }
+            (None, _) => {}
         }
         q.push(" ORDER BY sort DESC, key DESC LIMIT ").push_bind(i64::from(query.limit));
         let rows = q.build().fetch_all(pool).await?;
@@ -506,6 +503,57 @@ pub async fn query(store: &EventStore, table: &str, query: &DocQuery<'_>) -> Res
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
     })
+}
+
+/// A read model and its checkpoint as of one moment, read in one read-only
+/// snapshot (no lock, nothing written); `None` if the table does not exist.
+pub async fn read_consistent(
+    store: &EventStore,
+    name: &str,
+    table: &str,
+) -> Result<Option<(Position, Vec<Doc>)>, StoreError> {
+    check_table_name(table);
+    let dump = format!("SELECT key, kind, wallet_id, sort, tag, body FROM {table} ORDER BY key");
+    let (at, rows) = match store {
+        EventStore::Postgres(s) => {
+            let mut tx = s.pool().begin().await?;
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(table)
+                .fetch_one(&mut *tx)
+                .await?;
+            if !exists {
+                return Ok(None);
+            }
+            let at: Option<i64> = sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let rows = sqlx::query(&dump).fetch_all(&mut *tx).await?;
+            (at, rows.into_iter().map(row_to_doc).collect::<Result<Vec<_>, _>>()?)
+        }
+        EventStore::Sqlite(s) => {
+            // A deferred transaction in WAL mode reads one snapshot.
+            let mut tx = s.reader().begin().await?;
+            let exists: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?")
+                    .bind(table)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if exists == 0 {
+                return Ok(None);
+            }
+            let at: Option<i64> = sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let rows = sqlx::query(&dump).fetch_all(&mut *tx).await?;
+            (at, rows.into_iter().map(row_to_doc).collect::<Result<Vec<_>, _>>()?)
+        }
+    };
+    Ok(Some((at.unwrap_or(0), rows)))
 }
 
 /// Every document of a table in key order: for comparing read models.

@@ -164,10 +164,12 @@ pub struct SnapshotRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    // The cause is in the message and not also a `source`: an error chain
+    // (`{:#}`, anyhow) would print it twice.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     #[error("database error: {0}")]
-    Database(#[source] sqlx::Error),
+    Database(sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("undecodable event at position {position}: {source}")]

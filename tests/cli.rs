@@ -1,0 +1,346 @@
+//! The command line as an operator meets it, through the real binary: what
+//! `--help` shows, which commands change nothing, and how they fail.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+/// The binary with a clean environment of its own (no `.env` values leak
+/// in from the working directory): run in a fresh temp directory.
+fn wallet(args: &[&str]) -> Command {
+    let dir = std::env::temp_dir().join(format!("wallet-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wallet"));
+    c.args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("AMQP_URL")
+        .env_remove("API_KEYS")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.output().expect("the wallet binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn help_never_shows_secrets_from_the_environment() {
+    for sub in ["serve", "worker", "relay", "dlq", "verify", "load"] {
+        let out = run(wallet(&[sub, "--help"])
+            .env("DATABASE_URL", "postgres://app:db-s3cret@db/wallet")
+            .env("AMQP_URL", "amqp://app:mq-s3cret@mq/%2f")
+            .env("API_KEYS", "ops:admin:key-s3cret")
+            .env("WALLET_API_KEY", "wk_client-s3cret"));
+        let help = text(&out);
+        assert!(out.status.success(), "{sub} --help: {help}");
+        assert!(help.contains("DATABASE_URL"), "{sub} --help names the variable: {help}");
+        assert!(!help.contains("s3cret"), "{sub} --help shows a secret: {help}");
+    }
+}
+
+/// The tables in a PostgreSQL database's public schema.
+async fn tables(url: &str) -> Vec<String> {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(url)
+        .await
+        .expect("PostgreSQL is required for this test");
+    sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+        .fetch_all(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn read_only_commands_create_nothing_on_an_empty_database() {
+    let url = common::postgres_without_schema().await;
+    for args in [
+        &["replay", "--at", "1"][..],
+        &["verify"],
+        &["projections", "status"],
+        &["tail"],
+        &["prune", "--audit-older-than", "90d"],
+    ] {
+        let out = run(wallet(args).env("DATABASE_URL", &url));
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {said}");
+        assert!(
+            said.contains("holds no wallet schema") && said.contains("wallet migrate"),
+            "{args:?}: {said}"
+        );
+        assert_eq!(
+            said.trim().lines().count(),
+            1,
+            "{args:?}: one clear line, no backtrace: {said}"
+        );
+    }
+    assert_eq!(
+        tables(&url).await,
+        Vec::<String>::new(),
+        "read-only commands created tables"
+    );
+}
+
+#[tokio::test]
+async fn replay_and_verify_run_on_a_read_only_connection() {
+    let url = common::postgres_without_schema().await;
+    let out = run(wallet(&["migrate"]).env("DATABASE_URL", &url));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(wallet(&["seed", "--events", "300", "--wallets", "5"]).env("DATABASE_URL", &url));
+    assert!(out.status.success(), "{}", text(&out));
+    let store = wallet::config::open_existing(&url).await.unwrap();
+    let projections = wallet::projections::Projections::new(store, Default::default());
+    projections.catch_up().await.unwrap();
+    let before = tables(&url).await;
+
+    let read_only = format!("{url}?options=-c%20default_transaction_read_only%3Don");
+    for args in [
+        &["replay", "--at", "100"][..],
+        &["replay", "--at", "100", "--json"],
+        &["verify"],
+        &["projections", "status", "--json"],
+        &["tail", "--after", "290"],
+    ] {
+        let out = run(wallet(args).env("DATABASE_URL", &read_only));
+        assert!(
+            out.status.success(),
+            "{args:?} on a read-only connection: {}",
+            text(&out)
+        );
+    }
+    let out = run(wallet(&["verify"]).env("DATABASE_URL", &read_only));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no discrepancies"),
+        "{}",
+        text(&out)
+    );
+    // The connection really is read-only: a writer fails on it.
+    let out = run(wallet(&["seed", "--events", "10", "--wallets", "2"]).env("DATABASE_URL", &read_only));
+    assert!(
+        !out.status.success() && text(&out).contains("read-only"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(tables(&url).await, before, "nothing created");
+}
+
+#[test]
+fn the_embedded_database_is_not_created_by_commands_that_read() {
+    let mut c = wallet(&["replay", "--at", "1"]);
+    let out = run(&mut c);
+    let dir = c.get_current_dir().unwrap().to_owned();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("no database at data/wallet.db"), "{said}");
+    for args in [&["keys", "--name", "ci"][..], &["verify"], &["tail"]] {
+        let mut c = wallet(args);
+        c.current_dir(&dir);
+        run(&mut c);
+    }
+    assert!(!dir.join("data").exists(), "a stray data/ directory was created");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn dlq_list_with_a_mistyped_exchange_declares_nothing() {
+    let topology = common::broker::topology();
+    let out = run(wallet(&["dlq", "list"])
+        .env("AMQP_URL", common::broker::amqp_url())
+        .env("AMQP_EXCHANGE", &topology.exchange));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&format!("queue \"{}\" does not exist", topology.dead_letter_queue)),
+        "{said}"
+    );
+    // Still missing: a passive declare on a channel of our own fails.
+    let connection = common::broker::connect(&common::broker::amqp_url()).await;
+    let channel = connection.create_channel().await.unwrap();
+    let missing = topology.require(&channel, &topology.dead_letter_queue).await;
+    assert!(
+        matches!(missing, Err(wallet::broker::BrokerError::MissingQueue(_))),
+        "{missing:?}"
+    );
+}
+
+#[test]
+fn a_database_that_cannot_be_reached_is_named_with_its_cause_once() {
+    let out = run(wallet(&["verify"]).env("DATABASE_URL", "postgres://someone:pw-s3cret@127.0.0.1:1/nowhere"));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_eq!(said.trim().lines().count(), 1, "one line: {said}");
+    for part in ["127.0.0.1:1", "database nowhere", "user someone", "Connection refused"] {
+        assert!(said.contains(part), "names {part:?}: {said}");
+    }
+    assert_eq!(said.matches("Connection refused").count(), 1, "the cause once: {said}");
+    assert!(!said.contains("s3cret"), "{said}");
+}
+
+/// Waits for the process to end, at most `limit`; kills it otherwise.
+fn wait_at_most(mut child: std::process::Child, limit: std::time::Duration) -> Option<Output> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn misconfigured_brokers() -> Vec<(String, &'static str)> {
+    let good = common::broker::amqp_url();
+    vec![
+        (good.replacen("guest:guest", "guest:wrong-s3cret", 1), "ACCESS_REFUSED"),
+        (format!("{}/no-such-vhost", good.rsplit_once('/').unwrap().0), "vhost"),
+        ("http://127.0.0.1:5672/".to_owned(), "scheme"),
+    ]
+}
+
+#[test]
+fn a_misconfigured_broker_ends_worker_relay_and_dlq_with_one_line() {
+    for (url, expected) in misconfigured_brokers() {
+        for args in [&["worker"][..], &["relay"], &["dlq", "list"]] {
+            let child = wallet(args)
+                .env("AMQP_URL", &url)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = wait_at_most(child, std::time::Duration::from_secs(30))
+                .unwrap_or_else(|| panic!("{args:?} with {url} kept retrying"));
+            let said = text(&out);
+            assert_eq!(out.status.code(), Some(1), "{args:?} with {url}: {said}");
+            assert_eq!(said.trim().lines().count(), 1, "{args:?} with {url}: one line: {said}");
+            assert!(said.contains(expected), "{args:?} with {url}: {said}");
+            assert!(!said.contains("s3cret"), "{said}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn serve_with_a_misconfigured_broker_says_why_it_is_not_ready() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (url, expected) = misconfigured_brokers().remove(0);
+    let mut serve = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")])
+        .env("AMQP_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut ready = None;
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            ready = Some(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = serve.kill();
+    let _ = serve.wait();
+    let ready = ready.expect("serve answers");
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("refuses this configuration") && detail.contains(expected),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn probes_stay_out_of_the_info_log_and_latency_is_a_number() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")]);
+    let dir = command.get_current_dir().unwrap().to_owned();
+    let log = dir.join("serve.log");
+    let mut serve = command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..300 {
+        if client.get(format!("{base}/health")).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let ready = client.get(format!("{base}/ready")).send().await.map(|r| r.status());
+    let wallet = client.get(format!("{base}/wallet/x")).send().await.map(|r| r.status());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(up, "serve answers");
+    assert_eq!(ready.unwrap(), 200);
+    assert_eq!(wallet.unwrap(), 200);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["message"] == "finished processing request")
+        .collect();
+    assert_eq!(lines.len(), 1, "only /wallet/x, no probe: {lines:?}");
+    assert_eq!(lines[0]["span"]["path"], "/wallet/x", "{lines:?}");
+    assert!(lines[0]["latency_ms"].is_f64(), "latency as a number: {lines:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_closed_pipe_ends_a_printing_command_without_a_panic() {
+    // `wallet keys | true`: the reader is gone before the first line.
+    let mut child = wallet(&["keys", "--name", "ci"])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out);
+    assert!(!said.contains("panicked"), "{said}");
+    assert_ne!(out.status.code(), Some(101), "{said}");
+}
+
+#[tokio::test]
+async fn dlq_replay_of_unknown_ids_is_an_error_naming_them() {
+    let topology = common::broker::topology();
+    let connection = common::broker::connect(&common::broker::amqp_url()).await;
+    let channel = connection.create_channel().await.unwrap();
+    topology.declare(&channel).await.unwrap();
+    let out = run(wallet(&["dlq", "replay", "--id", "nope-1", "nope-2"])
+        .env("AMQP_URL", common::broker::amqp_url())
+        .env("AMQP_EXCHANGE", &topology.exchange));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("replayed 0 dead letters"), "{said}");
+    assert!(
+        said.contains(r#"no dead letter with id "nope-1", "nope-2""#),
+        "both ids parsed and named: {said}"
+    );
+}
