@@ -432,6 +432,14 @@ pub enum DlqCommand {
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
         limit: u64,
     },
+    /// Delete dead letters that can never apply, by message id (see `dlq
+    /// list`). Their events stay in the log; a wallet parked behind one
+    /// stays parked until `projections rebuild`.
+    Discard {
+        /// The message ids to delete (`--id A B`); required.
+        #[arg(long = "id", num_args = 1.., required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -732,23 +740,42 @@ async fn dlq(amqp: &str, topology: &Topology, command: DlqCommand) -> anyhow::Re
         DlqCommand::Replay { ids, limit } => {
             let replayed = crate::broker::dlq::replay(amqp, topology, &ids, limit as usize).await?;
             println!("replayed {} dead letters to {}", replayed.len(), topology.worker_queue);
-            let missing: Vec<&String> = ids
-                .iter()
-                .filter(|id| !replayed.iter().any(|l| l.message_id.as_ref() == Some(*id)))
-                .collect();
-            anyhow::ensure!(
-                missing.is_empty(),
-                "no dead letter with id {} in {} (see `wallet dlq list`)",
-                missing
-                    .iter()
-                    .map(|id| format!("{id:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                topology.dead_letter_queue
-            );
-            Ok(())
+            ensure_all_found(&ids, &replayed, topology)
+        }
+        DlqCommand::Discard { ids } => {
+            let discarded = crate::broker::dlq::discard(amqp, topology, &ids).await?;
+            for l in &discarded {
+                println!(
+                    "discarded {} (position {}, wallet {})",
+                    l.message_id.as_deref().unwrap_or("-"),
+                    l.position.map_or("-".to_owned(), |p| p.to_string()),
+                    l.wallet_id.as_deref().unwrap_or("-")
+                );
+            }
+            println!("discarded {} dead letters", discarded.len());
+            ensure_all_found(&ids, &discarded, topology)
         }
     }
+}
+
+/// An error naming the requested ids that were not in the dead-letter queue.
+fn ensure_all_found(
+    ids: &[String],
+    found: &[crate::broker::dlq::DeadLetter],
+    topology: &Topology,
+) -> anyhow::Result<()> {
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| !found.iter().any(|l| l.message_id.as_ref() == Some(*id)))
+        .map(|id| format!("{id:?}"))
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "no dead letter with id {} in {} (see `wallet dlq list`)",
+        missing.join(", "),
+        topology.dead_letter_queue
+    );
+    Ok(())
 }
 
 async fn rebuild(projections: &Projections, names: Vec<String>, restart: bool) -> anyhow::Result<()> {

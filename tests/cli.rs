@@ -344,3 +344,50 @@ async fn dlq_replay_of_unknown_ids_is_an_error_naming_them() {
         "both ids parsed and named: {said}"
     );
 }
+
+#[tokio::test]
+async fn a_dead_letter_that_can_never_apply_can_be_discarded_by_id() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::BasicProperties;
+    let topology = common::broker::topology();
+    let connection = common::broker::connect(&common::broker::amqp_url()).await;
+    let channel = connection.create_channel().await.unwrap();
+    topology.declare(&channel).await.unwrap();
+    for id in ["junk-1", "keep-1"] {
+        channel
+            .basic_publish(
+                &topology.dead_letter_exchange,
+                "",
+                BasicPublishOptions::default(),
+                b"not an event",
+                BasicProperties::default().with_message_id(id.into()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let dlq = |args: &[&str]| {
+        run(wallet(args)
+            .env("AMQP_URL", common::broker::amqp_url())
+            .env("AMQP_EXCHANGE", &topology.exchange))
+    };
+    assert!(
+        !dlq(&["dlq", "discard"]).status.success(),
+        "--id is required: never all"
+    );
+    let out = dlq(&["dlq", "discard", "--id", "junk-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("discarded 1 dead letters"), "{}", text(&out));
+    let out = dlq(&["dlq", "list", "--json"]);
+    let left: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["messageId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["keep-1"], "only the named one is gone");
+    let out = dlq(&["dlq", "discard", "--id", "junk-1"]);
+    assert_eq!(out.status.code(), Some(1), "already gone: {}", text(&out));
+}

@@ -1,5 +1,6 @@
 //! The dead-letter queue from the command line: list what is in it (with
-//! each message's reason) and replay messages back through the worker.
+//! each message's reason), replay messages back through the worker, or
+//! discard named ones that can never apply.
 //!
 //! Neither declares anything: a queue that does not exist (a mistyped
 //! `AMQP_EXCHANGE`) is an error naming it, never a new empty queue.
@@ -172,4 +173,34 @@ pub async fn replay(
     give_back(&channel, last_kept).await?;
     let _ = connection.close(200, "dlq replayed").await;
     Ok(replayed)
+}
+
+/// Removes the dead letters whose message id is in `ids` for good (ones
+/// that can never apply, e.g. a forged or garbage message), after the
+/// operator has seen them in `dlq list`. Never all of them: `ids` is
+/// required. Returns the discarded ones; the rest stay, in order.
+pub async fn discard(url: &str, topology: &Topology, ids: &[String]) -> Result<Vec<DeadLetter>, BrokerError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let connection = connect(url).await?;
+    let channel = connection.create_channel().await?;
+    topology.require(&channel, &topology.dead_letter_queue).await?;
+    let taken = take(&channel, topology, MAX_BATCH).await?;
+    let mut discarded = Vec::new();
+    let mut last_kept = None;
+    for message in &taken {
+        let letter = describe(message);
+        if letter.message_id.as_ref().is_some_and(|id| ids.contains(id)) {
+            channel
+                .basic_ack(message.delivery.delivery_tag, BasicAckOptions { multiple: false })
+                .await?;
+            discarded.push(letter);
+        } else {
+            last_kept = Some(message.delivery.delivery_tag);
+        }
+    }
+    give_back(&channel, last_kept).await?;
+    let _ = connection.close(200, "dlq discarded").await;
+    Ok(discarded)
 }
