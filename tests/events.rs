@@ -470,7 +470,10 @@ async fn wallet_tail_prints_the_log_and_creates_nothing() {
     let empty = common::postgres_without_schema().await;
     let (ok, _, err) = tail(&[], &empty);
     assert!(!ok, "tail on a database without the log fails");
-    assert!(err.contains("events"), "says what is missing: {err}");
+    assert!(
+        err.contains("no wallet schema") && err.contains("wallet migrate"),
+        "says what is missing: {err}"
+    );
     let pool = sqlx::PgPool::connect(&empty).await.unwrap();
     let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
         .fetch_one(&pool)
