@@ -215,7 +215,7 @@ fn opening_deposit(wallet: &str) -> AppendRequest {
                 .collect(),
             on_batch: false,
         }],
-        idempotency: None,
+        idempotency: Vec::new(),
     }
 }
 

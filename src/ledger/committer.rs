@@ -49,6 +49,9 @@ pub(crate) struct Job {
     pub request_id: String,
     /// An atomic command: each operation's request id, in order.
     pub request_ids: Vec<String>,
+    /// An atomic command: each operation's key and fingerprint, if it has a
+    /// key (recorded with the batch, each answering with its own receipt).
+    pub op_keys: Vec<Option<(String, String)>>,
     pub metadata: serde_json::Value,
     /// Wallets the request task loaded because the committer did not hold them.
     pub loaded: Vec<Wallet>,
@@ -597,7 +600,11 @@ fn plan_accepted(job: &Job, decision: Decision, states: Vec<Wallet>) -> (AppendR
         Command::Atomic { ops } => Receipt::Batch(batch_receipts(ops, &states, &job.request_ids)),
         command => receipt(command, &decision, &states, &after, &job.request_id),
     };
-    let record = record(job, Outcome::Receipt(receipt.clone()));
+    let mut records: Vec<IdempotencyRecord> = record(job, Outcome::Receipt(receipt.clone())).into_iter().collect();
+    if let (Command::Atomic { ops }, Receipt::Batch(receipts)) = (&job.command, &receipt) {
+        let outcomes = receipts.iter().map(|r| Outcome::Receipt(r.clone()));
+        records.extend(operation_records(ops, outcomes, &job.op_keys));
+    }
     let mut streams = Vec::with_capacity(decision.streams.len());
     for s in decision.streams {
         let before = states
@@ -617,7 +624,7 @@ fn plan_accepted(job: &Job, decision: Decision, states: Vec<Wallet>) -> (AppendR
     }
     let request = AppendRequest {
         streams,
-        idempotency: record,
+        idempotency: records,
     };
     let decided = Decided::Accepted {
         receipt,
@@ -645,7 +652,7 @@ fn plan_rejected(job: &Job, error: DomainError, states: Vec<Wallet>) -> (AppendR
                 on_batch: false,
             })
             .collect(),
-        idempotency: record(job, Outcome::Rejected(error.clone())),
+        idempotency: rejection_records(job, &error),
     };
     (request, Decided::Rejected { error, on })
 }
@@ -666,6 +673,40 @@ fn record(job: &Job, outcome: Outcome) -> Option<IdempotencyRecord> {
         fingerprint: job.fingerprint.clone(),
         outcome: serde_json::to_value(outcome).expect("outcomes serialise"),
     })
+}
+
+/// A rejection's records: its key, and an atomic batch's operation keys,
+/// each remembering the batch's refusal (a key once used answers the same,
+/// as a single operation's does).
+fn rejection_records(job: &Job, error: &DomainError) -> Vec<IdempotencyRecord> {
+    let mut records: Vec<IdempotencyRecord> = record(job, Outcome::Rejected(error.clone())).into_iter().collect();
+    if let Command::Atomic { ops } = &job.command {
+        let outcomes = ops.iter().map(|_| Outcome::Rejected(error.clone()));
+        records.extend(operation_records(ops, outcomes, &job.op_keys));
+    }
+    records
+}
+
+/// The records of an atomic batch's operation keys, each with its
+/// operation's own outcome, so the key answers on its own route too.
+fn operation_records(
+    ops: &[Command],
+    outcomes: impl Iterator<Item = Outcome>,
+    keys: &[Option<(String, String)>],
+) -> Vec<IdempotencyRecord> {
+    ops.iter()
+        .zip(outcomes)
+        .zip(keys)
+        .filter_map(|((op, outcome), key)| {
+            let (key, fingerprint) = key.as_ref()?;
+            Some(IdempotencyRecord {
+                wallet: op.wallet().clone(),
+                key: key.clone(),
+                fingerprint: fingerprint.clone(),
+                outcome: serde_json::to_value(outcome).expect("outcomes serialise"),
+            })
+        })
+        .collect()
 }
 
 fn record_batch_size(requests: &[AppendRequest]) {

@@ -188,6 +188,8 @@ struct Submission {
     metadata: serde_json::Value,
     /// An atomic command: each operation's request id.
     request_ids: Vec<String>,
+    /// An atomic command: each operation's key and fingerprint, if keyed.
+    op_keys: Vec<Option<(String, String)>>,
 }
 
 impl Submission {
@@ -210,6 +212,7 @@ impl Submission {
             request_id,
             metadata,
             request_ids: Vec::new(),
+            op_keys: Vec::new(),
         }
     }
 }
@@ -617,6 +620,7 @@ impl Ledger {
         async {
             let mut ops = Vec::with_capacity(items.len());
             let mut request_ids = Vec::with_capacity(items.len());
+            let mut op_keys = Vec::with_capacity(items.len());
             let mut fingerprint = Sha256::new();
             for (index, (op, op_key)) in items.into_iter().enumerate() {
                 let (command, f) = self.command_of(op).await.map_err(|e| match e {
@@ -631,12 +635,15 @@ impl Ledger {
                 })?;
                 fingerprint.update(f.as_bytes());
                 fingerprint.update([0x1f]);
+                request_ids.push(op_key.clone().unwrap_or_else(|| Uuid::new_v4().to_string()));
+                op_keys.push(op_key.map(|k| (k, f)));
                 ops.push(command);
-                request_ids.push(op_key.unwrap_or_else(|| Uuid::new_v4().to_string()));
             }
+            distinct_keys(&ops, &op_keys, key.as_deref())?;
             let fingerprint = format!("atomic:{}", hex::encode(fingerprint.finalize()));
             let mut submission = Submission::new(Command::Atomic { ops }, key, fingerprint);
             submission.request_ids = request_ids;
+            submission.op_keys = op_keys;
             match self.execute(submission).await? {
                 Answer {
                     receipt: Receipt::Batch(receipts),
@@ -876,6 +883,7 @@ impl Ledger {
             fingerprint: submission.fingerprint.clone(),
             request_id: submission.request_id.clone(),
             request_ids: submission.request_ids.clone(),
+            op_keys: submission.op_keys.clone(),
             metadata: submission.metadata.clone(),
             deadline,
             reply,
@@ -895,12 +903,16 @@ impl Ledger {
         }
     }
 
-    /// The submission's key was recorded first: its stored answer.
+    /// One of the submission's keys was recorded first: the stored answer.
     async fn replay_duplicate(&self, submission: &Submission, resolved: bool) -> Result<Answer<Receipt>, CommandError> {
         let scope = submission.command.wallet();
-        let replayed = self
-            .replay_stored(scope, submission.key.as_deref(), &submission.fingerprint)
-            .await;
+        let replayed = match submission.op_keys.iter().any(Option::is_some) {
+            false => {
+                self.replay_stored(scope, submission.key.as_deref(), &submission.fingerprint)
+                    .await
+            }
+            true => self.replay_atomic(submission).await,
+        };
         match replayed {
             // After a lost answer the record may be this command's own:
             // failing to read it is not "not applied".
@@ -959,6 +971,33 @@ impl Ledger {
         Ok(loaded)
     }
 
+    /// An atomic batch with operation keys: by its own key if recorded, else
+    /// by its operations' keys, every one of which must name that operation
+    /// (a batch recorded with the same keys, or its operations one by one);
+    /// otherwise a key of it names another request.
+    async fn replay_atomic(&self, submission: &Submission) -> Result<Answer<Receipt>, CommandError> {
+        let Command::Atomic { ops } = &submission.command else {
+            return Err(CommandError::KeyReused);
+        };
+        if let Some(key) = &submission.key {
+            if let Some(found) = self.store.find_idempotency(submission.command.wallet(), key).await? {
+                return replay(found, &submission.fingerprint);
+            }
+        }
+        let mut receipts = Vec::with_capacity(ops.len());
+        for (op, op_key) in ops.iter().zip(&submission.op_keys) {
+            let Some((key, fingerprint)) = op_key else {
+                return Err(CommandError::KeyReused);
+            };
+            let found = self.store.find_idempotency(op.wallet(), key).await?;
+            receipts.push(replay(found.ok_or(CommandError::KeyReused)?, fingerprint)?.receipt);
+        }
+        Ok(Answer {
+            receipt: Receipt::Batch(receipts),
+            replayed: true,
+        })
+    }
+
     /// A request with the same key committed first: answer from it.
     async fn replay_stored(
         &self,
@@ -972,6 +1011,24 @@ impl Ledger {
             None => Err(CommandError::Conflict),
         }
     }
+}
+
+/// An atomic batch's keys name one request each: the store records them
+/// together, and one key on two operations could only be refused as a
+/// whole by the database.
+fn distinct_keys(ops: &[Command], op_keys: &[Option<(String, String)>], key: Option<&str>) -> Result<(), CommandError> {
+    let mut seen = std::collections::HashSet::with_capacity(op_keys.len() + 1);
+    if let (Some(key), Some(first)) = (key, ops.first()) {
+        seen.insert((first.wallet(), key));
+    }
+    for (op, op_key) in ops.iter().zip(op_keys) {
+        if let Some((k, _)) = op_key {
+            if !seen.insert((op.wallet(), k.as_str())) {
+                return Err(CommandError::KeyReused);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn wallet_answer(answer: Answer<Receipt>) -> Result<Answer<WalletReceipt>, CommandError> {

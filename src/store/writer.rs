@@ -114,7 +114,7 @@ impl BatchWriter {
             .collect();
         let keys: Vec<(String, String)> = requests
             .iter()
-            .filter_map(|r| r.idempotency.as_ref())
+            .flat_map(|r| &r.idempotency)
             .map(|k| (k.wallet.to_string(), k.key.clone()))
             .collect();
         let found = match self {
@@ -140,9 +140,12 @@ fn resolution(request: AppendRequest, found: &Found) -> Resolution {
         let at = rows[0].2;
         return Resolution::Committed(super::recorded(request, &positions, hashes, at));
     }
-    match &request.idempotency {
-        Some(k) if found.keys.contains(&(k.wallet.to_string(), k.key.clone())) => Resolution::Duplicate,
-        _ => Resolution::NotCommitted,
+    // A request whose key is recorded did not append (its keys and events
+    // commit together): one of its keys was another request's.
+    let recorded = |k: &super::IdempotencyRecord| found.keys.contains(&(k.wallet.to_string(), k.key.clone()));
+    match request.idempotency.iter().any(recorded) {
+        true => Resolution::Duplicate,
+        false => Resolution::NotCommitted,
     }
 }
 
