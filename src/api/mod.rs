@@ -7,6 +7,7 @@
 pub mod access;
 mod audit;
 mod batch;
+mod doc;
 mod events;
 mod gate;
 mod holds;
@@ -38,6 +39,7 @@ use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use access::ApiKeys;
+use doc::Contract;
 pub use problem::{Problem, ProblemBody};
 pub use rate_limit::{RateLimits, RateSpec};
 pub use server::ServeOptions;
@@ -133,7 +135,8 @@ configured 401 `UNAUTHORIZED` / 403 `FORBIDDEN`. All are `application/problem+js
           read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
           events::log, events::stream, events::wallet_events,
           system::health, system::ready),
-    components(schemas(ProblemBody, crate::feed::LogEvent, crate::feed::LogEventMetadata)),
+    components(schemas(ProblemBody, crate::feed::LogEvent, crate::feed::LogEventMetadata, doc::AmountInput, doc::LimitInput)),
+    modifiers(&Contract),
     tags((name = "wallet", description = "Money movements and reads"),
          (name = "holds", description = "Reserve money (authorise), capture or void it; holds expire on their own. Wallet limits."),
          (name = "log", description = "The committed log for consumers: pages, one wallet's stream, a live subscription (SSE). Deduplicate by `position`."),
