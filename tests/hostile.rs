@@ -709,3 +709,36 @@ async fn parser_and_size_refusals_are_problem_json() {
     let r = fresh_connections().get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK, "still serving");
 }
+
+/// A write whose body stops arriving is answered 408 `REQUEST_TIMEOUT`
+/// (problem+json) once the 30 s body deadline passes, and nothing is
+/// written; the connection deadlines never cut a request in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_stops_arriving_is_a_408() {
+    let db = common::sqlite().await;
+    let (base, _) = serve(
+        db.store.clone(),
+        options(Duration::from_secs(1), Duration::from_secs(1), 64),
+        |_| {},
+    )
+    .await;
+    let started = Instant::now();
+    let request = "POST /wallet/slow/deposit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                   Content-Length: 40\r\n\r\n{\"amount\":";
+    let mut conn = TcpStream::connect(addr(&base)).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the whole problem body is in (it ends the answer).
+    while !String::from_utf8_lossy(&answer).trim_end().ends_with('}') {
+        match tokio::time::timeout(Duration::from_secs(45), conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            other => panic!("no answer after {:?}: {other:?}", started.elapsed()),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(problem_code(&answer), "REQUEST_TIMEOUT");
+    assert!(started.elapsed() >= Duration::from_secs(29), "{:?}", started.elapsed());
+    assert_eq!(db.store.head_position().await.unwrap(), 0, "nothing written");
+}
