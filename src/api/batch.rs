@@ -23,6 +23,9 @@ use crate::ledger::{Operation, Receipt};
 /// Body of a batch.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"atomic": true, "operations": [
+    {"op": "deposit", "walletId": "a", "amount": "10"},
+    {"op": "transfer", "walletId": "a", "toWalletId": "b", "amount": "5"}]}))]
 pub struct BatchBody {
     /// All or none (default false: each operation on its own).
     #[serde(default)]
@@ -85,7 +88,8 @@ pub struct BatchAnswer {
 
 /// Many operations in one request: all or none, or each on its own.
 #[utoipa::path(post, path = "/batch", tag = "holds",
-    params(("Idempotency-Key" = Option<String>, Header, description = "an atomic batch's key")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$",
+            description = "an atomic batch's idempotency key, instead of `requestId` in the body")),
     request_body = BatchBody,
     responses((status = 201, body = BatchAnswer, description = "atomic: every operation committed"),
               (status = 200, body = BatchAnswer, description = "independent: one result per operation"),
