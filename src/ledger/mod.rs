@@ -772,7 +772,7 @@ impl Ledger {
     /// placed): from the committer's state when it holds the hold, else
     /// from the event that placed it. A hold never placed is `HOLD_NOT_FOUND`.
     async fn hold_payee(&self, wallet: &WalletId, hold_id: Uuid) -> Result<Option<WalletId>, CommandError> {
-        if let Some(hold) = self.cache.get(wallet).and_then(|w| w.holds.get(&hold_id).cloned()) {
+        if let Some(hold) = self.cache.hold(wallet, hold_id) {
             return Ok(hold.to);
         }
         match self.store.find_hold_placed(wallet, hold_id).await? {
