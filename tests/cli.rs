@@ -3,13 +3,33 @@
 
 mod common;
 
+use std::ops::{Deref, DerefMut};
 use std::process::{Command, Output, Stdio};
+
+/// The binary, run in a temp directory of its own that is removed when
+/// this drops: keep it as long as a spawned process runs.
+struct Wallet {
+    command: Command,
+    _dir: common::Cleanup,
+}
+
+impl Deref for Wallet {
+    type Target = Command;
+    fn deref(&self) -> &Command {
+        &self.command
+    }
+}
+
+impl DerefMut for Wallet {
+    fn deref_mut(&mut self) -> &mut Command {
+        &mut self.command
+    }
+}
 
 /// The binary with a clean environment of its own (no `.env` values leak
 /// in from the working directory): run in a fresh temp directory.
-fn wallet(args: &[&str]) -> Command {
-    let dir = std::env::temp_dir().join(format!("wallet-cli-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn wallet(args: &[&str]) -> Wallet {
+    let (dir, cleanup) = common::temp_dir("wallet-cli");
     let mut c = Command::new(env!("CARGO_BIN_EXE_wallet"));
     c.args(args)
         .current_dir(dir)
@@ -18,7 +38,10 @@ fn wallet(args: &[&str]) -> Command {
         .env_remove("API_KEYS")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
-    c
+    Wallet {
+        command: c,
+        _dir: cleanup,
+    }
 }
 
 fn run(c: &mut Command) -> Output {
@@ -62,7 +85,8 @@ async fn tables(url: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn read_only_commands_create_nothing_on_an_empty_database() {
-    let url = common::postgres_without_schema().await;
+    let db = common::postgres_without_schema().await;
+    let url = &db.url;
     for args in [
         &["replay", "--at", "1"][..],
         &["verify"],
@@ -92,7 +116,8 @@ async fn read_only_commands_create_nothing_on_an_empty_database() {
 
 #[tokio::test]
 async fn replay_and_verify_run_on_a_read_only_connection() {
-    let url = common::postgres_without_schema().await;
+    let db = common::postgres_without_schema().await;
+    let url = &db.url;
     let out = run(wallet(&["migrate"]).env("DATABASE_URL", &url));
     assert!(out.status.success(), "{}", text(&out));
     let out = run(wallet(&["seed", "--events", "300", "--wallets", "5"]).env("DATABASE_URL", &url));
@@ -147,7 +172,6 @@ fn the_embedded_database_is_not_created_by_commands_that_read() {
         run(&mut c);
     }
     assert!(!dir.join("data").exists(), "a stray data/ directory was created");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -212,7 +236,8 @@ fn misconfigured_brokers() -> Vec<(String, &'static str)> {
 fn a_misconfigured_broker_ends_worker_relay_and_dlq_with_one_line() {
     for (url, expected) in misconfigured_brokers() {
         for args in [&["worker"][..], &["relay"], &["dlq", "list"]] {
-            let child = wallet(args)
+            let mut command = wallet(args);
+            let child = command
                 .env("AMQP_URL", &url)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -237,7 +262,8 @@ async fn serve_with_a_misconfigured_broker_says_why_it_is_not_ready() {
         .unwrap()
         .port();
     let (url, expected) = misconfigured_brokers().remove(0);
-    let mut serve = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")])
+    let mut command = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")]);
+    let mut serve = command
         .env("AMQP_URL", &url)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -308,13 +334,13 @@ async fn probes_stay_out_of_the_info_log_and_latency_is_a_number() {
     assert_eq!(lines.len(), 1, "only /wallet/x, no probe: {lines:?}");
     assert_eq!(lines[0]["span"]["path"], "/wallet/x", "{lines:?}");
     assert!(lines[0]["latency_ms"].is_f64(), "latency as a number: {lines:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_closed_pipe_ends_a_printing_command_without_a_panic() {
     // `wallet keys | true`: the reader is gone before the first line.
-    let mut child = wallet(&["keys", "--name", "ci"])
+    let mut command = wallet(&["keys", "--name", "ci"]);
+    let mut child = command
         .env("RUST_BACKTRACE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
