@@ -3,7 +3,7 @@
 
 use clap::Subcommand;
 
-use super::BrokerArgs;
+use super::{table, BrokerArgs};
 use crate::broker::dlq::DeadLetter;
 use crate::broker::Topology;
 
@@ -75,20 +75,18 @@ pub(super) async fn run(command: DlqCommand, broker: &BrokerArgs) -> anyhow::Res
 }
 
 fn print_list(letters: &[DeadLetter], limit: u64) {
-    println!(
-        "{:<36} {:>10} {:<20} {:<17}  reason",
-        "message id", "position", "wallet", "type"
-    );
-    for l in letters {
-        println!(
-            "{:<36} {:>10} {:<20} {:<17}  {}",
-            l.message_id.as_deref().unwrap_or("-"),
+    let dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let rows = letters.iter().map(|l| {
+        vec![
+            dash(l.message_id.as_deref()),
             l.position.map_or("-".to_owned(), |p| p.to_string()),
-            l.wallet_id.as_deref().unwrap_or("-"),
-            l.kind.as_deref().unwrap_or("-"),
-            l.reason.as_deref().unwrap_or("-")
-        );
-    }
+            dash(l.wallet_id.as_deref()),
+            dash(l.kind.as_deref()),
+            dash(l.reason.as_deref()),
+        ]
+    });
+    let header = ["message id", "position", "wallet", "type", "reason"];
+    println!("{}", table(&header, &[1], rows));
     println!("{} dead letters shown (limit {limit})", letters.len());
 }
 

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::table;
+
 #[derive(Args, Debug)]
 pub struct LoadArgs {
     /// Base URL of the server under load (`host:port` means http://).
@@ -48,6 +50,10 @@ pub struct LoadArgs {
     /// With --batch: atomic batches (all or none) instead of independent ones.
     #[arg(long, requires = "batch")]
     pub atomic: bool,
+    /// API key sent as `Authorization: Bearer <key>` (see `wallet keys`;
+    /// the writes need the write scope).
+    #[arg(long, env = "WALLET_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -91,6 +97,7 @@ impl LoadArgs {
             holds: self.holds,
             batch: self.batch as usize,
             atomic: self.atomic,
+            api_key: self.api_key.clone(),
         }
     }
 }
@@ -114,17 +121,21 @@ fn print_report(r: &crate::load::LoadReport) -> anyhow::Result<()> {
         "{} requests in {:.1} s: {:.0} requests/s, {:.0} operations/s",
         r.requests, r.seconds, r.requests_per_sec, r.operations_per_sec
     );
-    println!(
-        "{:<9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "op", "count", "p50 ms", "p90 ms", "p99 ms", "max ms"
-    );
+    let mut rows = Vec::with_capacity(r.by_op.len());
     for (op, s) in &r.by_op {
         let op = serde_json::to_value(op)?.as_str().unwrap_or("?").to_owned();
-        println!(
-            "{:<9} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-            op, s.count, s.p50_ms, s.p90_ms, s.p99_ms, s.max_ms
-        );
+        let ms = |v: f64| format!("{v:.2}");
+        rows.push(vec![
+            op,
+            s.count.to_string(),
+            ms(s.p50_ms),
+            ms(s.p90_ms),
+            ms(s.p99_ms),
+            ms(s.max_ms),
+        ]);
     }
+    let header = ["op", "count", "p50 ms", "p90 ms", "p99 ms", "max ms"];
+    println!("{}", table(&header, &[1, 2, 3, 4, 5], rows));
     let statuses: Vec<String> = r.by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
     println!(
         "statuses {}; transport errors {}",

@@ -214,12 +214,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// A bar with rate and ETA on a terminal; hidden otherwise.
+/// A plain text table: each column as wide as its widest cell, two spaces
+/// between columns, no borders, no trailing spaces; the columns numbered in
+/// `right` (numbers) are aligned right.
+fn table(header: &[&str], right: &[usize], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    use comfy_table::{presets, CellAlignment, Table};
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING).set_header(header.to_vec());
+    for row in rows {
+        t.add_row(row);
+    }
+    let last = header.len().saturating_sub(1);
+    for (i, column) in t.column_iter_mut().enumerate() {
+        column.set_padding((0, if i == last { 0 } else { 2 }));
+        if right.contains(&i) {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    t.trim_fmt()
+}
+
+/// A bar with rate and ETA on a terminal (log lines print above it); hidden
+/// otherwise.
 fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar = ProgressBar::new(len);
+    let bar = config::progress_bars().add(ProgressBar::new(len));
     bar.set_style(
         ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {per_sec} ETA {eta}")
             .expect("valid template")
@@ -252,6 +273,21 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_columns_fit_their_widest_cell() {
+        let rows = vec![
+            vec!["1".to_owned(), "WalletLimitsChanged".to_owned(), "-".to_owned()],
+            vec!["12345".to_owned(), "FundsDeposited".to_owned(), "10.0000".to_owned()],
+        ];
+        let text = table(&["position", "type", "amount"], &[0, 2], rows);
+        assert_eq!(
+            text,
+            "position  type                  amount\n\
+             \x20      1  WalletLimitsChanged        -\n\
+             \x20  12345  FundsDeposited       10.0000"
+        );
+    }
 
     #[test]
     fn the_large_outflow_threshold_is_positive() {

@@ -8,7 +8,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::BrokerArgs;
+use super::{table, BrokerArgs};
+use crate::broker::BrokerStatus;
 use crate::config;
 use crate::projections::{FraudRules, Projections};
 
@@ -41,23 +42,7 @@ pub(super) async fn run(
     let store = config::open_existing(url).await.context("opening the event store")?;
     let projections = Projections::new(store, rules);
     match command {
-        ProjectionsCommand::Status { json } => {
-            status(&projections, json).await?;
-            if let Some(amqp) = broker.configured() {
-                let b = crate::broker::status(&amqp, &broker.topology(), projections.store())
-                    .await
-                    .context("reading the broker's state")?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&b)?);
-                } else {
-                    println!(
-                        "relay checkpoint {} (lag {}); worker queue {} ready; dead letters {}",
-                        b.relay_checkpoint, b.relay_lag, b.worker_queue_depth, b.dead_letter_depth
-                    );
-                }
-            }
-            Ok(())
-        }
+        ProjectionsCommand::Status { json } => status(&projections, broker, json).await,
         ProjectionsCommand::Rebuild { names, restart } => {
             // A rebuild writes: it creates the read models it needs.
             projections.ensure().await.context("creating read models")?;
@@ -66,40 +51,73 @@ pub(super) async fn run(
     }
 }
 
-async fn status(projections: &Projections, json: bool) -> anyhow::Result<()> {
+/// The status as one JSON document: `{"projections": [...], "broker": ...}`
+/// (`broker` null without one), so a script reads one value in both modes.
+#[derive(serde::Serialize)]
+struct StatusDocument {
+    projections: Vec<serde_json::Value>,
+    broker: Option<BrokerStatus>,
+}
+
+async fn status(projections: &Projections, broker: &BrokerArgs, json: bool) -> anyhow::Result<()> {
     // Two samples a second apart give the current rate.
     let before = projections.status().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = projections.status().await?;
+    let queues = match broker.configured() {
+        Some(amqp) => Some(
+            crate::broker::status(&amqp, &broker.topology(), projections.store())
+                .await
+                .context("reading the broker's state")?,
+        ),
+        None => None,
+    };
     if json {
-        let rows: Vec<serde_json::Value> = after
+        let rows = after
             .iter()
             .zip(&before)
             .map(|(a, b)| {
-                let mut v = serde_json::to_value(a).expect("status serialises");
+                let mut v = serde_json::to_value(a)?;
                 v["ratePerSec"] = (a.checkpoint - b.checkpoint).into();
-                v
+                Ok(v)
             })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+            .collect::<Result<_, serde_json::Error>>()?;
+        let document = StatusDocument {
+            projections: rows,
+            broker: queues,
+        };
+        println!("{}", serde_json::to_string_pretty(&document)?);
         return Ok(());
     }
-    println!(
-        "{:<10} {:>12} {:>12} {:>10} {:>10}  rebuild",
-        "projection", "checkpoint", "head", "lag", "events/s"
-    );
-    for (a, b) in after.iter().zip(&before) {
+    let rows = after.iter().zip(&before).map(|(a, b)| {
         let rebuild = a
             .rebuild_checkpoint
             .map_or("-".to_owned(), |p| format!("unfinished at {p}"));
+        let rate = a.checkpoint - b.checkpoint;
+        vec![
+            a.name.clone(),
+            a.checkpoint.to_string(),
+            a.head.to_string(),
+            a.lag.to_string(),
+            rate.to_string(),
+            a.parked.to_string(),
+            rebuild,
+        ]
+    });
+    let header = [
+        "projection",
+        "checkpoint",
+        "head",
+        "lag",
+        "events/s",
+        "parked",
+        "rebuild",
+    ];
+    println!("{}", table(&header, &[1, 2, 3, 4, 5], rows));
+    if let Some(b) = queues {
         println!(
-            "{:<10} {:>12} {:>12} {:>10} {:>10}  {}",
-            a.name,
-            a.checkpoint,
-            a.head,
-            a.lag,
-            a.checkpoint - b.checkpoint,
-            rebuild
+            "relay checkpoint {} (lag {}); worker queue {} ready; dead letters {}",
+            b.relay_checkpoint, b.relay_lag, b.worker_queue_depth, b.dead_letter_depth
         );
     }
     Ok(())
@@ -114,7 +132,7 @@ async fn rebuild(projections: &Projections, names: Vec<String>, restart: bool) -
     let terminal = std::io::stderr().is_terminal();
     for name in names {
         let bar = if terminal {
-            ProgressBar::new(0)
+            config::progress_bars().add(ProgressBar::new(0))
         } else {
             ProgressBar::hidden()
         };

@@ -5,7 +5,7 @@
 use anyhow::Context;
 use clap::Args;
 
-use super::progress_bar;
+use super::{progress_bar, table};
 use crate::config;
 use crate::store::{Cutoff, EventStore};
 
@@ -59,21 +59,18 @@ async fn one_wallet(store: &EventStore, wallet: &str, cutoff: Cutoff, args: &Rep
         r.wallet_id, r.balance, r.version, r.exists
     );
     if let Some(trail) = &r.trail {
-        println!(
-            "{:>10} {:>8}  {:<17} {:>24} {:>24}  occurred at",
-            "position", "version", "type", "amount", "balance after"
-        );
-        for t in trail {
-            println!(
-                "{:>10} {:>8}  {:<17} {:>24} {:>24}  {}",
-                t.position,
-                t.version,
-                t.kind,
-                t.amount.as_deref().unwrap_or("-"),
-                t.balance_after,
-                t.occurred_at.to_rfc3339()
-            );
-        }
+        let rows = trail.iter().map(|t| {
+            vec![
+                t.position.to_string(),
+                t.version.to_string(),
+                t.kind.to_string(),
+                t.amount.as_deref().unwrap_or("-").to_owned(),
+                t.balance_after.to_string(),
+                t.occurred_at.to_rfc3339(),
+            ]
+        });
+        let header = ["position", "version", "type", "amount", "balance after", "occurred at"];
+        println!("{}", table(&header, &[0, 1, 3, 4], rows));
     }
     Ok(())
 }
@@ -86,15 +83,14 @@ async fn every_wallet(store: &EventStore, cutoff: Cutoff, args: &ReplayArgs) -> 
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("{:<40} {:>24}", "wallet", "balance");
     let shown = if args.limit == 0 {
         usize::MAX
     } else {
         args.limit as usize
     };
-    for (w, b) in r.wallets.iter().take(shown) {
-        println!("{:<40} {:>24}", w.as_str(), b.to_string());
-    }
+    let rows = r.wallets.iter().take(shown);
+    let rows = rows.map(|(w, b)| vec![w.as_str().to_owned(), b.to_string()]);
+    println!("{}", table(&["wallet", "balance"], &[1], rows));
     if r.wallets.len() > shown {
         println!(
             "... {} more wallets not listed (--limit 0 lists all)",

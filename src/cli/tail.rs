@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use crate::aggregate::EVENT_TYPES;
 use crate::config;
 use crate::store::RecordedEvent;
 
@@ -71,13 +72,26 @@ pub(super) async fn run(args: TailArgs, url: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The longest event type: the type column fits every type (lines are
+/// printed as they come, so the width cannot be measured from the rows).
+const TYPE_WIDTH: usize = {
+    let (mut widest, mut i) = (0, 0);
+    while i < EVENT_TYPES.len() {
+        if EVENT_TYPES[i].len() > widest {
+            widest = EVENT_TYPES[i].len();
+        }
+        i += 1;
+    }
+    widest
+};
+
 fn line(e: &RecordedEvent) -> String {
     let money = match (e.event.amount(), &e.event) {
         (Some(amount), event) => format!("{amount:>20} -> {}", event.balance_after()),
         (None, _) => String::new(),
     };
     format!(
-        "{:>10}  {}  {:<24} v{:<6} {:<16} {money}",
+        "{:>10}  {}  {:<24} v{:<6} {:<TYPE_WIDTH$} {money}",
         e.position,
         e.recorded_at.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
         e.stream.as_str(),

@@ -1,5 +1,6 @@
 //! `wallet worker`: consumes the fan-out queue into the read models until
-//! SIGINT/SIGTERM. Migrates the database and creates the read models first.
+//! SIGINT/SIGTERM, then closes its broker connection and exits 0. Migrates
+//! the database and creates the read models first.
 
 use std::sync::Arc;
 
@@ -16,9 +17,6 @@ pub(super) async fn run(url: &str, rules: FraudRules, broker: &BrokerArgs) -> an
     let projections = Arc::new(Projections::new(store, rules));
     projections.ensure().await.context("creating read models")?;
     let worker = Worker::new(projections, &amqp, broker.topology());
-    tokio::select! {
-        r = worker.run_checked() => r.context("worker")?,
-        _ = shutdown_signal() => {}
-    }
-    Ok(())
+    // On SIGINT/SIGTERM it closes its broker connection and returns.
+    worker.run_until(shutdown_signal()).await.context("worker")
 }
