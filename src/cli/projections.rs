@@ -156,10 +156,13 @@ async fn rebuild(projections: &Projections, names: Vec<String>, restart: bool) -
             .await
             .with_context(|| format!("rebuilding {name}"))?;
         bar.finish();
-        println!(
-            "{name}: rebuilt {} events, swapped in at position {}",
-            done.events, done.position
-        );
+        // Through the bars: a line printed past them would be drawn over.
+        config::progress_bars().suspend(|| {
+            println!(
+                "{name}: rebuilt {} events, swapped in at position {}",
+                done.events, done.position
+            )
+        });
     }
     Ok(())
 }

@@ -24,10 +24,13 @@ pub(super) async fn run(args: SeedArgs, url: &str) -> anyhow::Result<()> {
     let done = crate::seed::seed(&store, args.wallets as usize, args.events, |n| bar.set_position(n)).await?;
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "appended {done} events over {} wallets in {secs:.1} s ({:.0} events/s)",
-        args.wallets,
-        done as f64 / secs
-    );
+    // Through the bars: a line printed past them would be drawn over.
+    config::progress_bars().suspend(|| {
+        println!(
+            "appended {done} events over {} wallets in {secs:.1} s ({:.0} events/s)",
+            args.wallets,
+            done as f64 / secs
+        )
+    });
     Ok(())
 }
