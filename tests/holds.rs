@@ -21,6 +21,7 @@ struct Api {
     base: String,
     http: Client,
     store: EventStore,
+    _db: common::Cleanup,
 }
 
 impl Api {
@@ -29,6 +30,7 @@ impl Api {
             base: common::serve(db.store.clone()).await,
             http: Client::new(),
             store: db.store,
+            _db: db.cleanup,
         }
     }
     async fn send(&self, method: reqwest::Method, path: &str, body: Value) -> Response {

@@ -149,21 +149,17 @@ fn resolution(request: AppendRequest, found: &Found) -> Resolution {
     }
 }
 
-/// Growing pauses between failed connection attempts.
+/// Growing, jittered pauses between failed connection attempts.
 #[derive(Debug)]
 pub(crate) struct Reconnect {
-    min: Duration,
-    max: Duration,
-    pause: Duration,
+    pauses: crate::backoff::Backoff,
     not_before: Option<tokio::time::Instant>,
 }
 
 impl Reconnect {
     pub fn new(options: &WriterOptions) -> Self {
         Self {
-            min: options.reconnect_min,
-            max: options.reconnect_max,
-            pause: options.reconnect_min,
+            pauses: crate::backoff::Backoff::between(options.reconnect_min, options.reconnect_max),
             not_before: None,
         }
     }
@@ -174,12 +170,11 @@ impl Reconnect {
     }
 
     pub fn failed(&mut self) {
-        self.not_before = Some(tokio::time::Instant::now() + self.pause);
-        self.pause = (self.pause * 2).min(self.max);
+        self.not_before = Some(tokio::time::Instant::now() + self.pauses.next_pause());
     }
 
     pub fn succeeded(&mut self) {
-        self.pause = self.min;
+        self.pauses.reset();
         self.not_before = None;
     }
 }
