@@ -1788,8 +1788,9 @@ async fn exact_over_http(
     let r = post("deposit", quote(text.clone()))
         .await
         .map_err(|e| fail(e.to_string()))?;
-    prop_assert_eq!(r.status().as_u16(), 201);
+    let status = r.status().as_u16();
     let body: Value = r.json().await.map_err(|e| fail(e.to_string()))?;
+    prop_assert_eq!(status, 201, "{}", body);
     let expected = money(value);
     prop_assert_eq!(body["balance"].as_str(), Some(expected.as_str()), "{}", body);
     prop_assert_eq!(body["created"].as_bool(), Some(true));
@@ -1811,7 +1812,9 @@ async fn exact_over_http(
 
 fn http_input(backend: Backend, regressions: &'static str, exact: &'static str) {
     let rt = runtime(2);
-    let base = rt.block_on(async { common::serve(backend.open().await.store).await });
+    // The database lives as long as the server that uses it.
+    let db = rt.block_on(backend.open());
+    let base = rt.block_on(common::serve(db.store.clone()));
     // A fresh connection per request: a server that closes a connection it
     // will not reuse (e.g. after a 413) must not look like a failure here,
     // while a request that gets no answer at all still fails the property.
