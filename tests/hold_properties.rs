@@ -1132,6 +1132,11 @@ impl Concurrent {
             })
             .collect();
         let mut expected_total: Decimal = states.values().map(|w| w.balance.value()).sum();
+        // The money each wallet had available at some point of that order.
+        let mut seen: BTreeMap<WalletId, Vec<Decimal>> = states
+            .iter()
+            .map(|(id, w)| (id.clone(), vec![w.available().value()]))
+            .collect();
         for (_, request, command, receipt, events) in &accepted {
             let mine: Vec<wallet::aggregate::Wallet> =
                 command.wallets().into_iter().map(|id| states[id].clone()).collect();
@@ -1176,6 +1181,30 @@ impl Concurrent {
                 }
             }
             expected_total += inflow(command, holds);
+            for id in command.wallets() {
+                seen.get_mut(id).unwrap().push(states[id].available().value());
+            }
+        }
+        // A refusal for want of money was true at some point of that order.
+        for (request, reply) in &answers {
+            if let Err(CommandError::Rejected {
+                error:
+                    DomainError::InsufficientFunds {
+                        wallet,
+                        balance,
+                        requested,
+                    },
+                replayed: false,
+            }) = reply
+            {
+                let had = seen.get(wallet).is_some_and(|s| s.contains(&balance.value()));
+                if !had || balance.value() >= requested.value() {
+                    return Err(format!(
+                        "{request:?}: refused at available {balance}, which in log order {wallet} had: {:?}",
+                        seen.get(wallet)
+                    ));
+                }
+            }
         }
 
         // Holds: resolved at most once; each refused resolution was true.
