@@ -980,20 +980,17 @@ impl Concurrent {
         })
     }
 
-    async fn race(
+    /// The round, all at once through both ledgers; the clock moves
+    /// somewhere in it. Each answer with its request (a batch's operations
+    /// each with their own).
+    async fn send_round(
         &self,
         round: &Round,
         run: &Case<'_>,
         model: &Model,
         holds: &[Placed],
         trace: &mut Vec<String>,
-    ) -> Result<(), String> {
-        let store = self.ledgers[0].store();
-        let before = self.streams(&run.ids).await?;
-        let head_before = store.head_position().await.map_err(|e| e.to_string())?;
-        let (t0, t1) = (self.at(0), self.at(round.advance));
-
-        // The round, all at once; the clock moves somewhere in it.
+    ) -> Result<Vec<(Request, Reply)>, String> {
         let mut tasks = Vec::new();
         let mut clock = None;
         for (i, (op, via, key)) in round.ops.iter().enumerate() {
@@ -1031,10 +1028,13 @@ impl Concurrent {
         if let Some(clock) = clock {
             clock.await.map_err(|e| e.to_string())?;
         }
+        Ok(answers)
+    }
 
-        // Answers: nothing failed; per key, one decision, the rest replay it.
+    /// Nothing failed; per key, one decision, the rest replay it.
+    fn check_keys(&self, answers: &[(Request, Reply)]) -> Result<(), String> {
         let mut fresh: BTreeMap<&str, &Reply> = BTreeMap::new();
-        for (request, reply) in &answers {
+        for (request, reply) in answers {
             let replayed = match reply {
                 Ok(a) => a.replayed,
                 Err(CommandError::Rejected { replayed, .. }) => *replayed,
@@ -1061,7 +1061,7 @@ impl Concurrent {
                 return Err(format!("key {key} decided twice"));
             }
         }
-        for (request, reply) in &answers {
+        for (request, reply) in answers {
             let Some(key) = request.key() else { continue };
             let first = fresh.get(key);
             match reply {
@@ -1076,6 +1076,92 @@ impl Concurrent {
                 _ => {}
             }
         }
+        Ok(())
+    }
+
+    /// Each hold resolved at most once; each refused resolution true for
+    /// some time the clock showed in the round (`t`: its start and end).
+    fn check_holds(
+        &self,
+        round: &Round,
+        holds: &[Placed],
+        answers: &[(Request, Reply)],
+        after: &[Vec<wallet::store::RecordedEvent>],
+        (t0, t1): (DateTime<Utc>, DateTime<Utc>),
+    ) -> Result<(), String> {
+        for p in holds {
+            let resolved = resolutions(&after[p.wallet], p.id);
+            if resolved > 1 {
+                return Err(format!("hold {} resolved {resolved} times", p.id));
+            }
+            // Shown in the tally: holds that expired mid-round while captures
+            // or voids and an expiry raced for them, and who won.
+            let tried = |expire: bool| {
+                answers.iter().any(|(r, _)| match r {
+                    Request::Expire(_, h) => expire && *h == p.id,
+                    Request::Run(Operation::Capture { hold_id, .. } | Operation::Void { hold_id, .. }, _) => {
+                        !expire && *hold_id == p.id
+                    }
+                    _ => false,
+                })
+            };
+            if round.clock_at > 0 && p.expires_at <= t1 && tried(true) && tried(false) {
+                let winner = after[p.wallet]
+                    .iter()
+                    .find(|e| e.event.hold_id() == Some(p.id) && e.event.event_type() != "HoldPlaced");
+                self.count(format!(
+                    "race won by {}",
+                    winner.map_or("none", |e| e.event.event_type())
+                ));
+            }
+            for (request, reply) in answers {
+                let (expire, capture_to) = match request {
+                    Request::Expire(_, h) if *h == p.id => (true, false),
+                    Request::Run(Operation::Capture { hold_id, .. }, _) if *hold_id == p.id => (false, p.to.is_some()),
+                    Request::Run(Operation::Void { hold_id, .. }, _) if *hold_id == p.id => (false, false),
+                    _ => continue,
+                };
+                let why = match reply {
+                    Err(CommandError::Rejected {
+                        error: DomainError::HoldNotActive { .. },
+                        ..
+                    }) => {
+                        let possible = resolved == 1 || if expire { p.expires_at > t0 } else { p.expires_at <= t1 };
+                        if possible {
+                            continue;
+                        } else {
+                            "HOLD_NOT_ACTIVE of an unresolved hold"
+                        }
+                    }
+                    Err(CommandError::Rejected {
+                        error: DomainError::MaxBalanceExceeded { .. },
+                        ..
+                    }) if capture_to => continue,
+                    Err(CommandError::Rejected { .. }) => "refused",
+                    Ok(a) if !a.replayed && expire && p.expires_at > t1 => "expired before its time",
+                    _ => continue,
+                };
+                return Err(format!("{request:?}: {why}: {reply:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn race(
+        &self,
+        round: &Round,
+        run: &Case<'_>,
+        model: &Model,
+        holds: &[Placed],
+        trace: &mut Vec<String>,
+    ) -> Result<(), String> {
+        let store = self.ledgers[0].store();
+        let before = self.streams(&run.ids).await?;
+        let head_before = store.head_position().await.map_err(|e| e.to_string())?;
+        let (t0, t1) = (self.at(0), self.at(round.advance));
+
+        let answers = self.send_round(round, run, model, holds, trace).await?;
+        self.check_keys(&answers)?;
 
         // The log of the round: each event belongs to one accepted request.
         let log = store
@@ -1207,63 +1293,8 @@ impl Concurrent {
             }
         }
 
-        // Holds: resolved at most once; each refused resolution was true.
         let after = self.streams(&run.ids).await?;
-        for p in holds {
-            let resolved = resolutions(&after[p.wallet], p.id);
-            if resolved > 1 {
-                return Err(format!("hold {} resolved {resolved} times", p.id));
-            }
-            // Shown in the tally: holds that expired mid-round while captures
-            // or voids and an expiry raced for them, and who won.
-            let tried = |expire: bool| {
-                answers.iter().any(|(r, _)| match r {
-                    Request::Expire(_, h) => expire && *h == p.id,
-                    Request::Run(Operation::Capture { hold_id, .. } | Operation::Void { hold_id, .. }, _) => {
-                        !expire && *hold_id == p.id
-                    }
-                    _ => false,
-                })
-            };
-            if round.clock_at > 0 && p.expires_at <= t1 && tried(true) && tried(false) {
-                let winner = after[p.wallet]
-                    .iter()
-                    .find(|e| e.event.hold_id() == Some(p.id) && e.event.event_type() != "HoldPlaced");
-                self.count(format!(
-                    "race won by {}",
-                    winner.map_or("none", |e| e.event.event_type())
-                ));
-            }
-            for (request, reply) in &answers {
-                let (expire, capture_to) = match request {
-                    Request::Expire(_, h) if *h == p.id => (true, false),
-                    Request::Run(Operation::Capture { hold_id, .. }, _) if *hold_id == p.id => (false, p.to.is_some()),
-                    Request::Run(Operation::Void { hold_id, .. }, _) if *hold_id == p.id => (false, false),
-                    _ => continue,
-                };
-                let why = match reply {
-                    Err(CommandError::Rejected {
-                        error: DomainError::HoldNotActive { .. },
-                        ..
-                    }) => {
-                        let possible = resolved == 1 || if expire { p.expires_at > t0 } else { p.expires_at <= t1 };
-                        if possible {
-                            continue;
-                        } else {
-                            "HOLD_NOT_ACTIVE of an unresolved hold"
-                        }
-                    }
-                    Err(CommandError::Rejected {
-                        error: DomainError::MaxBalanceExceeded { .. },
-                        ..
-                    }) if capture_to => continue,
-                    Err(CommandError::Rejected { .. }) => "refused",
-                    Ok(a) if !a.replayed && expire && p.expires_at > t1 => "expired before its time",
-                    _ => continue,
-                };
-                return Err(format!("{request:?}: {why}: {reply:?}"));
-            }
-        }
+        self.check_holds(round, holds, &answers, &after, (t0, t1))?;
 
         // Each stream respects the limits all along; money is conserved.
         let mut total = Decimal::ZERO;
