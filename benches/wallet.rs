@@ -139,7 +139,7 @@ fn appends(events: Vec<WalletEvent>, stream: &WalletId) -> AppendRequest {
                 .collect(),
             on_batch: false,
         }],
-        idempotency: None,
+        idempotency: Vec::new(),
     }
 }
 

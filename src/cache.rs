@@ -11,91 +11,87 @@
 //! costs one conflict, whose answer carries the actual head. Entries only
 //! move forward: a state replaces a held one only if its version is higher.
 //!
-//! Bounded: at `capacity` wallets, inserting a new one first evicts another
-//! (an arbitrary one; eviction only costs a reload).
+//! Bounded: at `capacity` wallets, an insert evicts by `quick_cache`'s
+//! S3-FIFO policy (wallets read or written again recently stay; a scan of
+//! one-off wallets does not push them out). Eviction only costs a reload.
+//! Entries are shared (`Arc`): a read clones a pointer, not a wallet's holds.
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
+use std::sync::Arc;
 
-use crate::aggregate::{Wallet, WalletId};
+use uuid::Uuid;
+
+use crate::aggregate::{Hold, Wallet, WalletId};
 
 /// Wallets kept by default: ~100-300 bytes each (the id dominates).
 pub const DEFAULT_CAPACITY: usize = 100_000;
 
-#[derive(Debug)]
 pub struct WalletCache {
-    map: DashMap<WalletId, Wallet>,
-    capacity: usize,
+    /// `None`: caching disabled (capacity 0).
+    map: Option<quick_cache::sync::Cache<WalletId, Arc<Wallet>>>,
+}
+
+impl std::fmt::Debug for WalletCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalletCache").field("wallets", &self.len()).finish()
+    }
 }
 
 impl WalletCache {
     /// `capacity` 0 disables the cache.
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: DashMap::with_capacity(capacity.min(1 << 16)),
-            capacity,
+            map: (capacity > 0).then(|| quick_cache::sync::Cache::new(capacity)),
         }
     }
 
     pub fn contains(&self, id: &WalletId) -> bool {
-        self.map.contains_key(id)
+        self.map.as_ref().is_some_and(|m| m.peek(id).is_some())
     }
 
     pub fn get(&self, id: &WalletId) -> Option<Wallet> {
-        self.map.get(id).map(|w| w.clone())
+        self.map.as_ref()?.get(id).map(|w| Wallet::clone(&w))
+    }
+
+    /// One active hold of a held wallet, without copying the wallet.
+    pub fn hold(&self, id: &WalletId, hold: Uuid) -> Option<Hold> {
+        self.map.as_ref()?.get(id)?.holds.get(&hold).cloned()
     }
 
     /// Keeps `wallet` unless a state at the same or a later version is kept.
+    /// Only the committer writes, so the look and the insert cannot be
+    /// overtaken by another writer.
     pub fn remember(&self, wallet: Wallet) {
-        if self.capacity == 0 || !wallet.exists() {
+        let Some(map) = &self.map else { return };
+        if !wallet.exists() {
             return;
         }
-        if self.map.len() >= self.capacity && !self.map.contains_key(&wallet.id) {
-            self.evict_one(&wallet.id);
+        if map.peek(&wallet.id).is_some_and(|kept| kept.version >= wallet.version) {
+            return;
         }
-        match self.map.entry(wallet.id.clone()) {
-            Entry::Occupied(mut kept) => {
-                if kept.get().version < wallet.version {
-                    kept.insert(wallet);
-                }
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(wallet);
-            }
-        }
+        map.insert(wallet.id.clone(), Arc::new(wallet));
     }
 
     /// Keeps `wallet` whatever is held: the log's own head, as a conflict
     /// answered it, is the truth even when it is behind what was held (a
     /// database restored or failed over to a standby that lost commits).
     pub fn replace(&self, wallet: Wallet) {
-        if !wallet.exists() {
-            self.forget(&wallet.id);
-            return;
-        }
         self.forget(&wallet.id);
         self.remember(wallet);
     }
 
     /// Drops what is known of `id` (after an unknown outcome).
     pub fn forget(&self, id: &WalletId) {
-        self.map.remove(id);
+        if let Some(map) = &self.map {
+            map.remove(id);
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.as_ref().map_or(0, |m| m.len())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    fn evict_one(&self, keep: &WalletId) {
-        // The iterator's shard lock must be released before `remove`.
-        let victim = self.map.iter().map(|e| e.key().clone()).find(|k| k != keep);
-        if let Some(victim) = victim {
-            self.map.remove(&victim);
-        }
+        self.len() == 0
     }
 }
 
@@ -118,6 +114,20 @@ mod tests {
         assert_eq!(cache.get(&wallet("a", 0).id).unwrap().version, 5);
         cache.remember(wallet("a", 6));
         assert_eq!(cache.get(&wallet("a", 0).id).unwrap().version, 6);
+    }
+
+    #[test]
+    fn a_wallet_in_use_survives_a_scan_of_one_off_wallets() {
+        let cache = WalletCache::new(1_000);
+        let hot = wallet("hot", 1);
+        cache.remember(hot.clone());
+        for i in 0..20_000 {
+            cache.remember(wallet(&format!("w{i}"), 1));
+            if i % 10 == 0 {
+                assert!(cache.get(&hot.id).is_some(), "evicted after {i} one-off wallets");
+            }
+        }
+        assert!(cache.len() <= 1_000, "{} wallets held", cache.len());
     }
 
     #[test]

@@ -220,7 +220,7 @@ pub fn init_logging() -> LoggingGuard {
         EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn,lapin=off"))
     };
     let stderr = if std::io::stderr().is_terminal() {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer().with_writer(|| AboveBars).boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .json()
@@ -257,6 +257,35 @@ pub fn init_logging() -> LoggingGuard {
         .with(otel)
         .init();
     LoggingGuard { _file: guard, tracer }
+}
+
+/// The progress bars on stderr. Every bar is drawn through this, and on a
+/// terminal the log writes its lines through [`AboveBars`]: a log line then
+/// never lands inside a bar, and the bars are drawn again below it.
+pub fn progress_bars() -> &'static indicatif::MultiProgress {
+    static BARS: std::sync::OnceLock<indicatif::MultiProgress> = std::sync::OnceLock::new();
+    BARS.get_or_init(indicatif::MultiProgress::new)
+}
+
+/// The terminal log's writer: each line is written with the progress bars
+/// cleared (indicatif's `suspend`), which then draw again under it. Chosen
+/// over tracing-indicatif, which draws bars for spans: ours are plain
+/// indicatif bars, and serve's request spans must not grow spinners.
+struct AboveBars;
+
+impl std::io::Write for AboveBars {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        progress_bars().suspend(|| std::io::stderr().write(buf))
+    }
+
+    /// The formatter writes a whole line at once: clear the bars once per line.
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        progress_bars().suspend(|| std::io::stderr().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// The OTLP exporter's tracer, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.

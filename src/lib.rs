@@ -19,6 +19,7 @@
 pub mod aggregate;
 pub mod api;
 pub mod audit;
+mod backoff;
 pub mod broker;
 pub mod cache;
 pub mod cli;

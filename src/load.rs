@@ -2,14 +2,15 @@
 //! base URL with a mixed write workload (or balance reads), bounded in time
 //! and count, then checks conservation and that no balance is negative.
 //!
-//! Each worker keeps its own latency samples and totals (no shared locks on
-//! the hot path); they are merged once at the end.
+//! Each worker keeps its own latency histogram and totals (no shared locks
+//! on the hot path); they are merged once at the end.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use uuid::Uuid;
@@ -46,6 +47,8 @@ pub struct LoadConfig {
     pub batch: usize,
     /// Batches are atomic (all or none) rather than independent.
     pub atomic: bool,
+    /// Sent as `Authorization: Bearer <key>` on every request.
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -100,18 +103,33 @@ pub struct LiveStats {
     pub max_ms: f64,
 }
 
+/// Latencies in microseconds, from 1 us to an hour at 3 significant digits:
+/// percentiles in constant memory, without keeping and sorting every sample.
+fn latencies() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid bounds")
+}
+
+fn micros(took: Duration) -> u64 {
+    took.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+/// A histogram's quantile in milliseconds.
+fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
 /// When each acknowledged write's last event was answered 201, by position.
 type Answered = Arc<dashmap::DashMap<i64, Instant>>;
 
 /// Opens `n` live subscriptions after the log's current head; each returns
-/// its latency samples (microseconds) once `until` passes.
+/// its latencies once `until` passes.
 async fn spawn_subscribers(
     http: &reqwest::Client,
     base: &str,
     n: usize,
     answered: &Answered,
     until: Instant,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<Vec<u32>>>> {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<Histogram<u64>>>> {
     let head = http.get(format!("{base}/events?limit=1")).send().await?;
     let head = head
         .headers()
@@ -129,7 +147,7 @@ async fn spawn_subscribers(
         );
         let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut samples, mut pending) = (Vec::new(), Vec::<u8>::new());
+            let (mut samples, mut pending) = (latencies(), Vec::<u8>::new());
             while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until.into(), stream.chunk()).await {
                 pending.extend_from_slice(&chunk);
                 let mut start = 0;
@@ -145,7 +163,7 @@ async fn spawn_subscribers(
                     };
                     // Arrived before its 201 was read: no later than the answer.
                     let at = answered.get(&position).map(|t| *t);
-                    samples.push(at.map_or(0, |t| t.elapsed().as_micros().min(u32::MAX as u128) as u32));
+                    samples.saturating_record(at.map_or(0, |t| micros(t.elapsed())));
                 }
                 pending.drain(..start);
             }
@@ -155,29 +173,24 @@ async fn spawn_subscribers(
     Ok(tasks)
 }
 
-async fn live_stats(tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>) -> anyhow::Result<LiveStats> {
+async fn live_stats(tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>) -> anyhow::Result<LiveStats> {
     let subscribers = tasks.len();
-    let mut all = Vec::new();
+    let mut all = latencies();
     for t in tasks {
-        all.extend(t.await?);
+        all.add(t.await?)?;
     }
-    all.sort_unstable();
-    let q = |p: f64| {
-        all.get(((all.len().max(1) - 1) as f64 * p).round() as usize)
-            .map_or(0.0, |v| *v as f64 / 1000.0)
-    };
     Ok(LiveStats {
         subscribers,
-        samples: all.len() as u64,
-        p50_ms: q(0.50),
-        p99_ms: q(0.99),
-        max_ms: q(1.0),
+        samples: all.len(),
+        p50_ms: quantile_ms(&all, 0.50),
+        p99_ms: quantile_ms(&all, 0.99),
+        max_ms: all.max() as f64 / 1000.0,
     })
 }
 
 #[derive(Default)]
 struct Worker {
-    samples: BTreeMap<Op, Vec<u32>>,
+    samples: BTreeMap<Op, Histogram<u64>>,
     statuses: BTreeMap<u16, u64>,
     errors: u64,
     operations: u64,
@@ -353,8 +366,8 @@ impl Worker {
     fn book(&mut self, planned: &Planned, status: u16, body: &[u8], took: Duration) {
         self.samples
             .entry(planned.op)
-            .or_default()
-            .push(took.as_micros().min(u32::MAX as u128) as u32);
+            .or_insert_with(latencies)
+            .saturating_record(micros(took));
         *self.statuses.entry(status).or_default() += 1;
         self.operations += planned.effects.len().max(1) as u64;
         let succeeded: Vec<bool> = match planned.op {
@@ -417,6 +430,23 @@ fn pick(rng: &mut u64, n: u64) -> u64 {
     *rng % n
 }
 
+/// The run's HTTP client: keep-alive connections for every worker, and the
+/// API key (if any) on every request.
+fn client(cfg: &LoadConfig) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = cfg.api_key.as_deref().map(str::trim).filter(|k| !k.is_empty()) {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot carry"))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(cfg.concurrency)
+        .timeout(Duration::from_secs(30))
+        .default_headers(headers)
+        .build()?)
+}
+
 pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(cfg.wallets >= 2, "at least 2 wallets");
     anyhow::ensure!(cfg.concurrency >= 1, "at least 1 worker");
@@ -427,10 +457,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         "the mix must sum to 100"
     );
     let base = cfg.base_url.trim_end_matches('/').to_owned();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(cfg.concurrency)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let http = client(&cfg)?;
     let run_id = Uuid::new_v4().simple().to_string();
     let wallets: Vec<String> = (0..cfg.wallets).map(|i| format!("load-{}-{i}", &run_id[..8])).collect();
 
@@ -445,7 +472,15 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
         }))
         .await;
         for a in answers {
-            anyhow::ensure!(a?.status().as_u16() == 201, "seeding a wallet failed");
+            let status = a?.status();
+            anyhow::ensure!(
+                status.as_u16() == 201,
+                "seeding a wallet failed: {status}{}",
+                match status.as_u16() {
+                    401 | 403 => " (send an API key with the write scope: --api-key or WALLET_API_KEY)",
+                    _ => "",
+                }
+            );
             seeded += Decimal::from_str(SEED_AMOUNT)?;
         }
     }
@@ -511,7 +546,7 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     for t in tasks {
         let w = t.await?;
         for (op, s) in w.samples {
-            all.samples.entry(op).or_default().extend(s);
+            all.samples.entry(op).or_insert_with(latencies).add(s)?;
         }
         for (status, n) in w.statuses {
             *all.statuses.entry(status).or_default() += n;
@@ -537,15 +572,13 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     let by_op = all
         .samples
         .into_iter()
-        .map(|(op, mut s)| {
-            s.sort_unstable();
-            let q = |p: f64| s[((s.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0;
+        .map(|(op, h)| {
             let stats = OpStats {
-                count: s.len() as u64,
-                p50_ms: q(0.50),
-                p90_ms: q(0.90),
-                p99_ms: q(0.99),
-                max_ms: q(1.0),
+                count: h.len(),
+                p50_ms: quantile_ms(&h, 0.50),
+                p90_ms: quantile_ms(&h, 0.90),
+                p99_ms: quantile_ms(&h, 0.99),
+                max_ms: h.max() as f64 / 1000.0,
             };
             (op, stats)
         })

@@ -106,7 +106,7 @@ pub async fn seed(
             .collect();
         let request = AppendRequest {
             streams: batch.into_values().collect(),
-            idempotency: None,
+            idempotency: Vec::new(),
         };
         let recorded = store.append(request).await.map_err(|e| match e {
             crate::store::AppendError::Store(e) => e,

@@ -108,7 +108,7 @@ async fn relay_delivers_every_event_once_in_order(db: TestDb) {
         db.store
             .begin_append(wallet::store::AppendRequest {
                 streams: vec![stream],
-                idempotency: None,
+                idempotency: Vec::new(),
             })
             .await
             .unwrap()

@@ -3,22 +3,52 @@
 
 mod common;
 
+use std::ops::{Deref, DerefMut};
 use std::process::{Command, Output, Stdio};
+
+/// The binary, run in a temp directory of its own that is removed when
+/// this drops: keep it as long as a spawned process runs.
+struct Wallet {
+    command: Command,
+    _dir: common::Cleanup,
+}
+
+impl Deref for Wallet {
+    type Target = Command;
+    fn deref(&self) -> &Command {
+        &self.command
+    }
+}
+
+impl DerefMut for Wallet {
+    fn deref_mut(&mut self) -> &mut Command {
+        &mut self.command
+    }
+}
 
 /// The binary with a clean environment of its own (no `.env` values leak
 /// in from the working directory): run in a fresh temp directory.
-fn wallet(args: &[&str]) -> Command {
-    let dir = std::env::temp_dir().join(format!("wallet-cli-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn wallet(args: &[&str]) -> Wallet {
+    let (dir, cleanup) = common::temp_dir("wallet-cli");
     let mut c = Command::new(env!("CARGO_BIN_EXE_wallet"));
     c.args(args)
         .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env_remove("AMQP_URL")
         .env_remove("API_KEYS")
+        .env_remove("WALLET_API_KEY")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
-    c
+    Wallet {
+        command: c,
+        _dir: cleanup,
+    }
+}
+
+/// A local port nothing listens on (for a `serve` the test starts).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
+    listener.local_addr().expect("its address").port()
 }
 
 fn run(c: &mut Command) -> Output {
@@ -62,7 +92,8 @@ async fn tables(url: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn read_only_commands_create_nothing_on_an_empty_database() {
-    let url = common::postgres_without_schema().await;
+    let db = common::postgres_without_schema().await;
+    let url = &db.url;
     for args in [
         &["replay", "--at", "1"][..],
         &["verify"],
@@ -92,7 +123,8 @@ async fn read_only_commands_create_nothing_on_an_empty_database() {
 
 #[tokio::test]
 async fn replay_and_verify_run_on_a_read_only_connection() {
-    let url = common::postgres_without_schema().await;
+    let db = common::postgres_without_schema().await;
+    let url = &db.url;
     let out = run(wallet(&["migrate"]).env("DATABASE_URL", &url));
     assert!(out.status.success(), "{}", text(&out));
     let out = run(wallet(&["seed", "--events", "300", "--wallets", "5"]).env("DATABASE_URL", &url));
@@ -147,7 +179,6 @@ fn the_embedded_database_is_not_created_by_commands_that_read() {
         run(&mut c);
     }
     assert!(!dir.join("data").exists(), "a stray data/ directory was created");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
@@ -212,7 +243,8 @@ fn misconfigured_brokers() -> Vec<(String, &'static str)> {
 fn a_misconfigured_broker_ends_worker_relay_and_dlq_with_one_line() {
     for (url, expected) in misconfigured_brokers() {
         for args in [&["worker"][..], &["relay"], &["dlq", "list"]] {
-            let child = wallet(args)
+            let mut command = wallet(args);
+            let child = command
                 .env("AMQP_URL", &url)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -231,13 +263,10 @@ fn a_misconfigured_broker_ends_worker_relay_and_dlq_with_one_line() {
 
 #[tokio::test]
 async fn serve_with_a_misconfigured_broker_says_why_it_is_not_ready() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (url, expected) = misconfigured_brokers().remove(0);
-    let mut serve = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")])
+    let mut command = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")]);
+    let mut serve = command
         .env("AMQP_URL", &url)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -267,11 +296,7 @@ async fn serve_with_a_misconfigured_broker_says_why_it_is_not_ready() {
 
 #[tokio::test]
 async fn probes_stay_out_of_the_info_log_and_latency_is_a_number() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut command = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")]);
     let dir = command.get_current_dir().unwrap().to_owned();
     let log = dir.join("serve.log");
@@ -308,13 +333,13 @@ async fn probes_stay_out_of_the_info_log_and_latency_is_a_number() {
     assert_eq!(lines.len(), 1, "only /wallet/x, no probe: {lines:?}");
     assert_eq!(lines[0]["span"]["path"], "/wallet/x", "{lines:?}");
     assert!(lines[0]["latency_ms"].is_f64(), "latency as a number: {lines:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_closed_pipe_ends_a_printing_command_without_a_panic() {
     // `wallet keys | true`: the reader is gone before the first line.
-    let mut child = wallet(&["keys", "--name", "ci"])
+    let mut command = wallet(&["keys", "--name", "ci"]);
+    let mut child = command
         .env("RUST_BACKTRACE", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -390,4 +415,186 @@ async fn a_dead_letter_that_can_never_apply_can_be_discarded_by_id() {
     assert_eq!(ids, vec!["keep-1"], "only the named one is gone");
     let out = dlq(&["dlq", "discard", "--id", "junk-1"]);
     assert_eq!(out.status.code(), Some(1), "already gone: {}", text(&out));
+}
+
+/// A migrated PostgreSQL database with `events` seeded events.
+async fn seeded_database(events: &str) -> common::EmptyDb {
+    let db = common::postgres_without_schema().await;
+    let out = run(wallet(&["migrate"]).env("DATABASE_URL", &db.url));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(wallet(&["seed", "--events", events, "--wallets", "5"]).env("DATABASE_URL", &db.url));
+    assert!(out.status.success(), "{}", text(&out));
+    db
+}
+
+/// A topology declared as the service declares it (no expiry), with an
+/// observer that deletes it at the end.
+async fn service_topology() -> (wallet::broker::Topology, common::broker::Observer) {
+    let topology = wallet::broker::Topology::named(&format!("test.{}.events", uuid::Uuid::new_v4().simple()));
+    let observer = common::broker::Observer::bind_plain(&topology).await;
+    (topology, observer)
+}
+
+#[tokio::test]
+async fn projections_status_is_one_json_document_with_the_broker_and_shows_parked() {
+    let db = seeded_database("50").await;
+    let (topology, observer) = service_topology().await;
+    let status = |json: bool| {
+        let mut args = vec!["projections", "status"];
+        if json {
+            args.push("--json");
+        }
+        run(wallet(&args)
+            .env("DATABASE_URL", &db.url)
+            .env("AMQP_URL", common::broker::amqp_url())
+            .env("AMQP_EXCHANGE", &topology.exchange))
+    };
+    let out = status(true);
+    assert!(out.status.success(), "{}", text(&out));
+    // One value: a second document after it would be "trailing characters".
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("one JSON document: {e}: {}", text(&out)));
+    let projections = doc["projections"].as_array().expect("projections array");
+    assert_eq!(projections.len(), 4, "{doc}");
+    assert!(projections.iter().all(|p| p["parked"] == 0), "{doc}");
+    assert_eq!(doc["broker"]["deadLetterDepth"], 0, "{doc}");
+
+    let out = status(false);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let header: Vec<&str> = said.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "projection",
+            "checkpoint",
+            "head",
+            "lag",
+            "events/s",
+            "parked",
+            "rebuild"
+        ],
+        "{said}"
+    );
+    assert!(said.contains("dead letters 0"), "{said}");
+    observer.delete_topology(&topology).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_by_sigint_exits_zero_without_errors() {
+    let db = seeded_database("20").await;
+    let (topology, observer) = service_topology().await;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut command = wallet(&["worker"]);
+        let log = command.get_current_dir().unwrap().join("worker.log");
+        // lapin's own lines too: they are where a torn connection shows.
+        let child = command
+            .env("DATABASE_URL", &db.url)
+            .env("AMQP_URL", common::broker::amqp_url())
+            .env("AMQP_EXCHANGE", &topology.exchange)
+            .env("RUST_LOG", "info,lapin=info")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let consuming = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("worker consuming"))
+        });
+        // SAFETY: a plain signal to the child we spawned.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = wait_at_most(child, std::time::Duration::from_secs(15)).expect("the worker stops");
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(consuming, "the worker consumed: {said}");
+        assert_eq!(out.status.code(), Some(0), "{said}");
+        assert!(
+            !said.contains("\"level\":\"ERROR\""),
+            "no ERROR on a clean stop: {said}"
+        );
+    }
+    observer.delete_topology(&topology).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_of_one_projection_is_refused_while_the_first_runs() {
+    let db = seeded_database("200").await;
+    let store = wallet::config::open_existing(&db.url).await.unwrap();
+    let projections = wallet::projections::Projections::new(store, Default::default());
+    let (started, is_started) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let mut started = Some(started);
+    // The first rebuild holds still at its first progress report.
+    let first = tokio::spawn(async move {
+        projections
+            .rebuild("stats", false, move |_| {
+                if let Some(started) = started.take() {
+                    let _ = started.send(());
+                    let _ = released.recv();
+                }
+            })
+            .await
+    });
+    is_started
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the first rebuild started");
+    let out = run(wallet(&["projections", "rebuild", "stats"]).env("DATABASE_URL", &db.url));
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_eq!(said.trim().lines().count(), 1, "one line: {said}");
+    assert!(
+        said.contains("rebuild of stats is already running"),
+        "names the projection: {said}"
+    );
+    // Another projection is not held up.
+    let out = run(wallet(&["projections", "rebuild", "history"]).env("DATABASE_URL", &db.url));
+    assert!(out.status.success(), "{}", text(&out));
+
+    release.send(()).unwrap();
+    let done = first.await.unwrap().expect("the first rebuild finishes");
+    assert!(done.events >= 200, "{done:?}");
+    let out = run(wallet(&["projections", "rebuild", "stats"]).env("DATABASE_URL", &db.url));
+    assert!(out.status.success(), "the lock is released: {}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_sends_its_api_key() {
+    let out = run(&mut wallet(&["keys", "--name", "bench", "--scopes", "read+write"]));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = printed.lines().map(str::trim).collect();
+    let (key, entry) = (lines[1], lines[3]);
+    let port = free_port();
+    let mut command = wallet(&["serve", "--bind", &format!("127.0.0.1:{port}")]);
+    let mut serve = command.env("API_KEYS", entry).stderr(Stdio::null()).spawn().unwrap();
+    let base = format!("127.0.0.1:{port}");
+    let up = (0..300).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::net::TcpStream::connect(&base).is_ok()
+    });
+    let load = |key: Option<&str>| {
+        let mut c = wallet(&[
+            "load",
+            "--url",
+            &base,
+            "--seconds",
+            "60",
+            "--requests",
+            "40",
+            "--wallets",
+            "2",
+        ]);
+        c.args(["--concurrency", "2"]);
+        if let Some(key) = key {
+            c.env("WALLET_API_KEY", key);
+        }
+        run(&mut c)
+    };
+    let refused = load(None);
+    let sent = load(Some(key));
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(up, "serve listens");
+    let said = text(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains("401") && said.contains("--api-key"), "{said}");
+    assert!(sent.status.success(), "with the key: {}", text(&sent));
+    let said = String::from_utf8_lossy(&sent.stdout).into_owned();
+    assert!(said.contains("statuses 201: 40"), "{said}");
 }

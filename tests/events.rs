@@ -215,7 +215,7 @@ fn opening_deposit(wallet: &str) -> AppendRequest {
                 .collect(),
             on_batch: false,
         }],
-        idempotency: None,
+        idempotency: Vec::new(),
     }
 }
 
@@ -468,13 +468,13 @@ async fn wallet_tail_prints_the_log_and_creates_nothing() {
 
     // A database with no schema: an error, and still no tables after it.
     let empty = common::postgres_without_schema().await;
-    let (ok, _, err) = tail(&[], &empty);
+    let (ok, _, err) = tail(&[], &empty.url);
     assert!(!ok, "tail on a database without the log fails");
     assert!(
         err.contains("no wallet schema") && err.contains("wallet migrate"),
         "says what is missing: {err}"
     );
-    let pool = sqlx::PgPool::connect(&empty).await.unwrap();
+    let pool = sqlx::PgPool::connect(&empty.url).await.unwrap();
     let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
         .fetch_one(&pool)
         .await

@@ -23,6 +23,7 @@ struct Api {
     other: Option<String>,
     http: Client,
     store: EventStore,
+    _db: common::Cleanup,
 }
 
 impl Api {
@@ -32,6 +33,7 @@ impl Api {
             other: None,
             http: Client::new(),
             store: db.store,
+            _db: db.cleanup,
         }
     }
     /// Two servers on one database: two processes deciding the same wallets.
@@ -523,6 +525,83 @@ async fn atomic_batches(db: TestDb) {
     api.verify().await;
 }
 
+/// Each operation of an atomic batch may carry its own key: recorded with
+/// the batch, so a retry without the batch's key replays it, each key
+/// replays its own operation on its own route, and a key already naming
+/// another request refuses the whole batch before anything is written.
+async fn atomic_batch_operation_keys(db: TestDb) {
+    let api = Api::start(db).await;
+    api.expect(
+        "/wallet/a/deposit",
+        json!({"amount": 100, "requestId": "earlier"}),
+        StatusCode::CREATED,
+    )
+    .await;
+    let ops = json!({"atomic": true, "operations": [
+        {"op": "withdraw", "walletId": "a", "amount": "30", "requestId": "k-w"},
+        {"op": "deposit", "walletId": "b", "amount": "5", "requestId": "k-d"}]});
+    let done = api.expect("/batch", ops.clone(), StatusCode::CREATED).await;
+    let head = api.store.head_position().await.unwrap();
+
+    let again = api.post("/batch", ops.clone()).await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    let receipts = |v: &Value| {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["receipt"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(receipts(&again), receipts(&done), "the same receipts");
+    assert!(again["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["replayed"] == true));
+    assert_eq!(api.store.head_position().await.unwrap(), head, "applied once");
+
+    let one = api
+        .post("/wallet/b/deposit", json!({"amount": "5", "requestId": "k-d"}))
+        .await;
+    assert_eq!(one.status(), StatusCode::CREATED);
+    assert_eq!(one.headers()["idempotent-replayed"], "true");
+    let one: Value = one.json().await.unwrap();
+    assert_eq!(one, done["results"][1]["receipt"], "the key replays its own operation");
+
+    for (reused, status) in [
+        (
+            json!({"op": "deposit", "walletId": "a", "amount": "1", "requestId": "earlier"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"op": "deposit", "walletId": "c", "amount": "1", "requestId": "k-new"}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let batch = json!({"atomic": true, "operations": [
+            {"op": "deposit", "walletId": "c", "amount": "1", "requestId": "k-new"}, reused]});
+        let refused = api.expect("/batch", batch, status).await;
+        assert!(
+            ["IDEMPOTENCY_KEY_REUSED", "INVALID_BATCH"].contains(&code(&refused)),
+            "{refused}"
+        );
+        assert_eq!(api.store.head_position().await.unwrap(), head, "nothing written");
+    }
+    assert_eq!(api.wallet("c").await["exists"], false);
+
+    let refused = json!({"atomic": true, "operations": [
+        {"op": "withdraw", "walletId": "a", "amount": "1000", "requestId": "k-big"}]});
+    let first = api.expect("/batch", refused.clone(), StatusCode::BAD_REQUEST).await;
+    let second = api.post("/batch", refused).await;
+    assert_eq!(second.headers()["idempotent-replayed"], "true", "a refusal replays too");
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(code(&second), code(&first));
+    api.verify().await;
+}
+
 /// An independent batch writes exactly the valid operations, decided in
 /// request order, each with its own result and key.
 async fn independent_batches(db: TestDb) {
@@ -618,5 +697,6 @@ on_both_backends!(
     resolutions_race,
     withdrawals_race_holds,
     atomic_batches,
+    atomic_batch_operation_keys,
     independent_batches
 );

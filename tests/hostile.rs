@@ -640,3 +640,105 @@ async fn prune_removes_only_what_is_older(db: TestDb) {
 }
 
 on_both_backends!(prune_removes_only_what_is_older);
+
+/// The head of `raw`'s answer: its status line must be `status`, its body
+/// problem+json of exactly the declared length; returns the code.
+fn whole_problem(answer: &str, status: &str) -> String {
+    assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{answer:.300}");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("content-type: application/problem+json"), "{head}");
+    assert!(head.contains(&format!("content-length: {}\r\n", body.len())), "{head}");
+    problem_code(answer)
+}
+
+/// Oversized URIs and header sections get problem+json with a stable code,
+/// whether the gate refuses them (over its limits) or hyper's parser does
+/// (a URI no `http::Uri` holds, a head over the read buffer, 101 headers,
+/// a malformed header); the answer arrives whole even when the client is
+/// still sending a megabyte, and the service goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parser_and_size_refusals_are_problem_json() {
+    let db = common::sqlite().await;
+    let (base, _) = serve(db.store.clone(), ServeOptions::default(), |_| {}).await;
+    let get =
+        |uri: String, headers: String| format!("GET {uri} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n");
+    let cases = [
+        // (what, request, status, code)
+        (
+            "a 10 KB URI (gate)",
+            get(format!("/flags?walletId={}", "w".repeat(10_000)), String::new()),
+            "414",
+            "URI_TOO_LONG",
+        ),
+        (
+            "a 100 KB URI (hyper)",
+            get(format!("/flags?walletId={}", "w".repeat(100_000)), String::new()),
+            "414",
+            "URI_TOO_LONG",
+        ),
+        (
+            "40 KB of headers (gate)",
+            get("/health".into(), format!("X-Fill: {}\r\n", "h".repeat(40_000))),
+            "431",
+            "HEADERS_TOO_LARGE",
+        ),
+        (
+            "1 MB of headers (hyper)",
+            get("/health".into(), format!("X-Fill: {}\r\n", "h".repeat(1 << 20))),
+            "431",
+            "HEADERS_TOO_LARGE",
+        ),
+        (
+            "101 headers (hyper)",
+            get("/health".into(), (0..101).map(|i| format!("X-H{i}: v\r\n")).collect()),
+            "431",
+            "HEADERS_TOO_LARGE",
+        ),
+        (
+            "a header without a colon (hyper)",
+            get("/health".into(), "Not a header\r\n".into()),
+            "400",
+            "MALFORMED_REQUEST",
+        ),
+    ];
+    for (what, request, status, code) in cases {
+        let (_, answer) = raw(&base, request.as_bytes()).await;
+        assert_eq!(whole_problem(&answer, status), code, "{what}");
+    }
+    let r = fresh_connections().get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "still serving");
+}
+
+/// A write whose body stops arriving is answered 408 `REQUEST_TIMEOUT`
+/// (problem+json) once the 30 s body deadline passes, and nothing is
+/// written; the connection deadlines never cut a request in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_stops_arriving_is_a_408() {
+    let db = common::sqlite().await;
+    let (base, _) = serve(
+        db.store.clone(),
+        options(Duration::from_secs(1), Duration::from_secs(1), 64),
+        |_| {},
+    )
+    .await;
+    let started = Instant::now();
+    let request = "POST /wallet/slow/deposit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                   Content-Length: 40\r\n\r\n{\"amount\":";
+    let mut conn = TcpStream::connect(addr(&base)).await.unwrap();
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the whole problem body is in (it ends the answer).
+    while !String::from_utf8_lossy(&answer).trim_end().ends_with('}') {
+        match tokio::time::timeout(Duration::from_secs(45), conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            other => panic!("no answer after {:?}: {other:?}", started.elapsed()),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(problem_code(&answer), "REQUEST_TIMEOUT");
+    assert!(started.elapsed() >= Duration::from_secs(29), "{:?}", started.elapsed());
+    assert_eq!(db.store.head_position().await.unwrap(), 0, "nothing written");
+}

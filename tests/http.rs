@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 struct Api {
     base: String,
     http: Client,
+    _db: common::Cleanup,
 }
 
 impl Api {
@@ -17,6 +18,7 @@ impl Api {
         Self {
             base: common::serve(db.store).await,
             http: Client::new(),
+            _db: db.cleanup,
         }
     }
     async fn post(&self, path: &str, body: Value) -> Response {

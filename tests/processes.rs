@@ -150,7 +150,7 @@ async fn serve_relay_and_worker_as_processes_under_load() {
 /// are written, and the process exits 0 within the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
-    let dir = std::env::temp_dir().join(format!("wallet-term-{}", uuid::Uuid::new_v4().simple()));
+    let (dir, _dir) = common::temp_dir("wallet-term");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut serve = Command::new(env!("CARGO_BIN_EXE_wallet"));
@@ -259,7 +259,7 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", collector.local_addr().unwrap());
-    let dir = std::env::temp_dir().join(format!("wallet-otel-{}", uuid::Uuid::new_v4().simple()));
+    let (dir, _dir) = common::temp_dir("wallet-otel");
     let port = free_port();
     let _serve = Running(
         Command::new(env!("CARGO_BIN_EXE_wallet"))
@@ -306,5 +306,4 @@ async fn spans_are_exported_over_otlp_in_the_callers_trace() {
     let _ = conn
         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\ncontent-type: application/x-protobuf\r\n\r\n")
         .await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

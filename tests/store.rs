@@ -46,7 +46,7 @@ fn to_append(stream: WalletId, expected: Head, events: Vec<WalletEvent>) -> Stre
 fn single(s: StreamAppend) -> AppendRequest {
     AppendRequest {
         streams: vec![s],
-        idempotency: None,
+        idempotency: Vec::new(),
     }
 }
 
@@ -156,7 +156,7 @@ async fn a_failed_transfer_changes_neither_stream(db: TestDb) {
         .store
         .append(AppendRequest {
             streams,
-            idempotency: None,
+            idempotency: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -178,7 +178,7 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
     };
     let first = AppendRequest {
         streams: vec![deposit(&Wallet::empty(id("a")), "5")],
-        idempotency: Some(record("deposit:5")),
+        idempotency: vec![record("deposit:5")],
     };
     let recorded = db.store.append(first).await.unwrap();
     let found = db.store.find_idempotency(&id("a"), "k1").await.unwrap().unwrap();
@@ -188,7 +188,7 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
     let head = db.store.head_position().await.unwrap();
     let again = AppendRequest {
         streams: vec![deposit(&fold(&db, "a").await, "5")],
-        idempotency: Some(record("deposit:5")),
+        idempotency: vec![record("deposit:5")],
     };
     assert!(matches!(
         db.store.append(again).await,
@@ -202,7 +202,7 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
     // A recorded key wins over a stale head: the stored answer is the truth.
     let stale = AppendRequest {
         streams: vec![deposit(&Wallet::empty(id("a")), "5")],
-        idempotency: Some(record("deposit:5")),
+        idempotency: vec![record("deposit:5")],
     };
     assert!(matches!(
         db.store.append(stale).await,
@@ -210,7 +210,7 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
     ));
     let rejection = AppendRequest {
         streams: Vec::new(),
-        idempotency: Some(record("x")),
+        idempotency: vec![record("x")],
     };
     assert!(matches!(
         db.store.append(rejection).await,
@@ -218,6 +218,45 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
     ));
     // Keys are scoped to the wallet.
     assert!(db.store.find_idempotency(&id("b"), "k1").await.unwrap().is_none());
+}
+
+/// A request may record several keys (an atomic batch's own and its
+/// operations'): all are recorded with its events, and one of them already
+/// recorded makes the whole request a duplicate that writes nothing.
+async fn a_request_records_all_its_keys_or_none(db: TestDb) {
+    let record = |wallet: &str, key: &str| IdempotencyRecord {
+        wallet: id(wallet),
+        key: key.into(),
+        fingerprint: format!("fp-{key}"),
+        outcome: json!({"receipt": {}}),
+    };
+    let first = AppendRequest {
+        streams: vec![deposit(&Wallet::empty(id("a")), "5")],
+        idempotency: vec![record("a", "k1"), record("b", "k2")],
+    };
+    let recorded = db.store.append(first).await.unwrap();
+    for (wallet, key) in [("a", "k1"), ("b", "k2")] {
+        let found = db.store.find_idempotency(&id(wallet), key).await.unwrap();
+        assert_eq!(
+            found.map(|f| f.position),
+            Some(recorded.last().map(|e| e.position)),
+            "{wallet}/{key}"
+        );
+    }
+    let head = db.store.head_position().await.unwrap();
+    let overlapping = AppendRequest {
+        streams: vec![deposit(&fold(&db, "a").await, "5")],
+        idempotency: vec![record("a", "k3"), record("b", "k2")],
+    };
+    assert!(matches!(
+        db.store.append(overlapping).await,
+        Err(AppendError::DuplicateRequest)
+    ));
+    assert_eq!(db.store.head_position().await.unwrap(), head, "nothing written");
+    assert!(
+        db.store.find_idempotency(&id("a"), "k3").await.unwrap().is_none(),
+        "no key of a duplicate is recorded"
+    );
 }
 
 /// One append's transaction is held open while others try to commit: a
@@ -338,7 +377,7 @@ async fn a_wrong_balance_at_the_right_version_is_refused(db: TestDb) {
             events: Vec::new(),
             on_batch: false,
         }],
-        idempotency: Some(record.clone()),
+        idempotency: vec![record.clone()],
     };
     assert!(matches!(
         db.store.append(assertion(Head::of(&planted))).await,
@@ -481,6 +520,7 @@ async fn migrate_refuses_a_position_sequence_with_a_cache() {
 }
 
 on_both_backends!(
+    a_request_records_all_its_keys_or_none,
     append_and_read_back,
     stale_expected_version_is_a_conflict,
     a_wrong_balance_at_the_right_version_is_refused,

@@ -23,6 +23,9 @@ use crate::ledger::{Operation, Receipt};
 /// Body of a batch.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"atomic": true, "operations": [
+    {"op": "deposit", "walletId": "a", "amount": "10"},
+    {"op": "transfer", "walletId": "a", "toWalletId": "b", "amount": "5"}]}))]
 pub struct BatchBody {
     /// All or none (default false: each operation on its own).
     #[serde(default)]
@@ -51,7 +54,9 @@ pub struct OperationBody {
     /// hold: seconds until it expires (1 to 2592000; default 604800).
     #[schema(minimum = 1, maximum = 2592000)]
     expires_in_seconds: Option<u64>,
-    /// This operation's idempotency key (independent batches).
+    /// This operation's idempotency key. In an atomic batch it is recorded
+    /// with the batch: a retry replays the batch, and the key replays this
+    /// operation's receipt on its own route.
     request_id: Option<String>,
 }
 
@@ -83,7 +88,8 @@ pub struct BatchAnswer {
 
 /// Many operations in one request: all or none, or each on its own.
 #[utoipa::path(post, path = "/batch", tag = "holds",
-    params(("Idempotency-Key" = Option<String>, Header, description = "an atomic batch's key")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$",
+            description = "an atomic batch's idempotency key, instead of `requestId` in the body")),
     request_body = BatchBody,
     responses((status = 201, body = BatchAnswer, description = "atomic: every operation committed"),
               (status = 200, body = BatchAnswer, description = "independent: one result per operation"),
@@ -110,6 +116,9 @@ pub async fn batch(
             operation_index: Some(index),
             ..p
         })?;
+    }
+    if body.atomic {
+        one_key_one_operation(&body.operations)?;
     }
     let parsed: Vec<Result<(Operation, Option<String>), Problem>> =
         body.operations.into_iter().map(operation).collect();
@@ -165,6 +174,25 @@ pub async fn batch(
     }
     let results = results.into_iter().flatten().collect();
     Ok((StatusCode::OK, Json(BatchAnswer { atomic: false, results })).into_response())
+}
+
+/// An atomic batch records its operations' keys together: one key on two
+/// operations of one wallet would name two requests.
+fn one_key_one_operation(operations: &[OperationBody]) -> Result<(), Problem> {
+    let mut seen = std::collections::HashSet::with_capacity(operations.len());
+    for (index, op) in operations.iter().enumerate() {
+        let Some(key) = op.request_id.as_deref() else { continue };
+        if !seen.insert((op.wallet_id.as_str(), key)) {
+            return Err(Problem {
+                operation_index: Some(index),
+                ..Problem::bad_request(
+                    "INVALID_BATCH",
+                    format!("requestId {key:?} names two operations of wallet {:?}", op.wallet_id),
+                )
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The valid operations with their indexes, and a result slot per

@@ -39,10 +39,27 @@ pub struct LogQuery {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// Only this wallet's events.
+    #[param(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     wallet_id: Option<String>,
     /// Only events of this type (repeatable: any of them).
-    #[param(rename = "type")]
+    #[param(rename = "type", value_type = Option<Vec<EventTypeParam>>, inline)]
     kind: Option<Vec<String>>,
+}
+
+/// An event type (documentation of `type`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub enum EventTypeParam {
+    WalletCreated,
+    FundsDeposited,
+    FundsWithdrawn,
+    TransferDebited,
+    TransferCredited,
+    HoldPlaced,
+    HoldCaptured,
+    HoldVoided,
+    HoldExpired,
+    WalletLimitsChanged,
 }
 
 /// Query of `GET /wallet/{id}/events`.
@@ -81,7 +98,7 @@ pub async fn log(State(app): State<Arc<AppState>>, query: Pairs) -> Result<Respo
 
 /// One wallet's stream, oldest first.
 #[utoipa::path(get, path = "/wallet/{id}/events", tag = "log",
-    params(("id" = String, Path, description = "wallet id"), StreamQuery),
+    params(super::doc::WalletIdParam, StreamQuery),
     responses(
         (status = 200, body = [LogEvent], description = "the wallet's events from `fromVersion`",
          headers(("X-Log-Head" = i64, description = "the newest committed position"))),
@@ -115,7 +132,7 @@ pub async fn wallet_events(
 /// too slow for the live tail gets a final `resume` event naming the
 /// position to reconnect after. A comment every 15 s keeps it open.
 #[utoipa::path(get, path = "/events/stream", tag = "log", params(LogQuery,
-        ("Last-Event-ID" = Option<i64>, Header, description = "resume after this position (wins over `after`)")),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "resume after this position (wins over `after`)")),
     responses(
         (status = 200, content_type = "text/event-stream", body = String,
          description = "`id: <position>` and `data: <LogEvent JSON>` per event; `event: resume` with `{\"after\": P}` before the server closes a stream it cut"),

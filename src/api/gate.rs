@@ -1,14 +1,17 @@
 //! The gate: what is checked before a request's body is read or audited
 //! in full, cheapest first.
 //!
-//! 1. Framing: two `Authorization` headers are a 400
+//! 1. Size: a URI over 8 KiB is a 414 `URI_TOO_LONG`, headers over 32 KiB
+//!    in all a 431 `HEADERS_TOO_LARGE` (what hyper itself cannot parse is
+//!    answered in `wire.rs`, with the same codes).
+//! 2. Framing: two `Authorization` headers are a 400
 //!    `DUPLICATE_AUTHORIZATION` (which one would count is ambiguous); a
 //!    `Transfer-Encoding` other than one `chunked` is a 501
 //!    `UNSUPPORTED_TRANSFER_ENCODING` (RFC 9112 §6.1), and the connection
 //!    is closed after the answer.
-//! 2. The client address's rate limit (not for `/health` and `/ready`).
-//! 3. The API key and its scope (`access.rs`): 401 / 403.
-//! 4. The key's rate limit.
+//! 3. The client address's rate limit (not for `/health` and `/ready`).
+//! 4. The API key and its scope (`access.rs`): 401 / 403.
+//! 5. The key's rate limit.
 //!
 //! A mutating request refused here is audited without its body or
 //! headers (method, path, status, client address, declared size), so a
@@ -44,7 +47,13 @@ pub async fn check(State(app): State<Arc<AppState>>, request: Request, next: Nex
     }
 }
 
+/// Longest request URI (path and query) accepted.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Largest header section accepted (names, values and their separators).
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 fn admit(app: &AppState, request: &Request) -> Result<(), Response> {
+    size(request)?;
     framing(request)?;
     let path = request.uri().path();
     if path != "/health" && path != "/ready" {
@@ -54,6 +63,27 @@ fn admit(app: &AppState, request: &Request) -> Result<(), Response> {
     }
     if let Some(key) = access::authenticate(&app.keys, request)? {
         app.rate_limits.check_key(key).map_err(rate_limited)?;
+    }
+    Ok(())
+}
+
+/// Oversized URIs and header sections are refused before anything reads them.
+fn size(request: &Request) -> Result<(), Response> {
+    let uri = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri > MAX_URI_BYTES {
+        let detail = format!("the request URI is {uri} bytes; at most {MAX_URI_BYTES} are accepted");
+        return Err(Problem::new(StatusCode::URI_TOO_LONG, "URI_TOO_LONG", detail).into_response());
+    }
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        let detail = format!("the request's headers are {headers} bytes; at most {MAX_HEADER_BYTES} are accepted");
+        return Err(
+            Problem::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "HEADERS_TOO_LARGE", detail).into_response(),
+        );
     }
     Ok(())
 }
@@ -152,6 +182,26 @@ mod tests {
         assert_eq!(status(framing(&twice)), not_implemented);
         let two = with(&[("authorization", "Bearer a"), ("authorization", "Bearer b")]);
         assert_eq!(status(framing(&two)), Some(StatusCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn oversize_uris_and_header_sections_are_refused() {
+        let mut request = with(&[("x-fill", &"a".repeat(MAX_HEADER_BYTES - 20))]);
+        assert_eq!(status(size(&request)), None);
+        request
+            .headers_mut()
+            .insert("x-more", HeaderValue::from_static("0123456789012345678901234567890"));
+        assert_eq!(
+            status(size(&request)),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        let uri = |n: usize| {
+            let mut r = with(&[]);
+            *r.uri_mut() = format!("/flags?walletId={}", "w".repeat(n)).parse().unwrap();
+            r
+        };
+        assert_eq!(status(size(&uri(MAX_URI_BYTES - 16))), None);
+        assert_eq!(status(size(&uri(MAX_URI_BYTES - 15))), Some(StatusCode::URI_TOO_LONG));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use super::doc::{AmountInput, KeyHeader, LimitInput, WalletIdParam};
 use super::input::{
     idempotency_key, parse_amount, parse_balance, parse_wallet_id, JsonBody, OptionalJsonBody, WalletPath,
 };
@@ -32,44 +33,57 @@ pub const MAX_HOLD_SECONDS: u64 = 30 * 24 * 3600;
 /// Body of a hold.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"amount": "40", "expiresInSeconds": 900, "toWalletId": "driver"}))]
 pub struct HoldBody {
-    /// A JSON number or decimal string; > 0, at most 4 decimals, < 10^15.
-    #[schema(value_type = String, example = "40")]
+    #[schema(value_type = AmountInput)]
     amount: Box<RawValue>,
+    /// Idempotency key (or send the `Idempotency-Key` header).
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$")]
     request_id: Option<String>,
     /// Seconds until the hold expires (1 to 2592000; default 604800).
     #[schema(example = 900, minimum = 1, maximum = 2592000)]
     expires_in_seconds: Option<u64>,
     /// Pay captures into this wallet (else out of the system).
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
     to_wallet_id: Option<String>,
 }
 
 /// Body of a capture: all of the hold unless `amount` is given.
 #[derive(Deserialize, utoipa::ToSchema, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"amount": "25"}))]
 pub struct CaptureBody {
-    #[schema(value_type = Option<String>, example = "25")]
+    /// At most the held amount (absent: all of it).
+    #[schema(value_type = Option<AmountInput>)]
     amount: Option<Box<RawValue>>,
+    /// Idempotency key (or send the `Idempotency-Key` header).
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$")]
     request_id: Option<String>,
 }
 
 /// Body of a void.
 #[derive(Deserialize, utoipa::ToSchema, Default)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({}))]
 pub struct VoidBody {
+    /// Idempotency key (or send the `Idempotency-Key` header).
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$")]
     request_id: Option<String>,
 }
 
 /// Body of a change of limits.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"minBalance": "0", "maxBalance": "10000"}))]
 pub struct LimitsBody {
-    /// Available money may not fall below this (default 0).
-    #[schema(value_type = Option<String>, example = "0")]
+    /// Available money may not fall below this (default 0): 0 or an amount.
+    #[schema(value_type = Option<LimitInput>)]
     min_balance: Option<Box<RawValue>>,
-    /// The balance may not rise above this (absent: no maximum).
-    #[schema(value_type = Option<String>, example = "10000")]
+    /// The balance may not rise above this (absent: no maximum): 0 or an amount.
+    #[schema(value_type = Option<LimitInput>)]
     max_balance: Option<Box<RawValue>>,
+    /// Idempotency key (or send the `Idempotency-Key` header).
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$")]
     request_id: Option<String>,
 }
 
@@ -91,8 +105,7 @@ impl<S: Send + Sync> FromRequestParts<S> for HoldPath {
 
 /// Reserve money on a wallet until it is captured, voided or expires.
 #[utoipa::path(post, path = "/wallet/{id}/holds", tag = "holds",
-    params(("id" = String, Path, description = "wallet id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    params(WalletIdParam, KeyHeader),
     request_body = HoldBody,
     responses((status = 201, body = HoldReceipt, description = "held (or replayed: header Idempotent-Replayed)"),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INSUFFICIENT_FUNDS, MIN_BALANCE_BREACHED, INVALID_AMOUNT, INVALID_EXPIRY, SAME_WALLET, ..."),
@@ -144,8 +157,7 @@ pub(super) fn hold_request(
 
 /// Capture all of a hold, or part of it (the rest goes back to available).
 #[utoipa::path(post, path = "/wallet/{id}/holds/{holdId}/capture", tag = "holds",
-    params(("id" = String, Path, description = "wallet id"), ("holdId" = Uuid, Path, description = "hold id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    params(WalletIdParam, ("holdId" = Uuid, Path, description = "hold id (`holdId` of the hold's receipt)"), KeyHeader),
     request_body = CaptureBody,
     responses((status = 201, body = HoldReceipt, description = "captured (or replayed: header Idempotent-Replayed)"),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "CAPTURE_EXCEEDS_HOLD, MAX_BALANCE_EXCEEDED, INVALID_AMOUNT, INVALID_HOLD_ID"),
@@ -168,8 +180,7 @@ pub async fn capture(
 
 /// Release a hold before it expires.
 #[utoipa::path(post, path = "/wallet/{id}/holds/{holdId}/void", tag = "holds",
-    params(("id" = String, Path, description = "wallet id"), ("holdId" = Uuid, Path, description = "hold id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    params(WalletIdParam, ("holdId" = Uuid, Path, description = "hold id (`holdId` of the hold's receipt)"), KeyHeader),
     request_body = VoidBody,
     responses((status = 201, body = HoldReceipt, description = "voided (or replayed: header Idempotent-Replayed)"),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_HOLD_ID"),
@@ -191,8 +202,7 @@ pub async fn void(
 
 /// Set a wallet's minimum and maximum balance (scope `admin`).
 #[utoipa::path(put, path = "/wallet/{id}/limits", tag = "holds",
-    params(("id" = String, Path, description = "wallet id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    params(WalletIdParam, KeyHeader),
     request_body = LimitsBody,
     responses((status = 201, body = LimitsReceipt, description = "set (or replayed: header Idempotent-Replayed)"),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_LIMITS, INVALID_AMOUNT"),

@@ -7,6 +7,7 @@
 pub mod access;
 mod audit;
 mod batch;
+mod doc;
 mod events;
 mod gate;
 mod holds;
@@ -18,6 +19,7 @@ mod read_models;
 pub mod server;
 mod system;
 mod wallet;
+mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +39,7 @@ use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use access::ApiKeys;
+use doc::Contract;
 pub use problem::{Problem, ProblemBody};
 pub use rate_limit::{RateLimits, RateSpec};
 pub use server::ServeOptions;
@@ -124,14 +127,16 @@ impl AppState {
 Any route may also answer, before the request is read: 400 `DUPLICATE_AUTHORIZATION` (more than one \
 `Authorization` header), 501 `UNSUPPORTED_TRANSFER_ENCODING` (a `Transfer-Encoding` other than one \
 `chunked`; the connection is closed), 429 `RATE_LIMITED` with `Retry-After` (the API key's or the \
-client address's budget is spent), and with API keys configured 401 `UNAUTHORIZED` / 403 `FORBIDDEN`. \
-All are `application/problem+json` (`ProblemBody`)."),
+client address's budget is spent), 414 `URI_TOO_LONG` (a URI over 8 KiB), 431 `HEADERS_TOO_LARGE` (headers \
+over 32 KiB, or more than 100), 400 `MALFORMED_REQUEST` (not parseable as HTTP/1.1), and with API keys \
+configured 401 `UNAUTHORIZED` / 403 `FORBIDDEN`. All are `application/problem+json` (`ProblemBody`)."),
     paths(wallet::deposit, wallet::withdraw, wallet::transfer, wallet::balance,
           holds::place, holds::capture, holds::void, holds::limits, read_models::wallet_holds, batch::batch,
           read_models::history, read_models::stats, read_models::wallet_flags, read_models::flags,
           events::log, events::stream, events::wallet_events,
           system::health, system::ready),
-    components(schemas(ProblemBody, crate::feed::LogEvent, crate::feed::LogEventMetadata)),
+    components(schemas(ProblemBody, crate::feed::LogEvent, crate::feed::LogEventMetadata, doc::AmountInput, doc::LimitInput)),
+    modifiers(&Contract),
     tags((name = "wallet", description = "Money movements and reads"),
          (name = "holds", description = "Reserve money (authorise), capture or void it; holds expire on their own. Wallet limits."),
          (name = "log", description = "The committed log for consumers: pages, one wallet's stream, a live subscription (SSE). Deduplicate by `position`."),

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use std::sync::Arc;
 
+use super::doc::WalletIdParam;
 use super::input::{parse_wallet_id, WalletPath};
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
@@ -41,12 +42,30 @@ impl From<ProjectionError> for Problem {
 #[serde(rename_all = "camelCase")]
 pub struct PageQuery {
     /// Page size, 1-200 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
     limit: Option<String>,
-    /// Cursor from `X-Next-Before`: the last item's `version` (history), or
-    /// `<position>:<rule>` of the last flag (flags; a bare position lists
-    /// the flags below it).
+    /// Cursor from `X-Next-Before`: the last item's `version`.
+    #[param(value_type = Option<i64>, minimum = 1)]
     before: Option<String>,
     /// Wait (up to 2 s) until the read model has applied this log position.
+    #[param(value_type = Option<i64>, minimum = 0)]
+    min_position: Option<String>,
+}
+
+/// The query of one wallet's flags: as `PageQuery`, but the cursor names a flag.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct WalletFlagsQuery {
+    /// Page size, 1-200 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
+    limit: Option<String>,
+    /// Cursor from `X-Next-Before`: `<position>:<rule>` of the last flag of
+    /// the previous page (a bare position lists the flags below it).
+    #[param(pattern = r"^[0-9]+(:(RAPID_OUTFLOWS|LARGE_OUTFLOW))?$", example = "9:LARGE_OUTFLOW")]
+    before: Option<String>,
+    /// Wait (up to 2 s) until the read model has applied this log position.
+    #[param(value_type = Option<i64>, minimum = 0)]
     min_position: Option<String>,
 }
 
@@ -55,16 +74,42 @@ pub struct PageQuery {
 #[serde(rename_all = "camelCase")]
 pub struct FlagsQuery {
     /// Only this wallet's flags.
+    #[param(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     wallet_id: Option<String>,
-    /// Only this rule: `RAPID_OUTFLOWS` or `LARGE_OUTFLOW`.
+    /// Only this rule.
+    #[param(value_type = Option<RuleParam>, inline)]
     rule: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
     limit: Option<String>,
     /// Cursor from `X-Next-Before`: `<position>:<rule>` of the last flag of
     /// the previous page (a bare position lists the flags below it).
+    #[param(pattern = r"^[0-9]+(:(RAPID_OUTFLOWS|LARGE_OUTFLOW))?$", example = "9:LARGE_OUTFLOW")]
     before: Option<String>,
     /// Wait (up to 2 s) until the read model has applied this log position.
+    #[param(value_type = Option<i64>, minimum = 0)]
     min_position: Option<String>,
+}
+
+/// A fraud rule (documentation of `rule`).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)]
+pub enum RuleParam {
+    #[schema(rename = "RAPID_OUTFLOWS")]
+    RapidOutflows,
+    #[schema(rename = "LARGE_OUTFLOW")]
+    LargeOutflow,
+}
+
+/// A hold's status (documentation of `status`).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum HoldStatusParam {
+    Held,
+    Captured,
+    Voided,
+    Expired,
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -72,6 +117,7 @@ pub struct FlagsQuery {
 #[serde(rename_all = "camelCase")]
 pub struct WaitQuery {
     /// Wait (up to 2 s) until the read model has applied this log position.
+    #[param(value_type = Option<i64>, minimum = 0)]
     min_position: Option<String>,
 }
 
@@ -188,8 +234,9 @@ fn array_body(rows: &[(i64, String)]) -> String {
 /// A wallet's events, newest first. Next page: `before` = the last item's
 /// version (also sent as `X-Next-Before`).
 #[utoipa::path(get, path = "/wallet/{id}/history", tag = "read models",
-    params(("id" = String, Path, description = "wallet id"), PageQuery),
-    responses((status = 200, body = [HistoryItem], headers(("X-Projection-Position" = i64), ("X-Next-Before" = i64))),
+    params(WalletIdParam, PageQuery),
+    responses((status = 200, body = [HistoryItem], headers(("X-Projection-Position" = i64, description = "the log position the read model had applied when it answered"),
+                       ("X-Next-Before" = i64, description = "a full page: pass as `before` for the next one"))),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn history(
@@ -217,20 +264,25 @@ pub async fn history(
 #[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct HoldsQuery {
-    /// Only holds in this status: `held`, `captured`, `voided` or `expired`.
+    /// Only holds in this status.
+    #[param(value_type = Option<HoldStatusParam>, inline)]
     status: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
     limit: Option<String>,
-    /// Cursor: the last item's `position`.
+    /// Cursor from `X-Next-Before`: the last item's `position`.
+    #[param(value_type = Option<i64>, minimum = 1)]
     before: Option<String>,
     /// Wait (up to 2 s) until the read model has applied this log position.
+    #[param(value_type = Option<i64>, minimum = 0)]
     min_position: Option<String>,
 }
 
 /// A wallet's holds, newest first, with their status.
 #[utoipa::path(get, path = "/wallet/{id}/holds", tag = "read models",
-    params(("id" = String, Path, description = "wallet id"), HoldsQuery),
-    responses((status = 200, body = [HoldView], headers(("X-Projection-Position" = i64), ("X-Next-Before" = i64))),
+    params(WalletIdParam, HoldsQuery),
+    responses((status = 200, body = [HoldView], headers(("X-Projection-Position" = i64, description = "the log position the read model had applied when it answered"),
+                       ("X-Next-Before" = i64, description = "a full page: pass as `before` for the next one"))),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_STATUS, INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn wallet_holds(
@@ -266,9 +318,10 @@ pub async fn wallet_holds(
 
 /// A wallet's totals, counts, last activity and fraud status.
 #[utoipa::path(get, path = "/wallet/{id}/stats", tag = "read models",
-    params(("id" = String, Path, description = "wallet id"), WaitQuery),
-    responses((status = 200, body = WalletStats, description = "all zero for a wallet with no events"),
-              (status = 400, body = ProblemBody, content_type = "application/problem+json"),
+    params(WalletIdParam, WaitQuery),
+    responses((status = 200, body = WalletStats, description = "all zero for a wallet with no events",
+               headers(("X-Projection-Position" = i64, description = "the log position the read model had applied when it answered"))),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_MIN_POSITION"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn stats(
     State(app): State<Arc<AppState>>,
@@ -318,13 +371,15 @@ async fn list_flags(
 /// A wallet's fraud flags, newest first. Next page: `before` = the
 /// `X-Next-Before` of a full page (`<position>:<rule>` of its last flag).
 #[utoipa::path(get, path = "/wallet/{id}/flags", tag = "read models",
-    params(("id" = String, Path, description = "wallet id"), PageQuery),
-    responses((status = 200, body = [Flag], headers(("X-Projection-Position" = i64), ("X-Next-Before" = String, description = "next page's cursor, <position>:<rule>"))), (status = 400, body = ProblemBody, content_type = "application/problem+json"),
+    params(WalletIdParam, WalletFlagsQuery),
+    responses((status = 200, body = [Flag], headers(("X-Projection-Position" = i64, description = "the log position the read model had applied when it answered"),
+                       ("X-Next-Before" = String, description = "a full page: the next page's cursor, `<position>:<rule>`"))),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_LIMIT, INVALID_CURSOR, INVALID_MIN_POSITION"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn wallet_flags(
     State(app): State<Arc<AppState>>,
     WalletPath(wallet): WalletPath,
-    query: Result<Query<PageQuery>, QueryRejection>,
+    query: Result<Query<WalletFlagsQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = query.map_err(bad_query)?;
     list_flags(
@@ -341,7 +396,8 @@ pub async fn wallet_flags(
 /// All fraud flags, newest first, optionally for one wallet or one rule.
 #[utoipa::path(get, path = "/flags", tag = "read models",
     params(FlagsQuery),
-    responses((status = 200, body = [Flag], headers(("X-Projection-Position" = i64), ("X-Next-Before" = String, description = "next page's cursor, <position>:<rule>"))),
+    responses((status = 200, body = [Flag], headers(("X-Projection-Position" = i64, description = "the log position the read model had applied when it answered"),
+                       ("X-Next-Before" = String, description = "a full page: the next page's cursor, `<position>:<rule>`"))),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_RULE, INVALID_WALLET_ID, INVALID_LIMIT, INVALID_CURSOR"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn flags(

@@ -15,6 +15,9 @@
 //!   it (64 to 1,024) for the database pools, the broker and files.
 //! - **Accept errors** (`EMFILE`...) free an idle connection and back off
 //!   briefly instead of spinning.
+//! - **Parser errors.** hyper's bare 400/414/431 for a request it cannot
+//!   parse goes out as problem+json (`wire.rs`); heads are limited to
+//!   `wire::MAX_HEAD_BYTES`.
 //! - **Shutdown.** Stops accepting, lets in-flight requests finish (idle
 //!   connections close at once), returns when every connection is closed.
 //!
@@ -289,6 +292,8 @@ impl Drop for Registered {
 struct Tracked {
     stream: TcpStream,
     activity: Arc<Activity>,
+    /// Rewrites hyper's bare answer to an unparseable request (`wire.rs`).
+    writer: super::wire::Writer,
 }
 
 impl AsyncRead for Tracked {
@@ -303,16 +308,19 @@ impl AsyncRead for Tracked {
 }
 
 impl AsyncWrite for Tracked {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, data)
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.writer.poll_write(&mut this.stream, cx, data)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.writer.poll_flush(&mut this.stream, cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.writer.poll_shutdown(&mut this.stream, cx)
     }
 }
 
@@ -443,6 +451,7 @@ async fn connection(
     let io = TokioIo::new(Tracked {
         stream,
         activity: activity.clone(),
+        writer: Default::default(),
     });
     let service = {
         let activity = activity.clone();
@@ -461,7 +470,11 @@ async fn connection(
     // hyper's own header clock also runs between requests: a backstop
     // behind the watchdog's deadlines.
     http.timer(TokioTimer::new())
-        .header_read_timeout(options.idle_timeout.max(options.header_read_timeout) + options.header_read_timeout);
+        .header_read_timeout(options.idle_timeout.max(options.header_read_timeout) + options.header_read_timeout)
+        // One contiguous write per answer, so `wire.rs` sees hyper's own
+        // answer whole; and a head limit of our choosing.
+        .writev(false)
+        .max_buf_size(super::wire::MAX_HEAD_BYTES);
     let served = http.serve_connection(io, service);
     tokio::pin!(served);
     let watchdog = activity.watchdog(&options);

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::sync::Arc;
 
+use super::doc::{AmountInput, KeyHeader, PointInput, WalletIdParam};
 use super::input::{idempotency_key, parse_amount, parse_wallet_id, JsonBody, WalletPath};
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
@@ -18,21 +19,28 @@ use crate::store::Cutoff;
 /// Body of a deposit or withdrawal.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"amount": "150.50"}))]
 pub struct MoneyBody {
-    /// A JSON number or decimal string; > 0, at most 4 decimals, < 10^15.
-    #[schema(value_type = String, example = "150.50")]
+    #[schema(value_type = AmountInput)]
     amount: Box<RawValue>,
-    /// Idempotency key (or send the `Idempotency-Key` header).
+    /// Idempotency key, 1-128 visible ASCII characters (or send the
+    /// `Idempotency-Key` header). Without one the request is not idempotent.
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$")]
     request_id: Option<String>,
 }
 
 /// Body of a transfer.
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[schema(example = json!({"toWalletId": "bob", "amount": "25"}))]
 pub struct TransferBody {
+    /// The receiver; opened by the transfer if it is new.
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
     to_wallet_id: String,
-    #[schema(value_type = String, example = "25")]
+    #[schema(value_type = AmountInput)]
     amount: Box<RawValue>,
+    /// Idempotency key (see the deposit).
+    #[schema(min_length = 1, max_length = 128, pattern = r"^[!-~]{1,128}$")]
     request_id: Option<String>,
 }
 
@@ -48,8 +56,7 @@ pub(super) fn created<R: Serialize>(answer: Answer<R>) -> Response {
 
 /// Deposit money; the first deposit opens the wallet.
 #[utoipa::path(post, path = "/wallet/{id}/deposit", tag = "wallet",
-    params(("id" = String, Path, description = "wallet id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    params(WalletIdParam, KeyHeader),
     request_body = MoneyBody,
     responses((status = 201, body = WalletReceipt, description = "deposited (or replayed: header Idempotent-Replayed)"),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_AMOUNT, INVALID_WALLET_ID, INVALID_REQUEST"),
@@ -71,8 +78,7 @@ pub async fn deposit(
 
 /// Withdraw money from an existing wallet.
 #[utoipa::path(post, path = "/wallet/{id}/withdraw", tag = "wallet",
-    params(("id" = String, Path, description = "wallet id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    params(WalletIdParam, KeyHeader),
     request_body = MoneyBody,
     responses((status = 201, body = WalletReceipt),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INSUFFICIENT_FUNDS, INVALID_AMOUNT, ..."),
@@ -95,8 +101,7 @@ pub async fn withdraw(
 
 /// Move money to another wallet in one atomic append to both streams.
 #[utoipa::path(post, path = "/wallet/{id}/transfer", tag = "wallet",
-    params(("id" = String, Path, description = "source wallet id"),
-           ("Idempotency-Key" = Option<String>, Header, description = "alternative to requestId")),
+    params(WalletIdParam, KeyHeader),
     request_body = TransferBody,
     responses((status = 201, body = TransferReceipt),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "SAME_WALLET, INSUFFICIENT_FUNDS, ..."),
@@ -121,7 +126,8 @@ pub async fn transfer(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct BalanceQuery {
-    /// A log position (integer) or an RFC 3339 time: the balance as of then.
+    /// A log position (integer >= 0) or an RFC 3339 time: the balance as of then.
+    #[param(value_type = Option<PointInput>, inline)]
     at: Option<String>,
 }
 
@@ -152,7 +158,7 @@ pub struct BalanceView {
 
 /// A wallet's balance, folded from its events (optionally as of a past point).
 #[utoipa::path(get, path = "/wallet/{id}", tag = "wallet",
-    params(("id" = String, Path, description = "wallet id"), BalanceQuery),
+    params(WalletIdParam, BalanceQuery),
     responses((status = 200, body = BalanceView, description = "unknown wallets answer exists: false"),
               (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_AT"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]

@@ -258,22 +258,13 @@ pub async fn within<T>(
     }
 }
 
-/// Exponential backoff between reconnects: 100 ms doubling to 5 s.
-#[derive(Debug)]
-pub(crate) struct Backoff(Duration);
+/// Pauses between reconnects to the broker (and between retries of a
+/// batch the database refused): 100 ms doubling to 5 s, jittered.
+pub(crate) use crate::backoff::Backoff;
 
 impl Backoff {
-    pub(crate) fn new() -> Self {
-        Self(Duration::from_millis(100))
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.0 = Duration::from_millis(100);
-    }
-
-    pub(crate) async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    pub(crate) fn broker() -> Self {
+        Backoff::between(Duration::from_millis(100), Duration::from_secs(5))
     }
 }
 

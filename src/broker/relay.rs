@@ -169,7 +169,7 @@ impl Relay {
     async fn run_inner(self, strict: bool) -> Result<(), BrokerError> {
         let mut logged: Option<std::time::Instant> = None;
         let job = checkpoint_name(&self.topology);
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::broker();
         loop {
             let mut lock = match self.store.try_lead(&job).await {
                 Ok(Some(lock)) => lock,

@@ -15,6 +15,7 @@
 //! before its outcome is committed and its dead letter confirmed.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -73,6 +74,37 @@ pub struct Worker {
     pub fault: Arc<WorkerFault>,
 }
 
+/// Asks a running worker to stop: resolved once the future given to
+/// `run_until` resolves; shared by every session of that run.
+struct Stop(futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>);
+
+impl Stop {
+    fn on(stop: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(stop.boxed().shared())
+    }
+
+    fn never() -> Self {
+        Self::on(std::future::pending())
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.peek().is_some()
+    }
+
+    async fn wait(&self) {
+        self.0.clone().await
+    }
+}
+
+/// Closes the connection with a goodbye to the broker, so no I/O is left
+/// for the runtime's shutdown to break (lapin logs that as errors).
+async fn close(connection: &lapin::Connection) {
+    let closing = connection.close(200, "worker stopping");
+    if let Ok(Err(e)) = tokio::time::timeout(SETUP_TIMEOUT, closing).await {
+        tracing::debug!(error = %e, "closing the broker connection");
+    }
+}
+
 /// What to do with one delivery once understood.
 enum Prepared {
     Incoming(Incoming),
@@ -109,10 +141,11 @@ impl Worker {
 
     /// Runs until the task is dropped, reconnecting with backoff.
     pub async fn run(self) {
-        let mut backoff = Backoff::new();
+        let never = Stop::never();
+        let mut backoff = Backoff::broker();
         let mut logged: Option<std::time::Instant> = None;
         loop {
-            match self.session(&mut backoff).await {
+            match self.session(&mut backoff, &never).await {
                 Err(e) if e.is_misconfiguration() => {
                     // Not transient: say it once a minute, not per attempt.
                     if logged.is_none_or(|t| t.elapsed() >= super::MISCONFIGURED_LOG_EVERY) {
@@ -127,23 +160,36 @@ impl Worker {
         }
     }
 
-    /// `run` for the `worker` command: ends with the error when the broker
-    /// refuses the configuration (login, vhost, URL), which no retry cures.
-    pub async fn run_checked(self) -> Result<(), BrokerError> {
-        let mut backoff = Backoff::new();
+    /// `run` for the `worker` command, until `stop` resolves: then it
+    /// closes its connection to the broker (the batch in hand stays
+    /// unacknowledged and is delivered again) and returns `Ok`. Ends with
+    /// the error when the broker refuses the configuration (login, vhost,
+    /// URL), which no retry cures.
+    pub async fn run_until(self, stop: impl Future<Output = ()> + Send + 'static) -> Result<(), BrokerError> {
+        let stop = Stop::on(stop);
+        let mut backoff = Backoff::broker();
         loop {
-            match self.session(&mut backoff).await {
+            match self.session(&mut backoff, &stop).await {
+                _ if stop.is_set() => return Ok(()),
                 Err(e) if e.is_misconfiguration() => return Err(e),
                 Err(e) => tracing::warn!(error = %e, "worker session ended; reconnecting"),
                 Ok(()) => {}
             }
-            backoff.wait().await;
+            tokio::select! {
+                _ = backoff.wait() => {}
+                _ = stop.wait() => return Ok(()),
+            }
         }
     }
 
-    async fn session(&self, backoff: &mut Backoff) -> Result<(), BrokerError> {
+    /// One connection's life: set up the consumer, then take and handle
+    /// batches until the broker cancels, an error, or `stop`.
+    async fn session(&self, backoff: &mut Backoff, stop: &Stop) -> Result<(), BrokerError> {
         self.projections.ensure().await?;
-        let connection = connect(&self.url).await?;
+        let connection = tokio::select! {
+            c = connect(&self.url) => c?,
+            _ = stop.wait() => return Ok(()),
+        };
         // Every step has a deadline: a silent broker ends the session.
         let setup = async {
             let channel = connection.create_channel().await?;
@@ -160,23 +206,44 @@ impl Worker {
                 .await?;
             Ok::<_, BrokerError>((channel, consumer))
         };
-        let (channel, mut consumer) = tokio::time::timeout(SETUP_TIMEOUT, setup)
-            .await
-            .map_err(|_| BrokerError::Timeout(SETUP_TIMEOUT, "setting up the consumer"))??;
+        let setup = tokio::select! {
+            s = tokio::time::timeout(SETUP_TIMEOUT, setup) => s,
+            _ = stop.wait() => {
+                close(&connection).await;
+                return Ok(());
+            }
+        };
+        let (channel, mut consumer) =
+            setup.map_err(|_| BrokerError::Timeout(SETUP_TIMEOUT, "setting up the consumer"))??;
         backoff.reset();
         tracing::info!(queue = %self.topology.worker_queue, "worker consuming");
         loop {
-            let Some(first) = consumer.next().await else {
-                return Ok(()); // cancelled by the broker: reconnect
-            };
-            let mut batch = vec![first?];
-            while batch.len() < usize::from(self.prefetch) {
-                match consumer.next().now_or_never() {
-                    Some(Some(delivery)) => batch.push(delivery?),
-                    Some(None) | None => break,
+            let step = async {
+                let Some(first) = consumer.next().await else {
+                    return Ok(false); // cancelled by the broker: reconnect
+                };
+                let mut batch = vec![first?];
+                while batch.len() < usize::from(self.prefetch) {
+                    match consumer.next().now_or_never() {
+                        Some(Some(delivery)) => batch.push(delivery?),
+                        Some(None) | None => break,
+                    }
                 }
+                self.handle(&channel, batch, backoff).await?;
+                Ok::<_, BrokerError>(true)
+            };
+            // Stopping mid-batch is safe: what is not acknowledged comes
+            // again, and the checkpoints skip what was applied.
+            let go_on = tokio::select! {
+                r = step => r?,
+                _ = stop.wait() => false,
+            };
+            if !go_on {
+                if stop.is_set() {
+                    close(&connection).await;
+                }
+                return Ok(());
             }
-            self.handle(&channel, batch, backoff).await?;
         }
     }
 

@@ -37,7 +37,8 @@ use crate::store::{
 /// Commands per batch, and events per batch, at most.
 const MAX_BATCH_COMMANDS: usize = 512;
 const MAX_BATCH_EVENTS: usize = 2048;
-/// Commands waiting for the committer, at most (senders wait beyond it).
+/// Submissions waiting for the committer, at most (senders wait beyond
+/// it). A submission is one command, or an independent batch's commands.
 const QUEUE: usize = 4 * MAX_BATCH_COMMANDS;
 
 /// A command handed to the committer.
@@ -48,12 +49,62 @@ pub(crate) struct Job {
     pub request_id: String,
     /// An atomic command: each operation's request id, in order.
     pub request_ids: Vec<String>,
+    /// An atomic command: each operation's key and fingerprint, if it has a
+    /// key (recorded with the batch, each answering with its own receipt).
+    pub op_keys: Vec<Option<(String, String)>>,
     pub metadata: serde_json::Value,
     /// Wallets the request task loaded because the committer did not hold them.
     pub loaded: Vec<Wallet>,
     /// Not decided after this: answered as not applied.
     pub deadline: tokio::time::Instant,
-    pub reply: oneshot::Sender<Verdict>,
+    pub reply: Reply,
+}
+
+/// Where a command's verdict goes.
+pub(crate) enum Reply {
+    /// A command on its own: its requester waits for this one verdict.
+    One(oneshot::Sender<Verdict>),
+    /// One command of an independent batch: its slot in the batch's
+    /// answer, sent once every command of the batch has its verdict (one
+    /// wake-up per batch, not one per operation).
+    Part { index: usize, gather: Arc<Gather> },
+}
+
+/// The verdicts of an independent batch, collected in request order.
+pub(crate) struct Gather {
+    verdicts: std::sync::Mutex<Vec<Option<Verdict>>>,
+    left: AtomicUsize,
+    done: std::sync::Mutex<Option<oneshot::Sender<Vec<Option<Verdict>>>>>,
+}
+
+impl Gather {
+    /// A collector of `count` verdicts, and where they arrive together.
+    pub fn new(count: usize) -> (Arc<Self>, oneshot::Receiver<Vec<Option<Verdict>>>) {
+        let (done, all) = oneshot::channel();
+        let gather = Self {
+            verdicts: std::sync::Mutex::new((0..count).map(|_| None).collect()),
+            left: AtomicUsize::new(count),
+            done: std::sync::Mutex::new(Some(done)),
+        };
+        (Arc::new(gather), all)
+    }
+
+    fn put(&self, index: usize, verdict: Verdict) {
+        // Only the committer puts, so the locks are never contended; a
+        // poisoned lock still holds the verdicts written before.
+        let mut verdicts = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = verdicts.get_mut(index) {
+            *slot = Some(verdict);
+        }
+        drop(verdicts);
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let verdicts = std::mem::take(&mut *self.verdicts.lock().unwrap_or_else(|p| p.into_inner()));
+            if let Some(done) = self.done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                // The requester may have gone away; the outcomes stand.
+                let _ = done.send(verdicts);
+            }
+        }
+    }
 }
 
 /// The committer's answer to one command.
@@ -123,7 +174,7 @@ impl CommitterStatus {
 /// The handle request tasks submit to.
 #[derive(Debug)]
 pub(crate) struct Committer {
-    queue: mpsc::Sender<Job>,
+    queue: mpsc::Sender<Vec<Job>>,
     status: Arc<CommitterStatus>,
 }
 
@@ -183,16 +234,18 @@ impl Committer {
         &self.status
     }
 
-    /// Hands `job` over, waiting for room in the queue until `deadline`.
-    pub async fn submit(&self, job: Job, deadline: tokio::time::Instant) -> Result<(), StoreError> {
-        if self.status.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+    /// Hands `jobs` over (one command, or an independent batch's commands,
+    /// decided in this order), waiting for room in the queue until `deadline`.
+    pub async fn submit(&self, jobs: Vec<Job>, deadline: tokio::time::Instant) -> Result<(), StoreError> {
+        let count = jobs.len();
+        if self.status.waiting.fetch_add(count, Ordering::AcqRel) == 0 {
             // Idle until now: the stall clock starts with this work.
             self.status.progressed();
         }
         // Counted as waiting only once handed over, even if this future is
         // dropped while the queue is full.
-        let uncount = Uncount(&self.status.waiting);
-        let refused = match tokio::time::timeout_at(deadline, self.queue.send(job)).await {
+        let uncount = Uncount(&self.status.waiting, count);
+        let refused = match tokio::time::timeout_at(deadline, self.queue.send(jobs)).await {
             Ok(Ok(())) => {
                 std::mem::forget(uncount);
                 return Ok(());
@@ -204,12 +257,12 @@ impl Committer {
     }
 }
 
-/// Takes a command back off the waiting count unless forgotten.
-struct Uncount<'a>(&'a AtomicUsize);
+/// Takes commands back off the waiting count unless forgotten.
+struct Uncount<'a>(&'a AtomicUsize, usize);
 
 impl Drop for Uncount<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
@@ -248,28 +301,32 @@ struct Owner {
 }
 
 impl Owner {
-    async fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+    async fn run(mut self, mut jobs: mpsc::Receiver<Vec<Job>>) {
         while let Some(batch) = self.take(&mut jobs).await {
             self.commit(batch).await;
         }
     }
 
     /// The next batch: conflicted commands first, then those held back,
-    /// then whatever waits (at least one: this waits for it). `None` once
-    /// every sender is gone.
-    async fn take(&mut self, jobs: &mut mpsc::Receiver<Job>) -> Option<Vec<Pending>> {
+    /// then whatever waits (at least one submission: this waits for it).
+    /// A submission is never split, so a batch may pass the limits by one
+    /// submission (an independent batch holds at most 1,000 commands).
+    /// `None` once every sender is gone.
+    async fn take(&mut self, jobs: &mut mpsc::Receiver<Vec<Job>>) -> Option<Vec<Pending>> {
         let mut batch: Vec<Pending> = self.retry.drain(..).collect();
         batch.append(&mut self.deferred);
         if batch.is_empty() {
-            let job = jobs.recv().await?;
-            batch.push(Pending { job, conflicts: 0 });
+            let first = jobs.recv().await?;
+            batch.extend(first.into_iter().map(|job| Pending { job, conflicts: 0 }));
         }
         let mut events: usize = batch.len() * 2;
         while batch.len() < MAX_BATCH_COMMANDS && events < MAX_BATCH_EVENTS {
             match jobs.try_recv() {
-                Ok(job) => {
-                    events += 2 * job.command.wallets().len();
-                    batch.push(Pending { job, conflicts: 0 });
+                Ok(submission) => {
+                    for job in submission {
+                        events += 2 * job.command.wallets().len();
+                        batch.push(Pending { job, conflicts: 0 });
+                    }
                 }
                 Err(_) => break,
             }
@@ -508,8 +565,13 @@ impl Owner {
 
     fn answer(&self, pending: Pending, verdict: Verdict) {
         self.status.waiting.fetch_sub(1, Ordering::Relaxed);
-        // The requester may have gone away; the outcome stands either way.
-        let _ = pending.job.reply.send(verdict);
+        match pending.job.reply {
+            // The requester may have gone away; the outcome stands either way.
+            Reply::One(reply) => {
+                let _ = reply.send(verdict);
+            }
+            Reply::Part { index, gather } => gather.put(index, verdict),
+        }
     }
 }
 
@@ -538,7 +600,11 @@ fn plan_accepted(job: &Job, decision: Decision, states: Vec<Wallet>) -> (AppendR
         Command::Atomic { ops } => Receipt::Batch(batch_receipts(ops, &states, &job.request_ids)),
         command => receipt(command, &decision, &states, &after, &job.request_id),
     };
-    let record = record(job, Outcome::Receipt(receipt.clone()));
+    let mut records: Vec<IdempotencyRecord> = record(job, Outcome::Receipt(receipt.clone())).into_iter().collect();
+    if let (Command::Atomic { ops }, Receipt::Batch(receipts)) = (&job.command, &receipt) {
+        let outcomes = receipts.iter().map(|r| Outcome::Receipt(r.clone()));
+        records.extend(operation_records(ops, outcomes, &job.op_keys));
+    }
     let mut streams = Vec::with_capacity(decision.streams.len());
     for s in decision.streams {
         let before = states
@@ -558,7 +624,7 @@ fn plan_accepted(job: &Job, decision: Decision, states: Vec<Wallet>) -> (AppendR
     }
     let request = AppendRequest {
         streams,
-        idempotency: record,
+        idempotency: records,
     };
     let decided = Decided::Accepted {
         receipt,
@@ -586,7 +652,7 @@ fn plan_rejected(job: &Job, error: DomainError, states: Vec<Wallet>) -> (AppendR
                 on_batch: false,
             })
             .collect(),
-        idempotency: record(job, Outcome::Rejected(error.clone())),
+        idempotency: rejection_records(job, &error),
     };
     (request, Decided::Rejected { error, on })
 }
@@ -607,6 +673,40 @@ fn record(job: &Job, outcome: Outcome) -> Option<IdempotencyRecord> {
         fingerprint: job.fingerprint.clone(),
         outcome: serde_json::to_value(outcome).expect("outcomes serialise"),
     })
+}
+
+/// A rejection's records: its key, and an atomic batch's operation keys,
+/// each remembering the batch's refusal (a key once used answers the same,
+/// as a single operation's does).
+fn rejection_records(job: &Job, error: &DomainError) -> Vec<IdempotencyRecord> {
+    let mut records: Vec<IdempotencyRecord> = record(job, Outcome::Rejected(error.clone())).into_iter().collect();
+    if let Command::Atomic { ops } = &job.command {
+        let outcomes = ops.iter().map(|_| Outcome::Rejected(error.clone()));
+        records.extend(operation_records(ops, outcomes, &job.op_keys));
+    }
+    records
+}
+
+/// The records of an atomic batch's operation keys, each with its
+/// operation's own outcome, so the key answers on its own route too.
+fn operation_records(
+    ops: &[Command],
+    outcomes: impl Iterator<Item = Outcome>,
+    keys: &[Option<(String, String)>],
+) -> Vec<IdempotencyRecord> {
+    ops.iter()
+        .zip(outcomes)
+        .zip(keys)
+        .filter_map(|((op, outcome), key)| {
+            let (key, fingerprint) = key.as_ref()?;
+            Some(IdempotencyRecord {
+                wallet: op.wallet().clone(),
+                key: key.clone(),
+                fingerprint: fingerprint.clone(),
+                outcome: serde_json::to_value(outcome).expect("outcomes serialise"),
+            })
+        })
+        .collect()
 }
 
 fn record_batch_size(requests: &[AppendRequest]) {

@@ -36,7 +36,7 @@ use crate::snapshots;
 use crate::store::{Cutoff, EventStore, Position, StoreError, StoredOutcome, WriterOptions};
 
 pub use committer::CommitterStatus;
-use committer::{Committer, Job, Verdict};
+use committer::{Committer, Gather, Job, Reply, Verdict};
 
 /// Conflicts (another process wrote first) a command may meet before it is
 /// answered `CONCURRENCY_CONFLICT`.
@@ -182,22 +182,49 @@ struct Submission {
     command: Command,
     key: Option<String>,
     fingerprint: String,
+    /// The key, or a fresh id: names the request in its events and receipt.
+    request_id: String,
+    /// What its events carry besides their payload.
+    metadata: serde_json::Value,
     /// An atomic command: each operation's request id.
     request_ids: Vec<String>,
-    /// The command's cold wallets, already loaded (a batch loads them first).
-    preloaded: Option<Vec<Wallet>>,
+    /// An atomic command: each operation's key and fingerprint, if keyed.
+    op_keys: Vec<Option<(String, String)>>,
 }
 
 impl Submission {
+    /// Made in the request's task: the metadata names its audit record and trace.
     fn new(command: Command, key: Option<String>, fingerprint: String) -> Self {
+        let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
+        let mut metadata = serde_json::json!({
+            "requestId": request_id,
+            "idempotencyKey": key,
+            "correlationId": request_id,
+            "auditId": crate::audit::current_audit_id(),
+        });
+        if let Some(traceparent) = crate::audit::current_traceparent() {
+            metadata["traceparent"] = traceparent.into();
+        }
         Self {
             command,
             key,
             fingerprint,
+            request_id,
+            metadata,
             request_ids: Vec::new(),
-            preloaded: None,
+            op_keys: Vec::new(),
         }
     }
+}
+
+/// What a request task does after a verdict.
+enum Next {
+    /// The answer.
+    Done(Result<Answer<Receipt>, CommandError>),
+    /// Load the command's wallets again and resubmit it.
+    Reload,
+    /// Its key was recorded first: answer from the record.
+    Replay { resolved: bool },
 }
 
 /// A hold to place.
@@ -470,9 +497,11 @@ impl Ledger {
     }
 
     /// Independent operations in one trip through the committer: their
-    /// wallets are loaded first, then every command is handed over in
-    /// request order, then the verdicts are awaited together. Each gets its
-    /// own answer, in request order.
+    /// wallets are loaded first, then every command is handed over as one
+    /// submission (decided in request order, answered with one wake-up).
+    /// A command that must go round again (a wallet to load afresh, a key
+    /// already recorded) then goes on alone. Each gets its own answer, in
+    /// request order.
     pub async fn batch(&self, items: Vec<(Operation, Option<String>)>) -> Vec<Result<Answer<Receipt>, CommandError>> {
         let span = tracing::info_span!("append", op = "batch", operations = items.len());
         async {
@@ -480,35 +509,102 @@ impl Ledger {
             for (op, key) in items {
                 prepared.push(self.command_of(op).await.map(|(c, f)| Submission::new(c, key, f)));
             }
-            let commands: Vec<&Command> = prepared
-                .iter()
-                .filter_map(|p| p.as_ref().ok())
-                .map(|s| &s.command)
-                .collect();
-            let loaded = match tokio::time::timeout(LOAD_DEADLINE, self.cold_states_of(&commands)).await {
-                Ok(Ok(loaded)) => loaded,
-                // Each command then loads its own wallets, as alone.
-                _ => HashMap::new(),
-            };
-            let runs = prepared.into_iter().map(|p| {
-                let loaded = &loaded;
-                async move {
-                    let mut submission = p?;
-                    submission.preloaded = Some(
-                        submission
-                            .command
-                            .wallets()
-                            .into_iter()
-                            .filter_map(|id| loaded.get(id).cloned())
-                            .collect(),
-                    );
-                    self.execute(submission).await
+            let verdicts = self.decide_together(&prepared).await;
+            let mut results: Vec<Option<Result<Answer<Receipt>, CommandError>>> = Vec::with_capacity(prepared.len());
+            let mut again = Vec::new();
+            for (index, (submission, verdict)) in prepared.into_iter().zip(verdicts).enumerate() {
+                let next = match (submission, verdict) {
+                    (Err(e), _) => {
+                        results.push(Some(Err(e)));
+                        continue;
+                    }
+                    (Ok(s), Some(verdict)) => (s, self.next(verdict)),
+                    (Ok(s), None) => (s, Next::Reload),
+                };
+                match next {
+                    (_, Next::Done(result)) => results.push(Some(result)),
+                    (submission, next) => {
+                        results.push(None);
+                        again.push((index, submission, next));
+                    }
                 }
-            });
-            join_all(runs).await
+            }
+            let redone = join_all(again.into_iter().map(|(index, submission, next)| async move {
+                let result = match next {
+                    Next::Replay { resolved } => self.replay_duplicate(&submission, resolved).await,
+                    _ => self.execute(submission).await,
+                };
+                (index, result)
+            }))
+            .await;
+            for (index, result) in redone {
+                results[index] = Some(result);
+            }
+            results
+                .into_iter()
+                .map(|r| r.unwrap_or(Err(CommandError::OutcomeUnknown("no verdict".to_owned()))))
+                .collect()
         }
         .instrument(span)
         .await
+    }
+
+    /// The first verdict of each prepared command of an independent batch,
+    /// from one submission to the committer; `None` where there is none
+    /// (not prepared, or the submission failed: those go on alone).
+    async fn decide_together(&self, prepared: &[Result<Submission, CommandError>]) -> Vec<Option<Verdict>> {
+        let commands: Vec<&Command> = prepared
+            .iter()
+            .filter_map(|p| p.as_ref().ok())
+            .map(|s| &s.command)
+            .collect();
+        let none = || prepared.iter().map(|_| None).collect();
+        let loaded = match tokio::time::timeout(LOAD_DEADLINE, self.cold_states_of(&commands)).await {
+            Ok(Ok(loaded)) => loaded,
+            // Each command then loads its own wallets, as alone.
+            _ => return none(),
+        };
+        let mut jobs = Vec::with_capacity(commands.len());
+        let mut slots = Vec::with_capacity(commands.len());
+        let give_up = tokio::time::Instant::now() + self.write_deadline();
+        let deadline = (tokio::time::Instant::now() + QUEUE_DEADLINE).min(give_up - self.batch_budget());
+        let (gather, all) = Gather::new(commands.len());
+        for (index, submission) in prepared.iter().enumerate() {
+            let Ok(submission) = submission else { continue };
+            let states = submission
+                .command
+                .wallets()
+                .into_iter()
+                .filter_map(|id| loaded.get(id).cloned())
+                .collect();
+            let reply = Reply::Part {
+                index: jobs.len(),
+                gather: gather.clone(),
+            };
+            jobs.push(self.job(submission, states, deadline, reply));
+            slots.push(index);
+        }
+        drop(gather);
+        if jobs.is_empty() || self.committer().submit(jobs, deadline).await.is_err() {
+            return none();
+        }
+        let verdicts = match tokio::time::timeout_at(give_up, all).await {
+            Ok(Ok(verdicts)) => verdicts,
+            // The committer may still decide them: their outcome is unknown.
+            Ok(Err(_)) | Err(_) => slots
+                .iter()
+                .map(|_| {
+                    Some(Verdict::Unknown(StoreError::BatchFailed(
+                        "no verdict within the deadline".to_owned(),
+                    )))
+                })
+                .collect(),
+        };
+        let mut mine = none();
+        for (index, verdict) in slots.into_iter().zip(verdicts) {
+            mine[index] = verdict;
+        }
+        mine
     }
 
     /// All of `items` or none, as one command: each decided on the states
@@ -524,6 +620,7 @@ impl Ledger {
         async {
             let mut ops = Vec::with_capacity(items.len());
             let mut request_ids = Vec::with_capacity(items.len());
+            let mut op_keys = Vec::with_capacity(items.len());
             let mut fingerprint = Sha256::new();
             for (index, (op, op_key)) in items.into_iter().enumerate() {
                 let (command, f) = self.command_of(op).await.map_err(|e| match e {
@@ -538,12 +635,15 @@ impl Ledger {
                 })?;
                 fingerprint.update(f.as_bytes());
                 fingerprint.update([0x1f]);
+                request_ids.push(op_key.clone().unwrap_or_else(|| Uuid::new_v4().to_string()));
+                op_keys.push(op_key.map(|k| (k, f)));
                 ops.push(command);
-                request_ids.push(op_key.unwrap_or_else(|| Uuid::new_v4().to_string()));
             }
+            distinct_keys(&ops, &op_keys, key.as_deref())?;
             let fingerprint = format!("atomic:{}", hex::encode(fingerprint.finalize()));
             let mut submission = Submission::new(Command::Atomic { ops }, key, fingerprint);
             submission.request_ids = request_ids;
+            submission.op_keys = op_keys;
             match self.execute(submission).await? {
                 Answer {
                     receipt: Receipt::Batch(receipts),
@@ -672,7 +772,7 @@ impl Ledger {
     /// placed): from the committer's state when it holds the hold, else
     /// from the event that placed it. A hold never placed is `HOLD_NOT_FOUND`.
     async fn hold_payee(&self, wallet: &WalletId, hold_id: Uuid) -> Result<Option<WalletId>, CommandError> {
-        if let Some(hold) = self.cache.get(wallet).and_then(|w| w.holds.get(&hold_id).cloned()) {
+        if let Some(hold) = self.cache.hold(wallet, hold_id) {
             return Ok(hold.to);
         }
         match self.store.find_hold_placed(wallet, hold_id).await? {
@@ -743,50 +843,19 @@ impl Ledger {
     }
 
     async fn execute(&self, submission: Submission) -> Result<Answer<Receipt>, CommandError> {
-        let Submission {
-            command,
-            key,
-            fingerprint,
-            request_ids,
-            mut preloaded,
-        } = submission;
-        let scope = command.wallet().clone();
-        let request_id = key.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
-        let mut metadata = serde_json::json!({
-            "requestId": request_id,
-            "idempotencyKey": key,
-            "correlationId": request_id,
-            "auditId": crate::audit::current_audit_id(),
-        });
-        if let Some(traceparent) = crate::audit::current_traceparent() {
-            metadata["traceparent"] = traceparent.into();
-        }
         let give_up = tokio::time::Instant::now() + self.write_deadline();
         // A cold wallet evicted from the committer's state between our look
         // and its decision, or moved by another writer, sends the command
         // back here to load it again.
         for _ in 0..MAX_CONFLICTS {
-            let loaded = match preloaded.take() {
-                Some(loaded) => loaded,
-                None => tokio::time::timeout(LOAD_DEADLINE, self.cold_states(&command))
-                    .await
-                    .map_err(|_| StoreError::BatchFailed("loading the wallets took too long".to_owned()))??,
-            };
+            let loaded = tokio::time::timeout(LOAD_DEADLINE, self.cold_states(&submission.command))
+                .await
+                .map_err(|_| StoreError::BatchFailed("loading the wallets took too long".to_owned()))??;
             // Decided by then, or not at all: its batch still fits before `give_up`.
             let deadline = (tokio::time::Instant::now() + QUEUE_DEADLINE).min(give_up - self.batch_budget());
             let (reply, verdict) = tokio::sync::oneshot::channel();
-            let job = Job {
-                loaded,
-                command: command.clone(),
-                key: key.clone(),
-                fingerprint: fingerprint.clone(),
-                request_id: request_id.clone(),
-                request_ids: request_ids.clone(),
-                metadata: metadata.clone(),
-                deadline,
-                reply,
-            };
-            self.committer().submit(job, deadline).await?;
+            let job = self.job(&submission, loaded, deadline, Reply::One(reply));
+            self.committer().submit(vec![job], deadline).await?;
             let verdict = match tokio::time::timeout_at(give_up, verdict).await {
                 Ok(Ok(verdict)) => verdict,
                 Ok(Err(_)) => return Err(CommandError::OutcomeUnknown("the committer stopped".to_owned())),
@@ -796,25 +865,60 @@ impl Ledger {
                     ))
                 }
             };
-            match verdict {
-                Verdict::NeedsState => continue,
-                Verdict::Conflicted => {
-                    metrics::counter!("append_conflict_reloads_total").increment(1);
-                    continue;
-                }
-                Verdict::Duplicate { resolved } => {
-                    let replayed = self.replay_stored(&scope, key.as_deref(), &fingerprint).await;
-                    return match replayed {
-                        // After a lost answer the record may be this command's
-                        // own: failing to read it is not "not applied".
-                        Err(CommandError::Store(e)) if resolved => Err(CommandError::OutcomeUnknown(e.to_string())),
-                        other => other,
-                    };
-                }
-                other => return self.answer(other),
+            match self.next(verdict) {
+                Next::Reload => continue,
+                Next::Replay { resolved } => return self.replay_duplicate(&submission, resolved).await,
+                Next::Done(result) => return result,
             }
         }
         Err(CommandError::Conflict)
+    }
+
+    /// The committer's job for `submission`, on the wallets `loaded`.
+    fn job(&self, submission: &Submission, loaded: Vec<Wallet>, deadline: tokio::time::Instant, reply: Reply) -> Job {
+        Job {
+            loaded,
+            command: submission.command.clone(),
+            key: submission.key.clone(),
+            fingerprint: submission.fingerprint.clone(),
+            request_id: submission.request_id.clone(),
+            request_ids: submission.request_ids.clone(),
+            op_keys: submission.op_keys.clone(),
+            metadata: submission.metadata.clone(),
+            deadline,
+            reply,
+        }
+    }
+
+    /// What a verdict asks of the request task next.
+    fn next(&self, verdict: Verdict) -> Next {
+        match verdict {
+            Verdict::NeedsState => Next::Reload,
+            Verdict::Conflicted => {
+                metrics::counter!("append_conflict_reloads_total").increment(1);
+                Next::Reload
+            }
+            Verdict::Duplicate { resolved } => Next::Replay { resolved },
+            other => Next::Done(self.answer(other)),
+        }
+    }
+
+    /// One of the submission's keys was recorded first: the stored answer.
+    async fn replay_duplicate(&self, submission: &Submission, resolved: bool) -> Result<Answer<Receipt>, CommandError> {
+        let scope = submission.command.wallet();
+        let replayed = match submission.op_keys.iter().any(Option::is_some) {
+            false => {
+                self.replay_stored(scope, submission.key.as_deref(), &submission.fingerprint)
+                    .await
+            }
+            true => self.replay_atomic(submission).await,
+        };
+        match replayed {
+            // After a lost answer the record may be this command's own:
+            // failing to read it is not "not applied".
+            Err(CommandError::Store(e)) if resolved => Err(CommandError::OutcomeUnknown(e.to_string())),
+            other => other,
+        }
     }
 
     fn answer(&self, verdict: Verdict) -> Result<Answer<Receipt>, CommandError> {
@@ -838,7 +942,7 @@ impl Ledger {
             Verdict::NotCommitted(e) => Err(CommandError::Store(e)),
             Verdict::Unknown(e) => Err(CommandError::OutcomeUnknown(e.to_string())),
             Verdict::NeedsState | Verdict::Conflicted | Verdict::Duplicate { .. } => {
-                unreachable!("handled by execute")
+                unreachable!("handled by `next`")
             }
         }
     }
@@ -867,6 +971,33 @@ impl Ledger {
         Ok(loaded)
     }
 
+    /// An atomic batch with operation keys: by its own key if recorded, else
+    /// by its operations' keys, every one of which must name that operation
+    /// (a batch recorded with the same keys, or its operations one by one);
+    /// otherwise a key of it names another request.
+    async fn replay_atomic(&self, submission: &Submission) -> Result<Answer<Receipt>, CommandError> {
+        let Command::Atomic { ops } = &submission.command else {
+            return Err(CommandError::KeyReused);
+        };
+        if let Some(key) = &submission.key {
+            if let Some(found) = self.store.find_idempotency(submission.command.wallet(), key).await? {
+                return replay(found, &submission.fingerprint);
+            }
+        }
+        let mut receipts = Vec::with_capacity(ops.len());
+        for (op, op_key) in ops.iter().zip(&submission.op_keys) {
+            let Some((key, fingerprint)) = op_key else {
+                return Err(CommandError::KeyReused);
+            };
+            let found = self.store.find_idempotency(op.wallet(), key).await?;
+            receipts.push(replay(found.ok_or(CommandError::KeyReused)?, fingerprint)?.receipt);
+        }
+        Ok(Answer {
+            receipt: Receipt::Batch(receipts),
+            replayed: true,
+        })
+    }
+
     /// A request with the same key committed first: answer from it.
     async fn replay_stored(
         &self,
@@ -880,6 +1011,24 @@ impl Ledger {
             None => Err(CommandError::Conflict),
         }
     }
+}
+
+/// An atomic batch's keys name one request each: the store records them
+/// together, and one key on two operations could only be refused as a
+/// whole by the database.
+fn distinct_keys(ops: &[Command], op_keys: &[Option<(String, String)>], key: Option<&str>) -> Result<(), CommandError> {
+    let mut seen = std::collections::HashSet::with_capacity(op_keys.len() + 1);
+    if let (Some(key), Some(first)) = (key, ops.first()) {
+        seen.insert((first.wallet(), key));
+    }
+    for (op, op_key) in ops.iter().zip(op_keys) {
+        if let Some((k, _)) = op_key {
+            if !seen.insert((op.wallet(), k.as_str())) {
+                return Err(CommandError::KeyReused);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn wallet_answer(answer: Answer<Receipt>) -> Result<Answer<WalletReceipt>, CommandError> {

@@ -94,6 +94,8 @@ fn rebuild_checkpoint(name: &str) -> String {
 pub enum ProjectionError {
     #[error("unknown projection {0:?} (known: history, stats, flags)")]
     Unknown(String),
+    #[error("a rebuild of {0} is already running (another `wallet projections rebuild`); wait for it to finish")]
+    RebuildRunning(String),
     #[error("injected fault before checkpoint")]
     Injected,
     #[error(transparent)]
@@ -364,7 +366,8 @@ impl Projections {
     }
 
     /// Rebuilds `name` from position 0 beside the live model and swaps it in.
-    /// Resumes an interrupted rebuild unless `restart`.
+    /// Resumes an interrupted rebuild unless `restart`. A second rebuild of the
+    /// same projection while one runs is refused (`RebuildRunning`).
     pub async fn rebuild(
         &self,
         name: &str,
@@ -372,6 +375,15 @@ impl Projections {
         mut progress: impl FnMut(RebuildProgress),
     ) -> Result<RebuildProgress, ProjectionError> {
         let projection = self.find(name)?;
+        // One rebuild of a projection at a time: a second would build into
+        // the same scratch table and swap it in twice. Held to the end (a
+        // session lock on a connection of its own, or a file lock on SQLite),
+        // and released if this process dies.
+        let _only_one = self
+            .store
+            .try_lead(&format!("rebuild-{name}"))
+            .await?
+            .ok_or_else(|| ProjectionError::RebuildRunning(name.to_owned()))?;
         let (scratch, scratch_checkpoint) = (rebuild_table(name), rebuild_checkpoint(name));
 
         let mut tx = Tx::begin(&self.store).await?;

@@ -94,7 +94,10 @@ pub struct IdempotencyRecord {
 #[derive(Debug, Clone, Default)]
 pub struct AppendRequest {
     pub streams: Vec<StreamAppend>,
-    pub idempotency: Option<IdempotencyRecord>,
+    /// The keys it records: its own, then (an atomic batch) its
+    /// operations'. If any is recorded already, the request is a duplicate
+    /// and appends nothing. Distinct within the request.
+    pub idempotency: Vec<IdempotencyRecord>,
 }
 
 /// A remembered outcome, as found by `find_idempotency`.
@@ -521,19 +524,16 @@ fn plan_batch<'a>(
     // Streams this batch has appended to so far.
     let mut moved: HashSet<String> = HashSet::new();
     for request in requests {
-        if let Some(rec) = &request.idempotency {
-            if taken.contains(&(rec.wallet.to_string(), rec.key.clone())) {
-                plans.push(Plan::Duplicate);
-                continue;
-            }
+        let key = |rec: &IdempotencyRecord| (rec.wallet.to_string(), rec.key.clone());
+        if request.idempotency.iter().any(|rec| taken.contains(&key(rec))) {
+            plans.push(Plan::Duplicate);
+            continue;
         }
         if let Some(actual) = heads_if_moved(request, &tips, &moved) {
             plans.push(Plan::Conflict(actual));
             continue;
         }
-        if let Some(rec) = &request.idempotency {
-            taken.insert((rec.wallet.to_string(), rec.key.clone()));
-        }
+        taken.extend(request.idempotency.iter().map(key));
         let rows = rows(request, &tips, recorded_at);
         for row in &rows {
             moved.insert(row.stream.to_string());
@@ -566,12 +566,11 @@ fn idempotency_rows<'a>(
     requests
         .iter()
         .zip(plans)
-        .filter_map(|(r, plan)| match (plan, &r.idempotency) {
-            (Plan::Accepted { first, count }, Some(rec)) => {
-                Some((rec, (*count > 0).then(|| positions[first + count - 1])))
-            }
+        .filter_map(|(r, plan)| match plan {
+            Plan::Accepted { first, count } => Some((r, (*count > 0).then(|| positions[first + count - 1]))),
             _ => None,
         })
+        .flat_map(|(r, position)| r.idempotency.iter().map(move |rec| (rec, position)))
         .collect()
 }
 

@@ -304,7 +304,7 @@ impl PgEventStore {
 }
 
 /// Everything of a group commit, in one statement: the `wallet_append`
-/// function (migrations 0007, 0008) takes the append lock, reads the stream heads
+/// function (migrations 0007-0009) takes the append lock, reads the stream heads
 /// and idempotency keys of the whole batch, guards each request in order
 /// (key, then expected heads), links the hash chains and inserts. One round
 /// trip keeps the time the lock is held (which serialises all appends)
@@ -318,11 +318,13 @@ where
         // The rows pair with the requests by position: ordered explicitly,
         // not by the function scan's habit.
         "SELECT o_status, o_positions, o_hashes, o_versions, o_balances, o_recorded_at FROM wallet_append(\
-         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) WITH ORDINALITY AS r \
-         ORDER BY r.ordinality",
+         $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
+         WITH ORDINALITY AS r ORDER BY r.ordinality",
     )
     .bind(APPEND_LOCK)
     .bind(crate::aggregate::EVENT_SCHEMA_VERSION)
+    .bind(requests.len() as i32)
+    .bind(&args.key_requests)
     .bind(&args.key_wallets)
     .bind(&args.keys)
     .bind(&args.fingerprints)
@@ -346,10 +348,11 @@ where
 /// A batch as the parallel arrays `wallet_append` takes.
 #[derive(Default)]
 struct BatchArgs<'a> {
-    key_wallets: Vec<Option<&'a str>>,
-    keys: Vec<Option<&'a str>>,
-    fingerprints: Vec<Option<&'a str>>,
-    outcomes: Vec<Option<String>>,
+    key_requests: Vec<i32>,
+    key_wallets: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    fingerprints: Vec<&'a str>,
+    outcomes: Vec<String>,
     s_request: Vec<i32>,
     s_stream: Vec<&'a str>,
     s_version: Vec<i64>,
@@ -367,11 +370,13 @@ impl<'a> BatchArgs<'a> {
     fn of(requests: &'a [AppendRequest]) -> Self {
         let mut a = BatchArgs::default();
         for (r, request) in requests.iter().enumerate() {
-            let rec = request.idempotency.as_ref();
-            a.key_wallets.push(rec.map(|rec| rec.wallet.as_str()));
-            a.keys.push(rec.map(|rec| rec.key.as_str()));
-            a.fingerprints.push(rec.map(|rec| rec.fingerprint.as_str()));
-            a.outcomes.push(rec.map(|rec| rec.outcome.to_string()));
+            for rec in &request.idempotency {
+                a.key_requests.push(r as i32 + 1);
+                a.key_wallets.push(rec.wallet.as_str());
+                a.keys.push(rec.key.as_str());
+                a.fingerprints.push(rec.fingerprint.as_str());
+                a.outcomes.push(rec.outcome.to_string());
+            }
             for s in &request.streams {
                 a.s_request.push(r as i32 + 1);
                 a.s_stream.push(s.stream.as_str());

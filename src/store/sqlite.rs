@@ -468,7 +468,7 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, requests: &[AppendRequest]) 
     }
     let keys: Vec<(&str, &str)> = requests
         .iter()
-        .filter_map(|r| r.idempotency.as_ref())
+        .flat_map(|r| &r.idempotency)
         .map(|rec| (rec.wallet.as_str(), rec.key.as_str()))
         .collect();
     let mut taken: HashSet<(String, String)> = HashSet::new();

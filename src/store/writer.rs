@@ -114,7 +114,7 @@ impl BatchWriter {
             .collect();
         let keys: Vec<(String, String)> = requests
             .iter()
-            .filter_map(|r| r.idempotency.as_ref())
+            .flat_map(|r| &r.idempotency)
             .map(|k| (k.wallet.to_string(), k.key.clone()))
             .collect();
         let found = match self {
@@ -140,27 +140,26 @@ fn resolution(request: AppendRequest, found: &Found) -> Resolution {
         let at = rows[0].2;
         return Resolution::Committed(super::recorded(request, &positions, hashes, at));
     }
-    match &request.idempotency {
-        Some(k) if found.keys.contains(&(k.wallet.to_string(), k.key.clone())) => Resolution::Duplicate,
-        _ => Resolution::NotCommitted,
+    // A request whose key is recorded did not append (its keys and events
+    // commit together): one of its keys was another request's.
+    let recorded = |k: &super::IdempotencyRecord| found.keys.contains(&(k.wallet.to_string(), k.key.clone()));
+    match request.idempotency.iter().any(recorded) {
+        true => Resolution::Duplicate,
+        false => Resolution::NotCommitted,
     }
 }
 
-/// Growing pauses between failed connection attempts.
+/// Growing, jittered pauses between failed connection attempts.
 #[derive(Debug)]
 pub(crate) struct Reconnect {
-    min: Duration,
-    max: Duration,
-    pause: Duration,
+    pauses: crate::backoff::Backoff,
     not_before: Option<tokio::time::Instant>,
 }
 
 impl Reconnect {
     pub fn new(options: &WriterOptions) -> Self {
         Self {
-            min: options.reconnect_min,
-            max: options.reconnect_max,
-            pause: options.reconnect_min,
+            pauses: crate::backoff::Backoff::between(options.reconnect_min, options.reconnect_max),
             not_before: None,
         }
     }
@@ -171,12 +170,11 @@ impl Reconnect {
     }
 
     pub fn failed(&mut self) {
-        self.not_before = Some(tokio::time::Instant::now() + self.pause);
-        self.pause = (self.pause * 2).min(self.max);
+        self.not_before = Some(tokio::time::Instant::now() + self.pauses.next_pause());
     }
 
     pub fn succeeded(&mut self) {
-        self.pause = self.min;
+        self.pauses.reset();
         self.not_before = None;
     }
 }

@@ -1,5 +1,6 @@
-//! Shared test support: a fresh database per test on each backend, and a real
-//! HTTP server listening on a random local port.
+//! Shared test support: a fresh database per test on each backend (dropped,
+//! or its directory removed, when the test ends), and a real HTTP server
+//! listening on a random local port.
 #![allow(dead_code)]
 
 pub mod broker;
@@ -18,10 +19,75 @@ pub fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A migrated store on a fresh database of its own.
+/// A migrated store on a fresh database of its own, gone when this drops.
 pub struct TestDb {
     pub store: EventStore,
     pub url: String,
+    /// Keep it as long as the test uses the database (a struct that takes
+    /// `store` out of a `TestDb` keeps this too).
+    pub cleanup: Cleanup,
+}
+
+/// A fresh, empty PostgreSQL database of its own, dropped when this drops.
+pub struct EmptyDb {
+    pub url: String,
+    pub cleanup: Cleanup,
+}
+
+/// Drops a test's PostgreSQL database, or removes its directory, when the
+/// test ends. A failed test's database is kept for a look (and dropped by
+/// a later run, an hour on; see `drop_stale`).
+pub struct Cleanup(Option<Leftover>);
+
+enum Leftover {
+    Database(String),
+    Directory(std::path::PathBuf),
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(Leftover::Database(name)) = &self.0 {
+                eprintln!("test failed: database {name} kept");
+            }
+            return;
+        }
+        match self.0.take() {
+            Some(Leftover::Database(name)) => drop_database(name),
+            Some(Leftover::Directory(dir)) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            None => {}
+        }
+    }
+}
+
+/// A fresh directory of its own under the system's temp directory,
+/// removed when the returned `Cleanup` drops.
+pub fn temp_dir(prefix: &str) -> (std::path::PathBuf, Cleanup) {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("create a temp directory");
+    (dir.clone(), Cleanup(Some(Leftover::Directory(dir))))
+}
+
+/// `DROP DATABASE ... WITH (FORCE)` (ending the test's own connections) on
+/// a connection of its own. Drop cannot await and the test's runtime may
+/// have a single thread, so it runs on a thread with a runtime of its own.
+fn drop_database(name: String) {
+    let dropped = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(async {
+            let mut admin = sqlx::PgConnection::connect(&admin_url()).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut admin)
+                .await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+    })
+    .join();
+    if let Ok(Err(e)) = dropped {
+        eprintln!("could not drop a test database: {e}");
+    }
 }
 
 /// Drops test databases left behind by earlier runs (older than an hour).
@@ -41,13 +107,13 @@ async fn drop_stale(admin: &mut sqlx::PgConnection, now: u64) {
 }
 
 pub async fn postgres() -> TestDb {
-    let url = postgres_without_schema().await;
+    let EmptyDb { url, cleanup } = postgres_without_schema().await;
     let store = wallet::config::open_store(&url).await.expect("migrate test database");
-    TestDb { store, url }
+    TestDb { store, url, cleanup }
 }
 
-/// The URL of a fresh, empty database of its own (nothing migrated).
-pub async fn postgres_without_schema() -> String {
+/// A fresh, empty database of its own (nothing migrated).
+pub async fn postgres_without_schema() -> EmptyDb {
     let admin_url = admin_url();
     let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
         panic!(
@@ -63,15 +129,17 @@ pub async fn postgres_without_schema() -> String {
         .await
         .expect("create test database");
     let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
-    format!("{base}/{name}")
+    EmptyDb {
+        url: format!("{base}/{name}"),
+        cleanup: Cleanup(Some(Leftover::Database(name))),
+    }
 }
 
 pub async fn sqlite() -> TestDb {
-    let dir = std::env::temp_dir().join(format!("wallet-test-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let (dir, cleanup) = temp_dir("wallet-test");
     let url = format!("sqlite://{}", dir.join("wallet.db").display());
     let store = wallet::config::open_store(&url).await.expect("migrate test database");
-    TestDb { store, url }
+    TestDb { store, url, cleanup }
 }
 
 /// Runs the API and its in-process projection runner on 127.0.0.1 with a
