@@ -13,12 +13,14 @@ use common::TestDb;
 use reqwest::{Client, Response, StatusCode};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
-use wallet::aggregate::{WalletEvent, WalletId};
+use wallet::aggregate::{Wallet, WalletEvent, WalletId};
 use wallet::projections::{FraudRules, Projections};
 use wallet::store::EventStore;
 
 struct Api {
     base: String,
+    /// A second server on the same database (another process), for races.
+    other: Option<String>,
     http: Client,
     store: EventStore,
     _db: common::Cleanup,
@@ -28,10 +30,33 @@ impl Api {
     async fn start(db: TestDb) -> Self {
         Self {
             base: common::serve(db.store.clone()).await,
+            other: None,
             http: Client::new(),
             store: db.store,
             _db: db.cleanup,
         }
+    }
+    /// Two servers on one database: two processes deciding the same wallets.
+    async fn start_two(db: TestDb) -> Self {
+        let mut api = Self::start(db).await;
+        api.other = Some(common::serve(api.store.clone()).await);
+        api
+    }
+    /// POSTs through the first server, or the second one for odd `i`;
+    /// returns the status and the body.
+    async fn post_via(&self, i: usize, path: &str, body: Value) -> (StatusCode, Value) {
+        let base = match (&self.other, i % 2) {
+            (Some(other), 1) => other,
+            _ => &self.base,
+        };
+        let r = self
+            .http
+            .post(format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap_or(Value::Null))
     }
     async fn send(&self, method: reqwest::Method, path: &str, body: Value) -> Response {
         self.http
@@ -313,9 +338,11 @@ async fn limits(db: TestDb) {
 }
 
 /// Captures, voids and the sweeper race on holds that expire as they are
-/// resolved: each hold is resolved exactly once, and the money adds up.
+/// resolved, through two processes: each hold is resolved exactly once,
+/// the one request that resolved it is the only one answered 201 (none if
+/// it expired), every other is 409 HOLD_NOT_ACTIVE, and the money adds up.
 async fn resolutions_race(db: TestDb) {
-    let api = Arc::new(Api::start(db).await);
+    let api = Arc::new(Api::start_two(db).await);
     api.expect("/wallet/payer/deposit", json!({"amount": 1000}), StatusCode::CREATED)
         .await;
     let mut holds = Vec::new();
@@ -330,23 +357,24 @@ async fn resolutions_race(db: TestDb) {
     }
     let mut tasks = Vec::new();
     for (i, hold) in holds.iter().enumerate() {
-        for action in ["capture", "void", "capture"] {
+        for (j, action) in ["capture", "void", "capture"].into_iter().enumerate() {
             let (api, hold) = (api.clone(), hold.clone());
             let delay = Duration::from_millis(700 + (i as u64 % 5) * 100);
-            tasks.push(tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                api.post(&format!("/wallet/payer/holds/{hold}/{action}"), json!({}))
+                api.post_via(i + j, &format!("/wallet/payer/holds/{hold}/{action}"), json!({}))
                     .await
-                    .status()
-            }));
+            });
+            tasks.push((i, action, task));
         }
     }
-    for t in tasks {
-        let status = t.await.unwrap();
-        assert!(
-            [StatusCode::CREATED, StatusCode::CONFLICT].contains(&status),
-            "a racing resolution answered {status}"
-        );
+    let mut winners = vec![Vec::new(); holds.len()];
+    for (i, action, t) in tasks {
+        match t.await.unwrap() {
+            (StatusCode::CREATED, _) => winners[i].push(action),
+            (StatusCode::CONFLICT, body) => assert_eq!(code(&body), "HOLD_NOT_ACTIVE", "{action}: {body}"),
+            (status, body) => panic!("a racing {action} answered {status}: {body}"),
+        }
     }
     // Whatever was not captured or voided expires.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -360,7 +388,7 @@ async fn resolutions_race(db: TestDb) {
         .await
         .unwrap();
     let mut captured = Decimal::ZERO;
-    for hold in &holds {
+    for (hold, winners) in holds.iter().zip(&winners) {
         let id = uuid::Uuid::parse_str(hold).unwrap();
         let resolutions: Vec<&WalletEvent> = events
             .iter()
@@ -368,6 +396,15 @@ async fn resolutions_race(db: TestDb) {
             .filter(|e| e.hold_id() == Some(id) && e.event_type() != "HoldPlaced")
             .collect();
         assert_eq!(resolutions.len(), 1, "hold {hold}: {resolutions:?}");
+        let winner = match resolutions[0].event_type() {
+            "HoldCaptured" => vec!["capture"],
+            "HoldVoided" => vec!["void"],
+            _ => vec![],
+        };
+        assert_eq!(
+            *winners, winner,
+            "hold {hold}: answered 201, resolved by {resolutions:?}"
+        );
         if let WalletEvent::HoldCaptured(p) = resolutions[0] {
             captured += p.amount.value();
         }
@@ -383,10 +420,11 @@ async fn resolutions_race(db: TestDb) {
     api.verify().await;
 }
 
-/// Withdrawals and holds racing on one wallet with a floor: whatever
-/// interleaving, available money never goes below it.
+/// Withdrawals and holds racing on one wallet with a floor, through two
+/// processes: whatever interleaving, available money never goes below it,
+/// at any point of the wallet's log.
 async fn withdrawals_race_holds(db: TestDb) {
-    let api = Arc::new(Api::start(db).await);
+    let api = Arc::new(Api::start_two(db).await);
     api.expect("/wallet/a/deposit", json!({"amount": 100}), StatusCode::CREATED)
         .await;
     let r = api
@@ -402,20 +440,36 @@ async fn withdrawals_race_holds(db: TestDb) {
             } else {
                 "/wallet/a/holds"
             };
-            api.post(path, json!({"amount": 3})).await.status()
+            api.post_via(i / 2, path, json!({"amount": 3})).await
         }));
     }
     let mut accepted = 0;
     for t in tasks {
         match t.await.unwrap() {
-            StatusCode::CREATED => accepted += 1,
-            StatusCode::BAD_REQUEST => {}
-            other => panic!("answered {other}"),
+            (StatusCode::CREATED, _) => accepted += 1,
+            (StatusCode::BAD_REQUEST, body) => assert_eq!(code(&body), "MIN_BALANCE_BREACHED", "{body}"),
+            (status, body) => panic!("answered {status}: {body}"),
         }
     }
     assert_eq!(accepted, 30, "exactly 90 of the 100 could leave available money");
     let w = api.wallet("a").await;
     assert_eq!(w["available"], "10.0000");
+    let events = api
+        .store
+        .read_stream(&WalletId::parse("a").unwrap(), 0, None)
+        .await
+        .unwrap();
+    let mut state = Wallet::empty(WalletId::parse("a").unwrap());
+    for e in &events {
+        state = state.evolve(&e.event);
+        assert!(
+            state.available() >= state.limits.min_balance,
+            "version {}: available {} under the floor {}",
+            e.version,
+            state.available(),
+            state.limits.min_balance
+        );
+    }
     api.verify().await;
 }
 
