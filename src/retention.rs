@@ -47,9 +47,8 @@ fn first_uuid_v7_of(at: DateTime<Utc>) -> String {
 pub async fn prune_audit(store: &EventStore, before: DateTime<Utc>) -> Result<u64, sqlx::Error> {
     let id_bound = first_uuid_v7_of(before);
     let time_bound = before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let mut total = 0;
-    loop {
-        let deleted = match store {
+    in_batches(|| async {
+        Ok(match store {
             EventStore::Postgres(s) => sqlx::query(
                 "DELETE FROM api_audit WHERE audit_id IN (SELECT audit_id FROM api_audit \
                  WHERE audit_id < $1 AND recorded_at < $2 ORDER BY audit_id LIMIT $3)",
@@ -70,19 +69,17 @@ pub async fn prune_audit(store: &EventStore, before: DateTime<Utc>) -> Result<u6
             .execute(s.writer())
             .await?
             .rows_affected(),
-        };
-        total += deleted;
-        if deleted < BATCH as u64 {
-            return Ok(total);
-        }
-    }
+        })
+    })
+    .await
 }
 
 /// Deletes idempotency records created before `before`.
 pub async fn prune_idempotency(store: &EventStore, before: DateTime<Utc>) -> Result<u64, sqlx::Error> {
-    let mut total = 0;
-    loop {
-        let deleted = match store {
+    // The column's own format on SQLite: strftime('%Y-%m-%dT%H:%M:%fZ').
+    let sqlite_bound = before.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+    in_batches(|| async {
+        Ok(match store {
             EventStore::Postgres(s) => sqlx::query(
                 "DELETE FROM idempotency WHERE ctid IN (SELECT ctid FROM idempotency \
                  WHERE created_at < $1 LIMIT $2)",
@@ -96,13 +93,26 @@ pub async fn prune_idempotency(store: &EventStore, before: DateTime<Utc>) -> Res
                 "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency \
                  WHERE created_at < ? LIMIT ?)",
             )
-            // The column's own format: strftime('%Y-%m-%dT%H:%M:%fZ').
-            .bind(before.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+            .bind(&sqlite_bound)
             .bind(BATCH)
             .execute(s.writer())
             .await?
             .rows_affected(),
-        };
+        })
+    })
+    .await
+}
+
+/// Runs `delete_batch` (one `DELETE` of at most `BATCH` rows) until a batch
+/// comes back short, so no transaction holds many rows' locks at once.
+async fn in_batches<F, Fut>(mut delete_batch: F) -> Result<u64, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, sqlx::Error>>,
+{
+    let mut total = 0;
+    loop {
+        let deleted = delete_batch().await?;
         total += deleted;
         if deleted < BATCH as u64 {
             return Ok(total);
