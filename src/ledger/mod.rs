@@ -550,8 +550,7 @@ impl Ledger {
     }
 
     /// The first verdict of each prepared command of an independent batch,
-    /// from one submission to the committer; `None` where there is none
-    /// (not prepared, or the submission failed: those go on alone).
+    /// from one submission to the committer (`None` for those not prepared).
     async fn decide_together(&self, prepared: &[Result<Submission, CommandError>]) -> Vec<Option<Verdict>> {
         let commands: Vec<&Command> = prepared
             .iter()
@@ -559,10 +558,16 @@ impl Ledger {
             .map(|s| &s.command)
             .collect();
         let none = || prepared.iter().map(|_| None).collect();
+        // Certainly not applied: every command gets the same 503, as one
+        // request alone would (no second wait per command).
+        let refused = |why: String| {
+            let verdict = || Some(Verdict::NotCommitted(StoreError::BatchFailed(why.clone())));
+            prepared.iter().map(|_| verdict()).collect()
+        };
         let loaded = match tokio::time::timeout(LOAD_DEADLINE, self.cold_states_of(&commands)).await {
             Ok(Ok(loaded)) => loaded,
-            // Each command then loads its own wallets, as alone.
-            _ => return none(),
+            Ok(Err(e)) => return refused(e.to_string()),
+            Err(_) => return refused("loading the wallets took too long".to_owned()),
         };
         let mut jobs = Vec::with_capacity(commands.len());
         let mut slots = Vec::with_capacity(commands.len());
@@ -585,8 +590,11 @@ impl Ledger {
             slots.push(index);
         }
         drop(gather);
-        if jobs.is_empty() || self.committer().submit(jobs, deadline).await.is_err() {
+        if jobs.is_empty() {
             return none();
+        }
+        if let Err(e) = self.committer().submit(jobs, deadline).await {
+            return refused(e.to_string());
         }
         let verdicts = match tokio::time::timeout_at(give_up, all).await {
             Ok(Ok(verdicts)) => verdicts,
