@@ -37,18 +37,24 @@ pub fn link(previous: &str, event: &Canonical<'_>) -> String {
 /// known before the append lock is taken: PostgreSQL's append function
 /// (migration 0006) gets them as bytes and adds the two ends itself.
 pub fn body(event: &Canonical<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
+    // serde_json's Map is ordered by key: this is canonical JSON.
+    body_with_json(event, &event.payload.to_string(), &event.metadata.to_string())
+}
+
+/// `body`, with the payload and metadata already serialised (the append
+/// writes the same texts to the row: each is made once).
+pub fn body_with_json(event: &Canonical<'_>, payload: &str, metadata: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 * 7 + 96 + payload.len() + metadata.len());
     for value in [
         event.stream,
         &event.version.to_string(),
         &event.event_id.to_string(),
         event.event_type,
         &event.schema_version.to_string(),
-        // serde_json's Map is ordered by key: this is canonical JSON.
-        &event.payload.to_string(),
-        &event.metadata.to_string(),
+        payload,
+        metadata,
     ] {
-        out.extend_from_slice(&field(value));
+        push_field(&mut out, value);
     }
     out
 }
@@ -61,9 +67,13 @@ pub fn time(at: DateTime<Utc>) -> String {
 /// Length-prefixed, so no two different events encode the same.
 fn field(value: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + value.len());
+    push_field(&mut out, value);
+    out
+}
+
+fn push_field(out: &mut Vec<u8>, value: &str) {
     out.extend_from_slice(&(value.len() as u64).to_be_bytes());
     out.extend_from_slice(value.as_bytes());
-    out
 }
 
 #[cfg(test)]

@@ -385,7 +385,9 @@ impl<'a> BatchArgs<'a> {
                 a.s_on_batch.push(s.on_batch);
                 for (i, event) in s.events.iter().enumerate() {
                     let payload = event.event.payload();
-                    a.e_body.push(chain::body(&chain::Canonical {
+                    let payload_json = payload.to_string();
+                    let metadata_json = event.metadata.to_string();
+                    let canonical = chain::Canonical {
                         stream: s.stream.as_str(),
                         version: s.expected.version + 1 + i as u64,
                         event_id: event.event_id,
@@ -395,12 +397,14 @@ impl<'a> BatchArgs<'a> {
                         metadata: &event.metadata,
                         // Not part of the body: the function adds the time it takes under the lock.
                         recorded_at: chrono::DateTime::UNIX_EPOCH,
-                    }));
+                    };
+                    a.e_body
+                        .push(chain::body_with_json(&canonical, &payload_json, &metadata_json));
                     a.e_segment.push(a.s_stream.len() as i32);
                     a.e_id.push(event.event_id);
                     a.e_type.push(event.event.event_type());
-                    a.e_payload.push(payload.to_string());
-                    a.e_metadata.push(event.metadata.to_string());
+                    a.e_payload.push(payload_json);
+                    a.e_metadata.push(metadata_json);
                 }
             }
         }
