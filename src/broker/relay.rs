@@ -335,31 +335,7 @@ impl Relay {
                 let events = self.store.read_all(published, want as u32).await?;
                 more_waiting = events.len() == want;
                 for e in &events {
-                    let message = EventMessage::of(e);
-                    let body = message.body();
-                    let publish = channel.basic_publish(
-                        &self.topology.exchange,
-                        "",
-                        // Mandatory: if no queue is bound, the broker returns the
-                        // message instead of dropping it, and it does not count
-                        // as confirmed.
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &body,
-                        message.properties(),
-                    );
-                    // A traced write's publish joins its trace (the message
-                    // carries the context on to the worker).
-                    let confirm = match message.metadata.traceparent.as_deref() {
-                        Some(traceparent) => {
-                            let span = tracing::info_span!("publish", position = e.position);
-                            crate::config::continue_trace(&span, Some(traceparent));
-                            tracing::Instrument::instrument(publish, span).await?
-                        }
-                        None => publish.await?,
-                    };
+                    let confirm = self.send(channel, e).await?;
                     in_flight.push_back(confirmation(e.position, confirm));
                     sent_at.push_back(unix_ms());
                     self.gauges.published_now();
@@ -412,6 +388,39 @@ impl Relay {
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
             }
+        }
+    }
+
+    /// Publishes one event; its confirm comes later.
+    async fn send(
+        &self,
+        channel: &lapin::Channel,
+        e: &crate::store::RecordedEvent,
+    ) -> Result<lapin::publisher_confirm::PublisherConfirm, BrokerError> {
+        let message = EventMessage::of(e);
+        let body = message.body();
+        let publish = channel.basic_publish(
+            &self.topology.exchange,
+            "",
+            // Mandatory: if no queue is bound, the broker returns the
+            // message instead of dropping it, and it does not count
+            // as confirmed.
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            message.properties(),
+        );
+        // A traced write's publish joins its trace (the message
+        // carries the context on to the worker).
+        match message.metadata.traceparent.as_deref() {
+            Some(traceparent) => {
+                let span = tracing::info_span!("publish", position = e.position);
+                crate::config::continue_trace(&span, Some(traceparent));
+                Ok(tracing::Instrument::instrument(publish, span).await?)
+            }
+            None => Ok(publish.await?),
         }
     }
 }
