@@ -558,6 +558,7 @@ async fn a_relay_stopped_by_sigint_exits_zero_without_errors_and_answers_probes(
             "/ready said publishing: {ready:?} {said}"
         );
         assert_eq!(out.status.code(), Some(0), "{said}");
+        assert!(said.contains("relay stopped; broker connection closed"), "{said}");
         assert!(
             !said.contains("\"level\":\"ERROR\""),
             "no ERROR on a clean stop: {said}"

@@ -174,7 +174,11 @@ impl Relay {
         self,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), BrokerError> {
-        self.run_inner(true, Stop::on(stop)).await
+        let gauges = self.gauges.clone();
+        self.run_inner(true, Stop::on(stop)).await?;
+        let confirmed = gauges.confirmed_position.load(Ordering::SeqCst);
+        tracing::info!(confirmed, "relay stopped; broker connection closed");
+        Ok(())
     }
 
     async fn run_inner(self, strict: bool, stop: Stop) -> Result<(), BrokerError> {
