@@ -29,6 +29,7 @@ pub mod feed;
 pub mod freshness;
 pub mod ledger;
 pub mod load;
+pub mod probe;
 pub mod projections;
 pub mod replay;
 pub mod retention;

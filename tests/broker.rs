@@ -15,6 +15,7 @@ use wallet::broker::relay::{self, Relay};
 use wallet::broker::worker::Worker;
 use wallet::broker::{dlq, EventMessage, Topology};
 use wallet::ledger::Ledger;
+use wallet::probe::Probed;
 use wallet::projections::{FraudRules, Projections};
 use wallet::store::{EventStore, Position};
 
@@ -726,4 +727,179 @@ async fn a_half_open_broker_link_turns_ready_off_and_publishing_resumes() {
         gauges.sessions.load(std::sync::atomic::Ordering::SeqCst) >= 2,
         "the relay reconnected"
     );
+}
+
+/// GET `path` on a probe listener: its status and body.
+async fn probe(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("the probe listener answers {path}: {e}"));
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Polls `path` until it answers `status`; its body then.
+async fn probe_until(addr: std::net::SocketAddr, path: &str, status: u16) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (got, body) = probe(addr, path).await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr}{path} never answered {status}; last {got} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn probes(probed: Probed) -> std::net::SocketAddr {
+    let bind = "127.0.0.1:0".parse().unwrap();
+    let (addr, _) = wallet::probe::spawn(bind, probed, std::future::pending())
+        .await
+        .unwrap();
+    addr
+}
+
+fn relay_probed(relay: &Relay, db: &TestDb, topology: &Topology) -> Probed {
+    Probed::Relay {
+        gauges: relay.gauges.clone(),
+        store: db.store.clone(),
+        topology: topology.clone(),
+    }
+}
+
+/// The value of an unlabelled sample in Prometheus text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A worker and two relays with probe listeners: each is alive, ready once
+/// it does its job (consuming, publishing, standing by), and scraped under
+/// `wallet_` names with HELP texts; when the broker goes away the worker
+/// and the leader say 503, and 200 again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_and_relays_answer_probes_from_their_live_state() {
+    let db = common::postgres().await;
+    let topology = topology();
+    let proxy = TcpProxy::start("127.0.0.1:5672").await;
+    let leader = Relay::new(db.store.clone(), &via_proxy(&proxy), topology.clone());
+    let leader_at = probes(relay_probed(&leader, &db, &topology)).await;
+    let leader = tokio::spawn(leader.run());
+    assert!(probe_until(leader_at, "/ready", 200).await.contains("publishing"));
+    let standby = Relay::new(db.store.clone(), &amqp_url(), topology.clone());
+    let standby_at = probes(relay_probed(&standby, &db, &topology)).await;
+    let standby = tokio::spawn(standby.run());
+    assert!(probe_until(standby_at, "/ready", 200).await.contains("standby"));
+
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    let worker = Worker::new(projections.clone(), &via_proxy(&proxy), topology.clone());
+    let worker_at = probes(Probed::Worker {
+        gauges: worker.gauges.clone(),
+        projections,
+    })
+    .await;
+    let worker = tokio::spawn(worker.run());
+    for at in [leader_at, standby_at, worker_at] {
+        assert_eq!(probe(at, "/health").await.0, 200);
+    }
+    assert!(probe_until(worker_at, "/ready", 200).await.contains("consuming"));
+
+    let ledger = Ledger::new(db.store.clone());
+    for _ in 0..3 {
+        ledger.deposit(id("probed"), amount("5"), None).await.unwrap();
+    }
+    // WalletCreated and three deposits, applied once each.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let worker_text = loop {
+        let (status, text) = probe(worker_at, "/metrics").await;
+        assert_eq!(status, 200);
+        if sample(&text, "wallet_worker_events_applied_total") == Some(4.0) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "applied never reached 4: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for name in [
+        "wallet_worker_events_applied_total",
+        "wallet_worker_dead_letters_total",
+        "wallet_worker_reconnects_total",
+        "wallet_projection_lag_events",
+    ] {
+        assert!(
+            worker_text.contains(&format!("# HELP {name} ")),
+            "{name}: {worker_text}"
+        );
+    }
+    assert!(
+        worker_text.contains("wallet_projection_lag_events{projection=\"history\"} 0"),
+        "{worker_text}"
+    );
+    let (_, text) = probe(leader_at, "/metrics").await;
+    for name in [
+        "wallet_relay_published_total",
+        "wallet_relay_lag_events",
+        "wallet_relay_reconnects_total",
+    ] {
+        assert!(text.contains(&format!("# HELP {name} ")), "{name}: {text}");
+    }
+    assert_eq!(sample(&text, "wallet_relay_active"), Some(1.0), "{text}");
+    assert!(sample(&text, "wallet_relay_published_total") >= Some(4.0), "{text}");
+    let (_, text) = probe(standby_at, "/metrics").await;
+    assert_eq!(sample(&text, "wallet_relay_standby"), Some(1.0), "{text}");
+
+    // The broker goes away: the processes behind the proxy are not ready.
+    proxy.set_down(true);
+    for at in [worker_at, leader_at] {
+        let body = probe_until(at, "/ready", 503).await;
+        assert!(body.contains("broker"), "{body}");
+    }
+    assert_eq!(probe(worker_at, "/health").await.0, 200, "alive all the same");
+    proxy.set_down(false);
+    for at in [worker_at, leader_at] {
+        probe_until(at, "/ready", 200).await;
+    }
+    let (_, text) = probe(worker_at, "/metrics").await;
+    assert!(sample(&text, "wallet_worker_reconnects_total") >= Some(1.0), "{text}");
+    for task in [leader, standby, worker] {
+        task.abort();
+    }
+}
+
+/// Before its first connection succeeds a worker is alive but not ready,
+/// and says why.
+#[tokio::test]
+async fn a_worker_that_cannot_reach_the_broker_is_not_ready() {
+    let db = common::postgres().await;
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    // Nothing listens on port 1.
+    let worker = Worker::new(projections.clone(), "amqp://guest:guest@127.0.0.1:1/%2f", topology());
+    let at = probes(Probed::Worker {
+        gauges: worker.gauges.clone(),
+        projections,
+    })
+    .await;
+    let worker = tokio::spawn(worker.run());
+    assert_eq!(probe(at, "/health").await.0, 200);
+    let body = probe_until(at, "/ready", 503).await;
+    let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap_or_default().contains("broker"),
+        "{problem}"
+    );
+    // Still not ready once it has tried and failed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = probe(at, "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    worker.abort();
 }

@@ -479,22 +479,33 @@ async fn projections_status_is_one_json_document_with_the_broker_and_shows_parke
     observer.delete_topology(&topology).await;
 }
 
+/// A service command on `database` and `topology`, logging to a file (its
+/// path third); keep the first value while the child runs.
+fn service(
+    args: &[&str],
+    database: &str,
+    topology: &wallet::broker::Topology,
+) -> (Wallet, std::process::Child, std::path::PathBuf) {
+    let mut command = wallet(args);
+    let log = command.get_current_dir().unwrap().join("service.log");
+    // lapin's own lines too: they are where a torn connection shows.
+    let child = command
+        .env("DATABASE_URL", database)
+        .env("AMQP_URL", common::broker::amqp_url())
+        .env("AMQP_EXCHANGE", &topology.exchange)
+        .env("RUST_LOG", "info,lapin=info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (command, child, log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_by_sigint_exits_zero_without_errors() {
     let db = seeded_database("20").await;
     let (topology, observer) = service_topology().await;
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        let mut command = wallet(&["worker"]);
-        let log = command.get_current_dir().unwrap().join("worker.log");
-        // lapin's own lines too: they are where a torn connection shows.
-        let child = command
-            .env("DATABASE_URL", &db.url)
-            .env("AMQP_URL", common::broker::amqp_url())
-            .env("AMQP_EXCHANGE", &topology.exchange)
-            .env("RUST_LOG", "info,lapin=info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let (_dir, child, log) = service(&["worker"], &db.url, &topology);
         let consuming = (0..200).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(100));
             std::fs::read_to_string(&log).is_ok_and(|l| l.contains("worker consuming"))
@@ -510,6 +521,56 @@ async fn a_worker_stopped_by_sigint_exits_zero_without_errors() {
             "no ERROR on a clean stop: {said}"
         );
     }
+    observer.delete_topology(&topology).await;
+}
+
+/// `wallet relay --metrics-bind`: ready once it publishes, then SIGINT or
+/// SIGTERM closes its broker connection (no ERROR from lapin) and it exits
+/// 0 with its checkpoint saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_by_sigint_exits_zero_without_errors_and_answers_probes() {
+    let db = seeded_database("20").await;
+    let (topology, observer) = service_topology().await;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let port = free_port();
+        let bind = format!("127.0.0.1:{port}");
+        let (_dir, child, log) = service(&["relay", "--metrics-bind", &bind], &db.url, &topology);
+        let mut ready = None;
+        for _ in 0..200 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            if let Ok(r) = client.get(format!("http://127.0.0.1:{port}/ready")).send().await {
+                if r.status() == 200 {
+                    ready = Some(r.text().await.unwrap_or_default());
+                    break;
+                }
+            }
+        }
+        // SAFETY: a plain signal to the child we spawned.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = wait_at_most(child, std::time::Duration::from_secs(15)).expect("the relay stops");
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            ready.as_deref().is_some_and(|r| r.contains("publishing")),
+            "/ready said publishing: {ready:?} {said}"
+        );
+        assert_eq!(out.status.code(), Some(0), "{said}");
+        assert!(said.contains("relay stopped; broker connection closed"), "{said}");
+        assert!(
+            !said.contains("\"level\":\"ERROR\""),
+            "no ERROR on a clean stop: {said}"
+        );
+    }
+    let store = wallet::config::open_existing(&db.url).await.unwrap();
+    let checkpoint = wallet::broker::relay::checkpoint(&store, &topology).await.unwrap();
+    assert_eq!(
+        checkpoint,
+        store.head_position().await.unwrap(),
+        "the checkpoint was saved"
+    );
     observer.delete_topology(&topology).await;
 }
 

@@ -17,7 +17,7 @@ mod problem;
 pub mod rate_limit;
 mod read_models;
 pub mod server;
-mod system;
+pub(crate) mod system;
 mod wallet;
 mod wire;
 

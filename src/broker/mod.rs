@@ -42,6 +42,10 @@ pub enum BrokerError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Projection(#[from] crate::projections::ProjectionError),
+    /// Noticed between publishes: an idle relay would otherwise sit on a
+    /// dead connection until the next event.
+    #[error("the broker closed the channel (state: {0})")]
+    ChannelDown(String),
     #[error("lost leadership of the relay")]
     LostLeadership,
     #[error("broker URL: {0}")]
@@ -255,6 +259,90 @@ pub async fn within<T>(
     match tokio::time::timeout(limit, operation).await {
         Ok(result) => Ok(result?),
         Err(_) => Err(BrokerError::Timeout(limit, what)),
+    }
+}
+
+/// Asks a running worker or relay to stop: resolved once the future given
+/// to `run_until` resolves; shared by every session of that run.
+pub(crate) struct Stop(futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>);
+
+impl Stop {
+    pub(crate) fn on(stop: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        use futures_util::FutureExt;
+        Self(stop.boxed().shared())
+    }
+
+    pub(crate) fn never() -> Self {
+        Self::on(std::future::pending())
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.peek().is_some()
+    }
+
+    pub(crate) async fn wait(&self) {
+        self.0.clone().await
+    }
+}
+
+/// Closes the connection with a goodbye to the broker, so no I/O is left
+/// for the runtime's shutdown to break (lapin logs that as errors).
+pub(crate) async fn close(connection: &Connection, why: &str) {
+    let closing = connection.close(200, why);
+    if let Ok(Err(e)) = tokio::time::timeout(SETUP_TIMEOUT, closing).await {
+        tracing::debug!(error = %e, "closing the broker connection");
+    }
+}
+
+/// A process's link to the broker as `/ready` sees it: the channel of the
+/// current session, read through lapin's own status (so a channel or
+/// connection the broker or the heartbeat closed reads as down at once),
+/// and why the last session ended.
+#[derive(Debug, Default)]
+pub struct Link(std::sync::Mutex<LinkState>);
+
+#[derive(Debug, Default)]
+struct LinkState {
+    channel: Option<lapin::ChannelStatus>,
+    last_error: Option<String>,
+}
+
+/// Marks the link down when the session that raised it ends, however it ends.
+pub(crate) struct LinkUp<'a>(&'a Link);
+
+impl Drop for LinkUp<'_> {
+    fn drop(&mut self) {
+        self.0.state().channel = None;
+    }
+}
+
+impl Link {
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session's channel is set up: the link is up while it lives.
+    pub(crate) fn up(&self, channel: &Channel) -> LinkUp<'_> {
+        let mut state = self.state();
+        state.channel = Some(channel.status().clone());
+        state.last_error = None;
+        LinkUp(self)
+    }
+
+    /// Why the last session ended (or could not start).
+    pub(crate) fn failed(&self, error: &dyn std::fmt::Display) {
+        self.state().last_error = Some(error.to_string());
+    }
+
+    /// `Ok` while the current session's channel is open; otherwise why not.
+    pub fn check(&self) -> Result<(), String> {
+        let state = self.state();
+        match (&state.channel, &state.last_error) {
+            (Some(channel), _) if channel.connected() => Ok(()),
+            (_, Some(error)) => Err(format!("not connected to the broker: {error}")),
+            (Some(channel), None) => Err(format!("the broker channel is {:?}; reconnecting", channel.state())),
+            (None, None) => Err("not connected to the broker yet".to_owned()),
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use tokio::sync::Notify;
 
-use super::{connect, within, Backoff, BrokerError, EventMessage, Topology, SETUP_TIMEOUT};
+use super::{close, connect, within, Backoff, BrokerError, EventMessage, Stop, Topology, SETUP_TIMEOUT};
 use crate::projections::{advance_checkpoint, load_checkpoint};
 use crate::store::{EventStore, LeaderLock, Position};
 
@@ -52,6 +52,11 @@ pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct RelayGauges {
     pub active: AtomicBool,
+    /// Another relay holds the lock and this one waits for it (its last
+    /// attempt to take the lock was answered: the database is reachable).
+    pub standby: AtomicBool,
+    /// The broker link of the current session.
+    pub link: super::Link,
     /// Broker connections opened (1 + reconnects).
     pub sessions: AtomicU64,
     pub published: AtomicU64,
@@ -157,36 +162,44 @@ impl Relay {
     /// Runs until the task is dropped: standby until it leads, then
     /// publishes, reconnecting with backoff after any failure.
     pub async fn run(self) {
-        let _ = self.run_inner(false).await;
+        let _ = self.run_inner(false, Stop::never()).await;
     }
 
-    /// `run` for the `relay` command: ends with the error when the broker
-    /// refuses the configuration (login, vhost, URL), which no retry cures.
-    pub async fn run_checked(self) -> Result<(), BrokerError> {
-        self.run_inner(true).await
+    /// `run` for the `relay` command, until `stop` resolves: then it saves
+    /// its checkpoint, closes its connection to the broker (what is
+    /// unconfirmed is published again by the next relay) and returns `Ok`.
+    /// Ends with the error when the broker refuses the configuration
+    /// (login, vhost, URL), which no retry cures.
+    pub async fn run_until(
+        self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BrokerError> {
+        let gauges = self.gauges.clone();
+        self.run_inner(true, Stop::on(stop)).await?;
+        let confirmed = gauges.confirmed_position.load(Ordering::SeqCst);
+        tracing::info!(confirmed, "relay stopped; broker connection closed");
+        Ok(())
     }
 
-    async fn run_inner(self, strict: bool) -> Result<(), BrokerError> {
+    async fn run_inner(self, strict: bool, stop: Stop) -> Result<(), BrokerError> {
         let mut logged: Option<std::time::Instant> = None;
-        let job = checkpoint_name(&self.topology);
         let mut backoff = Backoff::broker();
         loop {
-            let mut lock = match self.store.try_lead(&job).await {
-                Ok(Some(lock)) => lock,
-                Ok(None) => {
-                    tokio::time::sleep(STANDBY_POLL).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay cannot reach the database; retrying");
-                    backoff.wait().await;
-                    continue;
-                }
+            let Some(mut lock) = self.lead(&mut backoff, &stop).await else {
+                return Ok(());
             };
             tracing::info!(exchange = %self.topology.exchange, "relay is the active one");
             self.gauges.active.store(true, Ordering::SeqCst);
             loop {
-                match self.session(&mut lock, &mut backoff).await {
+                let ended = self.session(&mut lock, &mut backoff, &stop).await;
+                if stop.is_set() {
+                    // Dropping the lock releases the leadership.
+                    return Ok(());
+                }
+                if let Err(e) = &ended {
+                    self.gauges.link.failed(e);
+                }
+                match ended {
                     Err(BrokerError::LostLeadership) => break,
                     Err(e) if e.is_misconfiguration() && strict => return Err(e),
                     Err(e) if e.is_misconfiguration() => {
@@ -199,7 +212,10 @@ impl Relay {
                     Err(e) => tracing::warn!(error = %e, "relay session ended; reconnecting"),
                     Ok(()) => {}
                 }
-                backoff.wait().await;
+                tokio::select! {
+                    _ = backoff.wait() => {}
+                    _ = stop.wait() => return Ok(()),
+                }
                 if !lock.still_held().await {
                     break;
                 }
@@ -212,26 +228,65 @@ impl Relay {
         }
     }
 
+    /// Waits until this relay holds the leadership lock (`None`: stopped
+    /// first). A standby says so once, naming the lock it waits for.
+    async fn lead(&self, backoff: &mut Backoff, stop: &Stop) -> Option<LeaderLock> {
+        let job = checkpoint_name(&self.topology);
+        loop {
+            let attempt = tokio::select! {
+                a = self.store.try_lead(&job) => a,
+                _ = stop.wait() => return None,
+            };
+            let pause = match attempt {
+                Ok(Some(lock)) => {
+                    self.gauges.standby.store(false, Ordering::SeqCst);
+                    return Some(lock);
+                }
+                Ok(None) => {
+                    if !self.gauges.standby.swap(true, Ordering::SeqCst) {
+                        tracing::info!(lock = %job, "relay standing by: another relay holds the lock; taking over when it is released");
+                    }
+                    STANDBY_POLL
+                }
+                Err(e) => {
+                    self.gauges.standby.store(false, Ordering::SeqCst);
+                    self.gauges.link.failed(&format_args!("cannot reach the database: {e}"));
+                    tracing::warn!(error = %e, "relay cannot reach the database; retrying");
+                    backoff.next_pause()
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.wait() => return None,
+            }
+        }
+    }
+
     /// One broker connection: publish until something fails. Saves the
     /// confirmed position on the way out when the database lets it.
-    async fn session(&self, lock: &mut LeaderLock, backoff: &mut Backoff) -> Result<(), BrokerError> {
+    async fn session(&self, lock: &mut LeaderLock, backoff: &mut Backoff, stop: &Stop) -> Result<(), BrokerError> {
         let name = checkpoint_name(&self.topology);
         let mut confirmed = load_checkpoint(&self.store, &name).await?;
-        let result = self.pump(lock, backoff, &mut confirmed).await;
+        let result = self.pump(lock, backoff, stop, &mut confirmed).await;
         if let Err(e) = advance_checkpoint(&self.store, &name, confirmed).await {
             tracing::warn!(error = %e, confirmed, "could not save the relay checkpoint; its messages will be sent again");
         }
         result
     }
 
+    /// Connects and publishes until something fails or `stop`; on `stop`
+    /// it closes the connection cleanly.
     async fn pump(
         &self,
         lock: &mut LeaderLock,
         backoff: &mut Backoff,
+        stop: &Stop,
         confirmed: &mut Position,
     ) -> Result<(), BrokerError> {
-        let name = checkpoint_name(&self.topology);
-        let connection = connect(&self.url).await?;
+        let connection = tokio::select! {
+            c = connect(&self.url) => c?,
+            _ = stop.wait() => return Ok(()),
+        };
         let channel = within(SETUP_TIMEOUT, "opening a channel", connection.create_channel()).await?;
         within(
             SETUP_TIMEOUT,
@@ -245,8 +300,29 @@ impl Relay {
         }
         backoff.reset();
         self.gauges.sessions.fetch_add(1, Ordering::Relaxed);
+        // Up while this channel is open: `/ready` reads lapin's own status.
+        let _up = self.gauges.link.up(&channel);
         tracing::info!(from = *confirmed, "relay connected; publishing");
+        // Stopping mid-window is safe: what is unconfirmed is sent again.
+        let result = tokio::select! {
+            r = self.publish(&channel, lock, &mut *confirmed) => r,
+            _ = stop.wait() => Ok(()),
+        };
+        if stop.is_set() {
+            close(&connection, "relay stopping").await;
+        }
+        result
+    }
 
+    /// Publishes the log from `confirmed` on, taking confirms in order,
+    /// until something fails.
+    async fn publish(
+        &self,
+        channel: &lapin::Channel,
+        lock: &mut LeaderLock,
+        confirmed: &mut Position,
+    ) -> Result<(), BrokerError> {
+        let name = checkpoint_name(&self.topology);
         let mut saved = *confirmed;
         let mut last_save = Instant::now();
         let mut last_lease_check = Instant::now();
@@ -263,31 +339,7 @@ impl Relay {
                 let events = self.store.read_all(published, want as u32).await?;
                 more_waiting = events.len() == want;
                 for e in &events {
-                    let message = EventMessage::of(e);
-                    let body = message.body();
-                    let publish = channel.basic_publish(
-                        &self.topology.exchange,
-                        "",
-                        // Mandatory: if no queue is bound, the broker returns the
-                        // message instead of dropping it, and it does not count
-                        // as confirmed.
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        &body,
-                        message.properties(),
-                    );
-                    // A traced write's publish joins its trace (the message
-                    // carries the context on to the worker).
-                    let confirm = match message.metadata.traceparent.as_deref() {
-                        Some(traceparent) => {
-                            let span = tracing::info_span!("publish", position = e.position);
-                            crate::config::continue_trace(&span, Some(traceparent));
-                            tracing::Instrument::instrument(publish, span).await?
-                        }
-                        None => publish.await?,
-                    };
+                    let confirm = self.send(channel, e).await?;
                     in_flight.push_back(confirmation(e.position, confirm));
                     sent_at.push_back(unix_ms());
                     self.gauges.published_now();
@@ -331,11 +383,48 @@ impl Relay {
                 last_lease_check = Instant::now();
             }
             if idle {
+                let status = channel.status();
+                if !status.connected() {
+                    return Err(BrokerError::ChannelDown(format!("{:?}", status.state()).to_lowercase()));
+                }
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 }
             }
+        }
+    }
+
+    /// Publishes one event; its confirm comes later.
+    async fn send(
+        &self,
+        channel: &lapin::Channel,
+        e: &crate::store::RecordedEvent,
+    ) -> Result<lapin::publisher_confirm::PublisherConfirm, BrokerError> {
+        let message = EventMessage::of(e);
+        let body = message.body();
+        let publish = channel.basic_publish(
+            &self.topology.exchange,
+            "",
+            // Mandatory: if no queue is bound, the broker returns the
+            // message instead of dropping it, and it does not count
+            // as confirmed.
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            message.properties(),
+        );
+        // A traced write's publish joins its trace (the message
+        // carries the context on to the worker).
+        match message.metadata.traceparent.as_deref() {
+            Some(traceparent) => {
+                let span = tracing::info_span!("publish", position = e.position);
+                crate::config::continue_trace(&span, Some(traceparent));
+                Ok(tracing::Instrument::instrument(publish, span).await?)
+            }
+            None => Ok(publish.await?),
         }
     }
 }

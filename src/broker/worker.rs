@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 use uuid::Uuid;
 
-use super::{connect, Backoff, BrokerError, EventMessage, Topology, REASON_HEADER, SETUP_TIMEOUT};
+use super::{close, connect, Backoff, BrokerError, EventMessage, Link, Stop, Topology, REASON_HEADER, SETUP_TIMEOUT};
 use crate::aggregate::WalletId;
 use crate::projections::{Delivery, Incoming, ProjectionError, Projections};
 use crate::store::{RecordedEvent, StoreError};
@@ -66,43 +67,26 @@ impl WorkerFault {
     }
 }
 
+/// Live figures of a worker, for its probe (`/ready`, `/metrics`).
+#[derive(Debug, Default)]
+pub struct WorkerGauges {
+    /// The broker link of the current session.
+    pub link: Link,
+    /// Consumer sessions set up (1 + reconnects).
+    pub sessions: AtomicU64,
+    /// Events applied to the read models (redelivered duplicates not counted).
+    pub applied: AtomicU64,
+    /// Messages published to the dead-letter exchange.
+    pub dead_lettered: AtomicU64,
+}
+
 pub struct Worker {
     projections: Arc<Projections>,
     url: String,
     topology: Topology,
     prefetch: u16,
     pub fault: Arc<WorkerFault>,
-}
-
-/// Asks a running worker to stop: resolved once the future given to
-/// `run_until` resolves; shared by every session of that run.
-struct Stop(futures_util::future::Shared<futures_util::future::BoxFuture<'static, ()>>);
-
-impl Stop {
-    fn on(stop: impl Future<Output = ()> + Send + 'static) -> Self {
-        Self(stop.boxed().shared())
-    }
-
-    fn never() -> Self {
-        Self::on(std::future::pending())
-    }
-
-    fn is_set(&self) -> bool {
-        self.0.peek().is_some()
-    }
-
-    async fn wait(&self) {
-        self.0.clone().await
-    }
-}
-
-/// Closes the connection with a goodbye to the broker, so no I/O is left
-/// for the runtime's shutdown to break (lapin logs that as errors).
-async fn close(connection: &lapin::Connection) {
-    let closing = connection.close(200, "worker stopping");
-    if let Ok(Err(e)) = tokio::time::timeout(SETUP_TIMEOUT, closing).await {
-        tracing::debug!(error = %e, "closing the broker connection");
-    }
+    pub gauges: Arc<WorkerGauges>,
 }
 
 /// What to do with one delivery once understood.
@@ -130,6 +114,7 @@ impl Worker {
             topology,
             prefetch: DEFAULT_PREFETCH,
             fault: Arc::default(),
+            gauges: Arc::default(),
         }
     }
 
@@ -147,13 +132,17 @@ impl Worker {
         loop {
             match self.session(&mut backoff, &never).await {
                 Err(e) if e.is_misconfiguration() => {
+                    self.gauges.link.failed(&e);
                     // Not transient: say it once a minute, not per attempt.
                     if logged.is_none_or(|t| t.elapsed() >= super::MISCONFIGURED_LOG_EVERY) {
                         tracing::error!(error = %e, "the broker refuses this configuration; retrying");
                         logged = Some(std::time::Instant::now());
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "worker session ended; reconnecting"),
+                Err(e) => {
+                    self.gauges.link.failed(&e);
+                    tracing::warn!(error = %e, "worker session ended; reconnecting");
+                }
                 Ok(()) => {}
             }
             backoff.wait().await;
@@ -172,7 +161,10 @@ impl Worker {
             match self.session(&mut backoff, &stop).await {
                 _ if stop.is_set() => return Ok(()),
                 Err(e) if e.is_misconfiguration() => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "worker session ended; reconnecting"),
+                Err(e) => {
+                    self.gauges.link.failed(&e);
+                    tracing::warn!(error = %e, "worker session ended; reconnecting");
+                }
                 Ok(()) => {}
             }
             tokio::select! {
@@ -209,13 +201,16 @@ impl Worker {
         let setup = tokio::select! {
             s = tokio::time::timeout(SETUP_TIMEOUT, setup) => s,
             _ = stop.wait() => {
-                close(&connection).await;
+                close(&connection, "worker stopping").await;
                 return Ok(());
             }
         };
         let (channel, mut consumer) =
             setup.map_err(|_| BrokerError::Timeout(SETUP_TIMEOUT, "setting up the consumer"))??;
         backoff.reset();
+        // Up while this channel is open: `/ready` reads lapin's own status.
+        let _up = self.gauges.link.up(&channel);
+        self.gauges.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(queue = %self.topology.worker_queue, "worker consuming");
         loop {
             let step = async {
@@ -240,7 +235,7 @@ impl Worker {
             };
             if !go_on {
                 if stop.is_set() {
-                    close(&connection).await;
+                    close(&connection, "worker stopping").await;
                 }
                 return Ok(());
             }
@@ -291,11 +286,16 @@ impl Worker {
 
         let mut outcomes = outcomes.into_iter();
         let mut confirms = Vec::new();
+        let mut applied = 0;
         for (delivery, prepared) in batch.iter().zip(&prepared) {
             let dead_reason = match prepared {
                 Prepared::Unaddressed(reason) => Some(reason.clone()),
                 Prepared::Incoming(_) => match outcomes.next().expect("one outcome per incoming message") {
-                    Delivery::Applied | Delivery::Duplicate => None,
+                    Delivery::Applied => {
+                        applied += 1;
+                        None
+                    }
+                    Delivery::Duplicate => None,
                     Delivery::Parked { reason } => Some(reason),
                 },
             };
@@ -304,6 +304,7 @@ impl Worker {
                 confirms.push(self.dead_letter(channel, delivery, &reason).await?);
             }
         }
+        let dead = confirms.len();
         for confirm in confirms {
             if let Confirmation::Nack(_) = confirm.await? {
                 return Err(BrokerError::Nacked(-1));
@@ -311,6 +312,8 @@ impl Worker {
         }
         let last = batch.last().expect("batches are not empty").delivery_tag;
         channel.basic_ack(last, BasicAckOptions { multiple: true }).await?;
+        self.gauges.applied.fetch_add(applied, Ordering::Relaxed);
+        self.gauges.dead_lettered.fetch_add(dead as u64, Ordering::Relaxed);
         Ok(())
     }
 

@@ -28,6 +28,7 @@ mod worker;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use rust_decimal::Decimal;
@@ -147,7 +148,7 @@ pub enum Command {
     Relay(relay::RelayArgs),
     /// Consume the fan-out queue into the read models; what cannot be
     /// applied goes to the dead-letter queue.
-    Worker,
+    Worker(worker::WorkerArgs),
     /// Inspect or replay the dead-letter queue.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
@@ -186,7 +187,7 @@ pub enum Command {
 impl Command {
     /// The long-running services (they print nothing to stdout).
     pub fn is_service(&self) -> bool {
-        matches!(self, Command::Serve(_) | Command::Relay(_) | Command::Worker)
+        matches!(self, Command::Serve(_) | Command::Relay(_) | Command::Worker(_))
     }
 }
 
@@ -200,7 +201,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => migrate::run(&url, rules).await,
         Command::Serve(args) => serve::run(args, &url, rules, broker).await,
         Command::Relay(args) => relay::run(args, &url, broker).await,
-        Command::Worker => worker::run(&url, rules, broker).await,
+        Command::Worker(args) => worker::run(args, &url, rules, broker).await,
         // These open only what exists.
         Command::Dlq(command) => dlq::run(command, broker).await,
         Command::Prune(args) => prune::run(args, &url).await,
@@ -268,6 +269,46 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutdown signal received, finishing in-flight requests");
+}
+
+/// Address of the probe listener (`/health`, `/ready`, `/metrics`) of a
+/// `worker` or `relay`; off unless given.
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Serve /health, /ready and /metrics on this address (e.g.
+    /// 0.0.0.0:9100). Off by default.
+    #[arg(long, env = "METRICS_BIND")]
+    pub metrics_bind: Option<std::net::SocketAddr>,
+}
+
+impl ProbeArgs {
+    /// Runs `service` with the probe listener beside it, if one is asked
+    /// for, and stops the listener when the service ends.
+    async fn beside<T>(
+        &self,
+        probed: crate::probe::Probed,
+        service: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let Some(bind) = self.metrics_bind else {
+            return service.await;
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (_, mut probes) = crate::probe::spawn(bind, probed, async {
+            let _ = stopped.await;
+        })
+        .await
+        .with_context(|| format!("binding the probe listener to {bind}"))?;
+        let result = service.await;
+        let _ = stop.send(());
+        // A scraper's open connection gets a moment to finish, not more.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), &mut probes)
+            .await
+            .is_err()
+        {
+            probes.abort();
+        }
+        result
+    }
 }
 
 #[cfg(test)]
