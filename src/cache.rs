@@ -14,7 +14,8 @@
 //! Bounded: at `capacity` wallets, an insert evicts by `quick_cache`'s
 //! S3-FIFO policy (wallets read or written again recently stay; a scan of
 //! one-off wallets does not push them out). Eviction only costs a reload.
-//! Entries are shared (`Arc`): a read clones a pointer, not a wallet's holds.
+//! Entries are shared (`Arc`): a look at one hold (`hold`) copies no
+//! wallet; `get` hands out a copy the caller may fold further.
 
 use std::sync::Arc;
 

@@ -83,9 +83,13 @@ async fn ready(State(probed): State<Probed>) -> Result<Json<Value>, Problem> {
             ping(projections.store()).await?;
             Ok(Json(json!({"status": "ready", "state": "consuming"})))
         }
-        Probed::Relay { gauges, .. } if !gauges.active.load(Relaxed) => match gauges.standby.load(Relaxed) {
-            // Waiting for the lock is this relay's job while another leads.
-            true => Ok(Json(json!({"status": "ready", "state": "standby"}))),
+        Probed::Relay { gauges, store, .. } if !gauges.active.load(Relaxed) => match gauges.standby.load(Relaxed) {
+            // Waiting for the lock is this relay's job while another leads,
+            // as long as it can reach the database it would lead on.
+            true => {
+                ping(&store).await?;
+                Ok(Json(json!({"status": "ready", "state": "standby"})))
+            }
             false => Err(Problem::unavailable(match gauges.link.check() {
                 Err(why) if why.contains("database") => why,
                 _ => "starting: not yet leading nor standing by".to_owned(),

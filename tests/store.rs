@@ -220,6 +220,27 @@ async fn an_idempotency_key_commits_with_its_events_exactly_once(db: TestDb) {
     assert!(db.store.find_idempotency(&id("b"), "k1").await.unwrap().is_none());
 }
 
+/// A batch larger than one SQLite statement takes (32,766 bound values,
+/// 9 per event row) is appended whole, in request order, on both backends.
+async fn a_batch_beyond_one_statement_appends_whole(db: TestDb) {
+    let requests: Vec<AppendRequest> = (0..2_000)
+        .map(|i| single(deposit(&Wallet::empty(id(&format!("big{i}"))), "1")))
+        .collect();
+    let outcomes = db.store.append_batch(requests).await.unwrap();
+    let mut positions = Vec::new();
+    for outcome in &outcomes {
+        match outcome {
+            AppendOutcome::Appended(recorded) => positions.extend(recorded.iter().map(|e| e.position)),
+            other => panic!("not appended: {other:?}"),
+        }
+    }
+    assert_eq!(outcomes.len(), 2_000);
+    assert!(positions.len() > 3_641, "more rows than one statement binds");
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "in request order");
+    assert_eq!(db.store.head_position().await.unwrap(), *positions.last().unwrap());
+    assert_eq!(fold(&db, "big1999").await.balance.to_string(), "1.0000");
+}
+
 /// A request may record several keys (an atomic batch's own and its
 /// operations'): all are recorded with its events, and one of them already
 /// recorded makes the whole request a duplicate that writes nothing.
@@ -520,6 +541,7 @@ async fn migrate_refuses_a_position_sequence_with_a_cache() {
 }
 
 on_both_backends!(
+    a_batch_beyond_one_statement_appends_whole,
     a_request_records_all_its_keys_or_none,
     append_and_read_back,
     stale_expected_version_is_a_conflict,

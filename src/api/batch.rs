@@ -117,9 +117,6 @@ pub async fn batch(
             ..p
         })?;
     }
-    if body.atomic {
-        one_key_one_operation(&body.operations)?;
-    }
     let parsed: Vec<Result<(Operation, Option<String>), Problem>> =
         body.operations.into_iter().map(operation).collect();
     if body.atomic {
@@ -174,25 +171,6 @@ pub async fn batch(
     }
     let results = results.into_iter().flatten().collect();
     Ok((StatusCode::OK, Json(BatchAnswer { atomic: false, results })).into_response())
-}
-
-/// An atomic batch records its operations' keys together: one key on two
-/// operations of one wallet would name two requests.
-fn one_key_one_operation(operations: &[OperationBody]) -> Result<(), Problem> {
-    let mut seen = std::collections::HashSet::with_capacity(operations.len());
-    for (index, op) in operations.iter().enumerate() {
-        let Some(key) = op.request_id.as_deref() else { continue };
-        if !seen.insert((op.wallet_id.as_str(), key)) {
-            return Err(Problem {
-                operation_index: Some(index),
-                ..Problem::bad_request(
-                    "INVALID_BATCH",
-                    format!("requestId {key:?} names two operations of wallet {:?}", op.wallet_id),
-                )
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The valid operations with their indexes, and a result slot per

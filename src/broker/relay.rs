@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 
 use super::{close, connect, within, Backoff, BrokerError, EventMessage, Stop, Topology, SETUP_TIMEOUT};
 use crate::projections::{advance_checkpoint, load_checkpoint};
-use crate::store::{EventStore, LeaderLock, Position};
+use crate::store::{EventStore, LeaderLock, Position, StoreError};
 
 /// Messages in flight (published, not yet confirmed) at most, by default.
 pub const DEFAULT_WINDOW: usize = 8192;
@@ -41,6 +41,8 @@ const READ_BATCH: usize = 500;
 /// How often a standby tries to take over, and an idle relay polls the log.
 const STANDBY_POLL: Duration = Duration::from_millis(500);
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Longest one attempt at the leadership lock may take.
+const LEAD_DEADLINE: Duration = Duration::from_secs(5);
 const SAVE_EVERY: Duration = Duration::from_millis(100);
 const LEASE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -233,8 +235,11 @@ impl Relay {
     async fn lead(&self, backoff: &mut Backoff, stop: &Stop) -> Option<LeaderLock> {
         let job = checkpoint_name(&self.topology);
         loop {
+            // A database that stops answering must not leave the relay
+            // waiting (and reported standing by) for ever.
             let attempt = tokio::select! {
-                a = self.store.try_lead(&job) => a,
+                a = tokio::time::timeout(LEAD_DEADLINE, self.store.try_lead(&job)) => a
+                    .unwrap_or_else(|_| Err(StoreError::BatchFailed("taking the relay lock timed out".to_owned()))),
                 _ = stop.wait() => return None,
             };
             let pause = match attempt {

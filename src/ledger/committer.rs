@@ -89,6 +89,12 @@ impl Gather {
         (Arc::new(gather), all)
     }
 
+    /// The verdicts in so far (the rest `None`), for a requester that
+    /// stops waiting; the last verdicts then go nowhere.
+    pub fn partial(&self) -> Vec<Option<Verdict>> {
+        std::mem::take(&mut *self.verdicts.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn put(&self, index: usize, verdict: Verdict) {
         // Only the committer puts, so the locks are never contended; a
         // poisoned lock still holds the verdicts written before.
@@ -372,16 +378,17 @@ impl Owner {
                 self.answer(pending, Verdict::NotCommitted(e));
                 continue;
             }
-            if let Some(key) = &pending.job.key {
-                // The same key twice in one batch: the second can only be a
-                // duplicate (or go round with the first), and deciding it
-                // would move its wallet's state for the batch's later
-                // commands, which would then conflict. It waits a batch.
-                if !keys.insert((pending.job.command.wallets()[0].clone(), key.clone())) {
-                    self.deferred.push(pending);
-                    continue;
-                }
+            // The same key twice in one batch: the second can only be a
+            // duplicate (or go round with the first), and deciding it would
+            // move its wallet's state for the batch's later commands, which
+            // would then conflict. It waits a batch. An atomic batch's
+            // operation keys count too.
+            let taken = job_keys(&pending.job);
+            if taken.iter().any(|k| keys.contains(k)) {
+                self.deferred.push(pending);
+                continue;
             }
+            keys.extend(taken);
             let Some(states) = self.states_of(&pending.job, &overlay) else {
                 self.answer(pending, Verdict::NeedsState);
                 continue;
@@ -685,6 +692,23 @@ fn rejection_records(job: &Job, error: &DomainError) -> Vec<IdempotencyRecord> {
         records.extend(operation_records(ops, outcomes, &job.op_keys));
     }
     records
+}
+
+/// Every key a job records: its own (scoped to its first wallet) and an
+/// atomic batch's operation keys (each scoped to its operation's wallet).
+fn job_keys(job: &Job) -> Vec<(WalletId, String)> {
+    let mut keys = Vec::new();
+    if let Some(key) = &job.key {
+        keys.push((job.command.wallet().clone(), key.clone()));
+    }
+    if let Command::Atomic { ops } = &job.command {
+        for (op, key) in ops.iter().zip(&job.op_keys) {
+            if let Some((key, _)) = key {
+                keys.push((op.wallet().clone(), key.clone()));
+            }
+        }
+    }
+    keys
 }
 
 /// The records of an atomic batch's operation keys, each with its

@@ -505,11 +505,19 @@ impl Ledger {
     pub async fn batch(&self, items: Vec<(Operation, Option<String>)>) -> Vec<Result<Answer<Receipt>, CommandError>> {
         let span = tracing::info_span!("append", op = "batch", operations = items.len());
         async {
-            let mut prepared = Vec::with_capacity(items.len());
-            for (op, key) in items {
-                prepared.push(self.command_of(op).await.map(|(c, f)| Submission::new(c, key, f)));
-            }
-            let verdicts = self.decide_together(&prepared).await;
+            // One clock for the whole batch, from its start: every operation,
+            // a second round included, is answered before the request's own
+            // deadline, so no 408 ever stands in for a commit.
+            let give_up = tokio::time::Instant::now() + self.write_deadline();
+            let count = items.len();
+            let prepared = match tokio::time::timeout(LOAD_DEADLINE, self.prepare(items)).await {
+                Ok(prepared) => prepared,
+                Err(_) => {
+                    let why = || StoreError::BatchFailed("reading the batch's holds took too long".to_owned());
+                    return (0..count).map(|_| Err(CommandError::Store(why()))).collect();
+                }
+            };
+            let verdicts = self.decide_together(&prepared, give_up).await;
             let mut results: Vec<Option<Result<Answer<Receipt>, CommandError>>> = Vec::with_capacity(prepared.len());
             let mut again = Vec::new();
             for (index, (submission, verdict)) in prepared.into_iter().zip(verdicts).enumerate() {
@@ -532,7 +540,7 @@ impl Ledger {
             let redone = join_all(again.into_iter().map(|(index, submission, next)| async move {
                 let result = match next {
                     Next::Replay { resolved } => self.replay_duplicate(&submission, resolved).await,
-                    _ => self.execute(submission).await,
+                    _ => self.execute_until(submission, give_up).await,
                 };
                 (index, result)
             }))
@@ -551,7 +559,21 @@ impl Ledger {
 
     /// The first verdict of each prepared command of an independent batch,
     /// from one submission to the committer (`None` for those not prepared).
-    async fn decide_together(&self, prepared: &[Result<Submission, CommandError>]) -> Vec<Option<Verdict>> {
+    /// Each operation's command and fingerprint (a capture or void reads
+    /// its hold's payee), in request order.
+    async fn prepare(&self, items: Vec<(Operation, Option<String>)>) -> Vec<Result<Submission, CommandError>> {
+        let mut prepared = Vec::with_capacity(items.len());
+        for (op, key) in items {
+            prepared.push(self.command_of(op).await.map(|(c, f)| Submission::new(c, key, f)));
+        }
+        prepared
+    }
+
+    async fn decide_together(
+        &self,
+        prepared: &[Result<Submission, CommandError>],
+        give_up: tokio::time::Instant,
+    ) -> Vec<Option<Verdict>> {
         let commands: Vec<&Command> = prepared
             .iter()
             .filter_map(|p| p.as_ref().ok())
@@ -571,7 +593,6 @@ impl Ledger {
         };
         let mut jobs = Vec::with_capacity(commands.len());
         let mut slots = Vec::with_capacity(commands.len());
-        let give_up = tokio::time::Instant::now() + self.write_deadline();
         let deadline = (tokio::time::Instant::now() + QUEUE_DEADLINE).min(give_up - self.batch_budget());
         let (gather, all) = Gather::new(commands.len());
         for (index, submission) in prepared.iter().enumerate() {
@@ -589,28 +610,25 @@ impl Ledger {
             jobs.push(self.job(submission, states, deadline, reply));
             slots.push(index);
         }
-        drop(gather);
         if jobs.is_empty() {
             return none();
         }
         if let Err(e) = self.committer().submit(jobs, deadline).await {
             return refused(e.to_string());
         }
-        let verdicts = match tokio::time::timeout_at(give_up, all).await {
+        let mut verdicts = match tokio::time::timeout_at(give_up, all).await {
             Ok(Ok(verdicts)) => verdicts,
-            // The committer may still decide them: their outcome is unknown.
-            Ok(Err(_)) | Err(_) => slots
-                .iter()
-                .map(|_| {
-                    Some(Verdict::Unknown(StoreError::BatchFailed(
-                        "no verdict within the deadline".to_owned(),
-                    )))
-                })
-                .collect(),
+            // The verdicts in by then stand; the committer may still decide
+            // the others.
+            Ok(Err(_)) | Err(_) => gather.partial(),
         };
+        // Handed over and not answered: its outcome is unknown (never
+        // `None`, which would send it round again).
+        verdicts.resize_with(slots.len(), || None);
         let mut mine = none();
         for (index, verdict) in slots.into_iter().zip(verdicts) {
-            mine[index] = verdict;
+            let unknown = || Verdict::Unknown(StoreError::BatchFailed("no verdict within the deadline".to_owned()));
+            mine[index] = Some(verdict.unwrap_or_else(unknown));
         }
         mine
     }
@@ -851,7 +869,16 @@ impl Ledger {
     }
 
     async fn execute(&self, submission: Submission) -> Result<Answer<Receipt>, CommandError> {
-        let give_up = tokio::time::Instant::now() + self.write_deadline();
+        self.execute_until(submission, tokio::time::Instant::now() + self.write_deadline())
+            .await
+    }
+
+    /// `execute`, answered by `give_up` (a batch's operations share theirs).
+    async fn execute_until(
+        &self,
+        submission: Submission,
+        give_up: tokio::time::Instant,
+    ) -> Result<Answer<Receipt>, CommandError> {
         // A cold wallet evicted from the committer's state between our look
         // and its decision, or moved by another writer, sends the command
         // back here to load it again.

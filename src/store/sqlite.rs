@@ -493,11 +493,12 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, requests: &[AppendRequest]) 
     let at_text = time_text(recorded_at);
     let (rows, plans) = plan_batch(requests, tips, taken, recorded_at);
     let mut positions: Vec<Position> = Vec::with_capacity(rows.len());
-    if !rows.is_empty() {
+    // SQLite takes at most 32,766 bound values a statement: 9 per row.
+    for chunk in rows.chunks(INSERT_ROWS) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO events (stream_id, version, event_id, event_type, schema_version, payload, metadata, recorded_at, hash) ",
         );
-        insert.push_values(&rows, |mut b, row| {
+        insert.push_values(chunk, |mut b, row| {
             b.push_bind(row.stream.as_str())
                 .push_bind(row.version as i64)
                 .push_bind(row.event.event_id.to_string())
@@ -509,17 +510,18 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, requests: &[AppendRequest]) 
                 .push_bind(row.hash.as_str());
         });
         insert.push(" RETURNING position");
-        positions = insert.build_query_scalar().fetch_all(&mut **tx).await?;
+        let mut mine: Vec<Position> = insert.build_query_scalar().fetch_all(&mut **tx).await?;
         // RETURNING order is unspecified in SQLite; rowids follow VALUES order.
-        positions.sort_unstable();
+        mine.sort_unstable();
+        positions.extend(mine);
     }
     let hashes: Vec<String> = rows.into_iter().map(|r| r.hash).collect();
 
     let records = idempotency_rows(requests, &plans, &positions);
-    if !records.is_empty() {
+    for chunk in records.chunks(INSERT_ROWS) {
         let mut insert =
             QueryBuilder::<Sqlite>::new("INSERT INTO idempotency (wallet_id, key, fingerprint, outcome, position) ");
-        insert.push_values(&records, |mut b, (rec, position)| {
+        insert.push_values(chunk, |mut b, (rec, position)| {
             b.push_bind(rec.wallet.as_str())
                 .push_bind(rec.key.as_str())
                 .push_bind(rec.fingerprint.as_str())
@@ -535,6 +537,10 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, requests: &[AppendRequest]) 
         recorded_at,
     })
 }
+
+/// Rows a multi-row `INSERT` takes at most: 9 values each stays under
+/// SQLite's 32,766 bound values a statement.
+const INSERT_ROWS: usize = 3_000;
 
 fn decode_all(rows: Vec<SqliteRow>) -> Result<Vec<RecordedEvent>, StoreError> {
     rows.into_iter().map(decode_row).collect()
