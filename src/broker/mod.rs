@@ -287,10 +287,19 @@ impl Stop {
 
 /// Closes the connection with a goodbye to the broker, so no I/O is left
 /// for the runtime's shutdown to break (lapin logs that as errors).
-pub(crate) async fn close(connection: &Connection, why: &str) {
+pub(crate) async fn close(connection: Connection, why: &str) {
     let closing = connection.close(200, why);
-    if let Ok(Err(e)) = tokio::time::timeout(SETUP_TIMEOUT, closing).await {
-        tracing::debug!(error = %e, "closing the broker connection");
+    match tokio::time::timeout(SETUP_TIMEOUT, closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return tracing::debug!(error = %e, "closing the broker connection"),
+        Err(_) => return tracing::debug!("the broker did not answer the close in time"),
+    }
+    // Closed: lapin's I/O thread now ends on its own. Wait for it (bounded),
+    // or a process exiting next tears the runtime down under it, and lapin
+    // logs the torn socket as an ERROR.
+    let io_loop = tokio::task::spawn_blocking(move || connection.run());
+    if tokio::time::timeout(SETUP_TIMEOUT, io_loop).await.is_err() {
+        tracing::debug!("the broker connection's I/O loop outlived its close");
     }
 }
 

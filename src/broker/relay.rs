@@ -314,7 +314,7 @@ impl Relay {
             _ = stop.wait() => Ok(()),
         };
         if stop.is_set() {
-            close(&connection, "relay stopping").await;
+            close(connection, "relay stopping").await;
         }
         result
     }

@@ -199,11 +199,12 @@ impl Worker {
             Ok::<_, BrokerError>((channel, consumer))
         };
         let setup = tokio::select! {
-            s = tokio::time::timeout(SETUP_TIMEOUT, setup) => s,
-            _ = stop.wait() => {
-                close(&connection, "worker stopping").await;
-                return Ok(());
-            }
+            s = tokio::time::timeout(SETUP_TIMEOUT, setup) => Some(s),
+            _ = stop.wait() => None,
+        };
+        let Some(setup) = setup else {
+            close(connection, "worker stopping").await;
+            return Ok(());
         };
         let (channel, mut consumer) =
             setup.map_err(|_| BrokerError::Timeout(SETUP_TIMEOUT, "setting up the consumer"))??;
@@ -235,7 +236,8 @@ impl Worker {
             };
             if !go_on {
                 if stop.is_set() {
-                    close(&connection, "worker stopping").await;
+                    drop(consumer);
+                    close(connection, "worker stopping").await;
                 }
                 return Ok(());
             }
