@@ -74,17 +74,15 @@ async fn connect(url: &str) -> Result<EventStore, OpenError> {
 
 /// "PostgreSQL at host:port, database D, user U" or "SQLite file F".
 fn describe_target(url: &str) -> String {
-    use std::str::FromStr;
     if let Some(file) = sqlite_file(url) {
         return format!("SQLite file {}", file.display());
     }
-    match sqlx::postgres::PgConnectOptions::from_str(url) {
-        Ok(o) => format!(
-            "PostgreSQL at {}:{}, database {}, user {}",
-            o.get_host(),
-            o.get_port(),
-            o.get_database().unwrap_or(o.get_username()),
-            o.get_username()
+    match crate::store::cluster::Cluster::parse(url) {
+        Ok(c) => format!(
+            "PostgreSQL at {}, database {}, user {}",
+            c.describe(),
+            c.first().get_database().unwrap_or(c.first().get_username()),
+            c.first().get_username()
         ),
         Err(_) => redact_url(url),
     }

@@ -38,6 +38,10 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Prob
         )));
     }
     app.store.ping().await?;
+    app.store
+        .check_quorum(app.ledger.required_sync_standbys())
+        .await
+        .map_err(|e| Problem::unavailable(e.to_string()))?;
     if let Some((url, _)) = &app.broker {
         match tokio::time::timeout(BROKER_CHECK, crate::broker::connect(url)).await {
             Ok(Ok(connection)) => {

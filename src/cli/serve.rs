@@ -69,6 +69,21 @@ pub struct ServeArgs {
     /// published has waited longer than this for the broker's confirm.
     #[arg(long, env = "RELAY_STALL_AFTER", default_value = "5s", value_parser = config::parse_duration)]
     pub relay_stall_after: Duration,
+    /// PostgreSQL: synchronous standbys every commit must wait for. A
+    /// primary whose synchronous_standby_names asks for fewer, or with
+    /// fewer connected, is not written (503) and /ready says why.
+    #[arg(long, env = "REQUIRE_SYNC_STANDBYS", default_value_t = 0)]
+    pub require_sync_standbys: u32,
+    /// How long the committer tries to find out what a batch whose answer
+    /// was lost did (reconnecting, finding the primary) before answering
+    /// OUTCOME_UNKNOWN. Under failover, above the failover time.
+    #[arg(long, env = "RESOLVE_DEADLINE", default_value = "8s", value_parser = config::parse_duration)]
+    pub resolve_deadline: Duration,
+    /// Resolve lost batches without the quorum fence (the old path, which
+    /// can acknowledge a write a failover then loses). Only for the test
+    /// that shows it.
+    #[arg(long, env = "UNSAFE_RESOLVE_WITHOUT_FENCE", hide = true)]
+    pub unsafe_resolve_without_fence: bool,
 }
 
 /// Per-key budget when API keys are configured and none is given.
@@ -125,7 +140,13 @@ impl ServeArgs {
         projections.ensure().await.context("creating read models")?;
         let ledger = crate::ledger::Ledger::new(store.clone())
             .with_snapshot_every(self.snapshot_every)
-            .with_cache_capacity(self.cache_wallets);
+            .with_cache_capacity(self.cache_wallets)
+            .with_writer_options(crate::store::WriterOptions {
+                require_sync_standbys: self.require_sync_standbys,
+                resolve_deadline: self.resolve_deadline,
+                fence: !self.unsafe_resolve_without_fence,
+                ..Default::default()
+            });
         let mut state = AppState::with_ledger(ledger, store, projections);
         state.keys = Arc::new(self.keys().context("reading API keys")?);
         state.max_in_flight = self.max_in_flight;

@@ -401,6 +401,11 @@ impl Ledger {
         &self.store
     }
 
+    /// Synchronous standbys the committer requires of the primary.
+    pub fn required_sync_standbys(&self) -> u32 {
+        self.writer.require_sync_standbys
+    }
+
     /// Whether the committer is making progress (for `/ready`).
     pub fn committer_status(&self) -> Result<(), String> {
         match self.committer.get() {

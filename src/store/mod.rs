@@ -12,6 +12,7 @@
 //! with a lower position. See DESIGN.md, "The late-commit problem".
 
 pub mod chain;
+pub mod cluster;
 mod leader;
 mod postgres;
 mod sqlite;
@@ -191,6 +192,13 @@ pub enum StoreError {
     /// The database is set up in a way the service cannot be correct on.
     #[error("{0}")]
     Misconfigured(String),
+    /// None of a cluster's hosts is a primary (each host's state).
+    #[error("no primary among the database hosts: {0}")]
+    NoPrimary(String),
+    /// The primary commits without the synchronous standbys required: a
+    /// commit could be acknowledged and then lost with it.
+    #[error("the primary runs without its quorum: {0}")]
+    QuorumMissing(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -426,6 +434,15 @@ impl EventStore {
     /// A cheap round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         dispatch!(self, s => s.ping().await)
+    }
+
+    /// Whether writes are durable on the quorum required (PostgreSQL with
+    /// `required` > 0; SQLite has no standbys to wait for).
+    pub async fn check_quorum(&self, required: u32) -> Result<(), StoreError> {
+        match self {
+            EventStore::Postgres(s) if required > 0 => s.check_quorum(required).await,
+            _ => Ok(()),
+        }
     }
 }
 

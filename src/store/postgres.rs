@@ -4,6 +4,7 @@
 //! appends commit one after another and positions become visible in order
 //! (PostgreSQL releases the lock only after the commit is visible).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
@@ -15,12 +16,16 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::Connection as _;
 use uuid::Uuid;
 
+use super::cluster::{self, Cluster};
 use super::writer::{Found, Reconnect, WriteFailure, WriterOptions};
 use super::{
     chain, AppendError, AppendRequest, Cutoff, Head, LogFilter, Plan, Position, RawEvent, RecordedEvent,
     SnapshotRecord, StoreError, StoreError as E, StoredOutcome, WrittenBatch,
 };
 use crate::aggregate::{Balance, WalletId};
+
+/// Asking every host of a cluster which one is the primary.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Key of the advisory lock that serialises appends (per database).
 const APPEND_LOCK: i64 = 0x7761_6c6c_6574; // "wallet"
@@ -31,6 +36,7 @@ const EVENT_COLUMNS: &str =
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
     pool: PgPool,
+    cluster: Arc<Cluster>,
 }
 
 pub struct PendingAppend {
@@ -46,13 +52,19 @@ impl PendingAppend {
 }
 
 impl PgEventStore {
+    /// Connects to the one host of `url`, or to the primary of its host
+    /// list, and follows the primary from then on (`cluster::follow`).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
+        let cluster = Arc::new(Cluster::parse(url)?);
+        let primary = cluster.primary(DISCOVERY_TIMEOUT).await?;
+        let options = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect(url)
-            .await?;
-        Ok(Self { pool })
+            .acquire_timeout(Duration::from_secs(5));
+        let pool = match cluster.is_single() {
+            true => options.connect_with(primary).await?,
+            false => cluster::following_pool(options, primary, cluster.clone()).await?,
+        };
+        Ok(Self { pool, cluster })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -82,19 +94,19 @@ impl PgEventStore {
 
     /// Several appends in one transaction on a pooled connection.
     pub(crate) async fn append_batch(&self, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError> {
-        write_batch(&self.pool, requests).await
+        Ok(write_batch(&self.pool, requests).await?.0)
     }
 
     /// The committer's writer: a connection of its own with explicit limits.
     pub(crate) fn batch_writer(&self, options: WriterOptions) -> PgWriter {
-        PgWriter::new((*self.pool.connect_options()).clone(), options)
+        PgWriter::new(self.cluster.clone(), options)
     }
 
     /// A single append with its transaction left open (tests hold it open).
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         let requests = vec![request];
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let events = write_batch(&mut *tx, &requests).await?.single(requests)?;
+        let events = write_batch(&mut *tx, &requests).await?.0.single(requests)?;
         Ok(PendingAppend { tx, events })
     }
 
@@ -301,6 +313,14 @@ impl PgEventStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    /// Readiness of writes: the primary commits to `required` synchronous
+    /// standbys, as configured and as connected.
+    pub async fn check_quorum(&self, required: u32) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let address = cluster::address(&self.pool.connect_options());
+        check_quorum(&mut conn, required, &address).await
+    }
 }
 
 /// Everything of a group commit, in one statement: the `wallet_append`
@@ -309,7 +329,10 @@ impl PgEventStore {
 /// (key, then expected heads), links the hash chains and inserts. One round
 /// trip keeps the time the lock is held (which serialises all appends)
 /// short.
-async fn write_batch<'c, E>(executor: E, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError>
+///
+/// Each row also carries `synchronous_standby_names` as the statement saw
+/// it: the quorum the batch's commit waited for (`PgWriter::write`).
+async fn write_batch<'c, E>(executor: E, requests: &[AppendRequest]) -> Result<(WrittenBatch, String), StoreError>
 where
     E: sqlx::PgExecutor<'c>,
 {
@@ -317,7 +340,8 @@ where
     let rows = sqlx::query(
         // The rows pair with the requests by position: ordered explicitly,
         // not by the function scan's habit.
-        "SELECT o_status, o_positions, o_hashes, o_versions, o_balances, o_recorded_at FROM wallet_append(\
+        "SELECT o_status, o_positions, o_hashes, o_versions, o_balances, o_recorded_at, \
+         current_setting('synchronous_standby_names') FROM wallet_append(\
          $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
          WITH ORDINALITY AS r ORDER BY r.ordinality",
     )
@@ -342,7 +366,11 @@ where
     .bind(&args.e_body)
     .fetch_all(executor)
     .await?;
-    written_batch(requests, rows)
+    let quorum = match rows.first() {
+        Some(row) => row.try_get(6)?,
+        None => String::new(),
+    };
+    Ok((written_batch(requests, rows)?, quorum))
 }
 
 /// A batch as the parallel arrays `wallet_append` takes.
@@ -506,9 +534,10 @@ fn refused(e: &StoreError) -> bool {
 }
 
 /// The committer's connection to PostgreSQL: its own session with explicit
-/// settings, a deadline per batch, and reconnection with backoff.
+/// settings, on the primary found anew at every connect, a deadline per
+/// batch, and reconnection with backoff.
 pub struct PgWriter {
-    connect: PgConnectOptions,
+    cluster: Arc<Cluster>,
     options: WriterOptions,
     session: Option<Session>,
     /// The session of a batch whose answer was lost: ended before the
@@ -523,27 +552,31 @@ struct Session {
     started: DateTime<Utc>,
 }
 
+/// The committer's session settings: what correctness depends on, pinned
+/// rather than inherited.
+fn session_options(host: PgConnectOptions, options: &WriterOptions) -> PgConnectOptions {
+    let ms = |d: Duration| d.as_millis().to_string();
+    host.application_name("wallet-committer").options([
+        ("synchronous_commit", "on".to_owned()),
+        // Spaces in a startup option are escaped.
+        ("default_transaction_isolation", "read\\ committed".to_owned()),
+        ("statement_timeout", ms(options.statement_timeout)),
+        ("lock_timeout", ms(options.lock_timeout)),
+        ("idle_in_transaction_session_timeout", ms(options.batch_deadline)),
+        // The server notices a dead committer in ~25 s, not two hours;
+        // the committer notices a dead server by its batch deadline.
+        ("tcp_keepalives_idle", "10".to_owned()),
+        ("tcp_keepalives_interval", "5".to_owned()),
+        ("tcp_keepalives_count", "3".to_owned()),
+        ("tcp_user_timeout", "25000".to_owned()),
+    ])
+}
+
 impl PgWriter {
-    fn new(connect: PgConnectOptions, options: WriterOptions) -> Self {
-        let ms = |d: Duration| d.as_millis().to_string();
-        let connect = connect.application_name("wallet-committer").options([
-            // What correctness depends on, pinned rather than inherited.
-            ("synchronous_commit", "on".to_owned()),
-            // Spaces in a startup option are escaped.
-            ("default_transaction_isolation", "read\\ committed".to_owned()),
-            ("statement_timeout", ms(options.statement_timeout)),
-            ("lock_timeout", ms(options.lock_timeout)),
-            ("idle_in_transaction_session_timeout", ms(options.batch_deadline)),
-            // The server notices a dead committer in ~25 s, not two hours;
-            // the committer notices a dead server by its batch deadline.
-            ("tcp_keepalives_idle", "10".to_owned()),
-            ("tcp_keepalives_interval", "5".to_owned()),
-            ("tcp_keepalives_count", "3".to_owned()),
-            ("tcp_user_timeout", "25000".to_owned()),
-        ]);
+    fn new(cluster: Arc<Cluster>, options: WriterOptions) -> Self {
         Self {
             reconnect: Reconnect::new(&options),
-            connect,
+            cluster,
             options,
             session: None,
             suspect: None,
@@ -552,9 +585,18 @@ impl PgWriter {
 
     pub(crate) async fn write(&mut self, requests: &[AppendRequest]) -> Result<WrittenBatch, WriteFailure> {
         let deadline = self.options.batch_deadline;
+        let required = self.options.require_sync_standbys;
         let session = self.session().await.map_err(WriteFailure::NotCommitted)?;
         match tokio::time::timeout(deadline, write_batch(&mut session.conn, requests)).await {
-            Ok(Ok(written)) => Ok(written),
+            // The quorum changed under the session (a failover manager can
+            // drop synchronous replication when standbys fail): the commit
+            // may not be on any standby, so it is not acknowledged.
+            Ok(Ok((_, quorum))) if cluster::sync_standbys_required(&quorum) < required => {
+                Err(self.lost(StoreError::QuorumMissing(format!(
+                    "synchronous_standby_names became {quorum:?} ({required} standbys required)"
+                ))))
+            }
+            Ok(Ok((written, _))) => Ok(written),
             // The server refused the statement with an ERROR: its implicit
             // transaction rolled back, and the session is still good. A
             // FATAL or PANIC ends the session at a moment we cannot place.
@@ -595,15 +637,24 @@ impl PgWriter {
         Ok(self.session.as_mut().expect("just opened"))
     }
 
-    /// A new session, and who it is on the server, within the connect timeout.
+    /// A new session on the primary (found anew: it may have moved), and who
+    /// it is on the server, within the connect timeout. Refused when the
+    /// primary runs without the synchronous standbys required.
     async fn open(&self) -> Result<Session, StoreError> {
         let timeout = self.options.connect_timeout;
         let open = async {
-            let mut conn = PgConnection::connect_with(&self.connect).await?;
-            let (pid, started): (i32, DateTime<Utc>) =
-                sqlx::query_as("SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()")
-                    .fetch_one(&mut conn)
-                    .await?;
+            let host = self.cluster.primary(timeout).await?;
+            let address = cluster::address(&host);
+            let mut conn = PgConnection::connect_with(&session_options(host, &self.options)).await?;
+            let (pid, started, standby): (i32, DateTime<Utc>, bool) = sqlx::query_as(
+                "SELECT pid, backend_start, pg_is_in_recovery() FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            if standby {
+                return Err(StoreError::NoPrimary(format!("{address} turned standby")));
+            }
+            check_quorum(&mut conn, self.options.require_sync_standbys, &address).await?;
             Ok::<_, StoreError>(Session { conn, pid, started })
         };
         tokio::time::timeout(timeout, open)
@@ -611,69 +662,150 @@ impl PgWriter {
             .map_err(|_| StoreError::BatchFailed(format!("could not connect to PostgreSQL within {timeout:?}")))?
     }
 
-    /// On a fresh connection: end the lost batch's session (if it still
-    /// runs), wait for the append lock (so nothing of it is in progress),
-    /// and read which of its events and keys are in the log.
+    /// What became of a lost batch, tried again (a new connection to the
+    /// primary found anew, after a pause) until the resolve deadline: a
+    /// database that is back, or a standby promoted in time, answers.
     pub(crate) async fn find(&mut self, ids: &[Uuid], keys: &[(String, String)]) -> Result<Found, StoreError> {
-        let deadline = self.options.resolve_deadline;
+        let deadline = tokio::time::Instant::now() + self.options.resolve_deadline;
         let suspect = self.suspect.take();
-        let found = tokio::time::timeout(deadline, async {
-            let mut conn = self.open().await?.conn;
-            if let Some((pid, started)) = suspect {
-                // No row: that session is gone. `false`: it outlived the
-                // wait, and could still commit after we look.
-                let ended: Option<bool> = sqlx::query_scalar(
-                    "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity \
-                     WHERE pid = $1 AND backend_start = $2",
-                )
-                .bind(pid)
-                .bind(started)
-                .fetch_optional(&mut conn)
-                .await?;
-                if ended == Some(false) {
-                    return Err(StoreError::BatchFailed(format!(
-                        "the lost batch's session {pid} did not end"
-                    )));
-                }
+        let mut pauses = crate::backoff::Backoff::between(self.options.reconnect_min, self.options.reconnect_max);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let last = match tokio::time::timeout_at(deadline, self.find_once(suspect, ids, keys)).await {
+                Ok(Ok(found)) => return Ok(found),
+                Ok(Err(e)) => e,
+                Err(_) => StoreError::BatchFailed(format!(
+                    "could not read the lost batch's outcome within {:?}",
+                    self.options.resolve_deadline
+                )),
+            };
+            let pause = pauses.next_pause();
+            if tokio::time::Instant::now() + pause >= deadline {
+                // Still unknown: the next resolve must end that session too.
+                self.suspect = self.suspect.or(suspect);
+                tracing::warn!(attempts, error = %last, "the lost batch's outcome stays unknown");
+                return Err(last);
             }
-            let mut tx = conn.begin().await?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(APPEND_LOCK)
-                .execute(&mut *tx)
-                .await?;
-            let events: Vec<(Uuid, Position, String, DateTime<Utc>)> = sqlx::query_as(
-                "SELECT event_id, position, coalesce(hash, ''), recorded_at FROM events WHERE event_id = ANY($1)",
-            )
-            .bind(ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            let (wallets, names): (Vec<&str>, Vec<&str>) = keys.iter().map(|(w, k)| (w.as_str(), k.as_str())).unzip();
-            let taken: Vec<(String, String)> = sqlx::query_as(
-                "SELECT i.wallet_id, i.key FROM unnest($1::text[], $2::text[]) AS q(w, k) \
-                 JOIN idempotency i ON i.wallet_id = q.w AND i.key = q.k",
-            )
-            .bind(&wallets)
-            .bind(&names)
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok::<_, StoreError>(Found {
-                events: events.into_iter().map(|(id, p, h, t)| (id, (p, h, t))).collect(),
-                keys: taken.into_iter().collect(),
-            })
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::BatchFailed(format!(
-                "could not read the lost batch's outcome within {deadline:?}"
-            )))
-        });
-        if found.is_err() {
-            // Still unknown: the next resolve must end that session too.
-            self.suspect = self.suspect.or(suspect);
+            tracing::info!(attempt = attempts, error = %last, ?pause, "resolving the lost batch again");
+            tokio::time::sleep(pause).await;
         }
-        found
     }
+
+    /// On a fresh connection to the primary: end the lost batch's session
+    /// (if it still runs there; a session waiting for its standbys holds the
+    /// append lock), wait for the append lock (so nothing of it is in
+    /// progress), read which of its events and keys are in the log, and
+    /// commit the quorum fence: only a fence the quorum acknowledged proves
+    /// that what was read is on a standby too.
+    async fn find_once(
+        &self,
+        suspect: Option<(i32, DateTime<Utc>)>,
+        ids: &[Uuid],
+        keys: &[(String, String)],
+    ) -> Result<Found, StoreError> {
+        let mut conn = self.open().await?.conn;
+        if let Some((pid, started)) = suspect {
+            end_session(&mut conn, pid, started).await?;
+        }
+        let mut tx = conn.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(APPEND_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let found = read_found(&mut tx, ids, keys).await?;
+        if self.options.fence {
+            let quorum: String = sqlx::query_scalar(
+                "UPDATE quorum_fence SET fenced_at = now() WHERE id = 1 \
+                 RETURNING current_setting('synchronous_standby_names')",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            let required = self.options.require_sync_standbys;
+            if cluster::sync_standbys_required(&quorum) < required {
+                return Err(StoreError::QuorumMissing(format!(
+                    "synchronous_standby_names is {quorum:?} ({required} standbys required)"
+                )));
+            }
+        }
+        // With the fence, this commit returns once the quorum has it.
+        tx.commit().await?;
+        Ok(found)
+    }
+}
+
+/// Ends the session `pid` (started at `started`) if it still runs. No row:
+/// that session is gone. `false`: it outlived the wait and could still
+/// commit after we look.
+async fn end_session(conn: &mut PgConnection, pid: i32, started: DateTime<Utc>) -> Result<(), StoreError> {
+    let ended: Option<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 2000) FROM pg_stat_activity WHERE pid = $1 AND backend_start = $2",
+    )
+    .bind(pid)
+    .bind(started)
+    .fetch_optional(conn)
+    .await?;
+    match ended {
+        Some(false) => Err(StoreError::BatchFailed(format!(
+            "the lost batch's session {pid} did not end"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Which of `ids` and `keys` the log holds.
+async fn read_found(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[Uuid],
+    keys: &[(String, String)],
+) -> Result<Found, StoreError> {
+    let events: Vec<(Uuid, Position, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT event_id, position, coalesce(hash, ''), recorded_at FROM events WHERE event_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    let (wallets, names): (Vec<&str>, Vec<&str>) = keys.iter().map(|(w, k)| (w.as_str(), k.as_str())).unzip();
+    let taken: Vec<(String, String)> = sqlx::query_as(
+        "SELECT i.wallet_id, i.key FROM unnest($1::text[], $2::text[]) AS q(w, k) \
+         JOIN idempotency i ON i.wallet_id = q.w AND i.key = q.k",
+    )
+    .bind(&wallets)
+    .bind(&names)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(Found {
+        events: events.into_iter().map(|(id, p, h, t)| (id, (p, h, t))).collect(),
+        keys: taken.into_iter().collect(),
+    })
+}
+
+/// Refuses a primary whose commits would not wait for `required`
+/// standbys: as configured (`synchronous_standby_names`) and as connected
+/// (`pg_stat_replication`), so a write is refused at once instead of
+/// waiting for a quorum that is not there.
+async fn check_quorum(conn: &mut PgConnection, required: u32, address: &str) -> Result<(), StoreError> {
+    if required == 0 {
+        return Ok(());
+    }
+    let (names, streaming): (String, i64) = sqlx::query_as(
+        "SELECT current_setting('synchronous_standby_names'), \
+         (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum'))",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let configured = cluster::sync_standbys_required(&names);
+    if configured < required {
+        return Err(StoreError::QuorumMissing(format!(
+            "{address}: synchronous_standby_names is {names:?}, commits wait for {configured} standbys, {required} required"
+        )));
+    }
+    if streaming < i64::from(required) {
+        return Err(StoreError::QuorumMissing(format!(
+            "{address}: {streaming} synchronous standbys streaming, {required} required"
+        )));
+    }
+    Ok(())
 }
 
 fn decode_all(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {

@@ -39,6 +39,13 @@ pub struct WriterOptions {
     /// Commands waiting with no answer from the database for this long
     /// make `/ready` answer 503.
     pub stall_after: Duration,
+    /// Synchronous standbys a commit must wait for (PostgreSQL): a primary
+    /// configured or connected with fewer is not written (0: no check).
+    pub require_sync_standbys: u32,
+    /// Resolution commits a fence the quorum must acknowledge before a lost
+    /// batch counts as committed. Off only to show what goes wrong without
+    /// it (tests/failover.rs).
+    pub fence: bool,
 }
 
 impl Default for WriterOptions {
@@ -54,6 +61,8 @@ impl Default for WriterOptions {
             reconnect_max: Duration::from_secs(2),
             // Above one slow batch that still succeeds (statement timeout).
             stall_after: Duration::from_secs(5),
+            require_sync_standbys: 0,
+            fence: true,
         }
     }
 }

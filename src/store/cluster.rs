@@ -1,0 +1,314 @@
+//! A PostgreSQL cluster as the service sees it: the hosts of a libpq-style
+//! URL (`postgres://user@h1:p1,h2:p2,h3:p3/db`), which of them is the
+//! primary, and how much of a quorum it commits to.
+//!
+//! sqlx takes one host and ignores `target_session_attrs`, so the service
+//! finds the primary itself: it asks every host at once and keeps one that
+//! is not in recovery. Two can claim it for a moment (a primary frozen
+//! through its failover and then resumed still believes it leads): the one
+//! on the newest timeline wins, because a promotion starts a timeline.
+
+use std::str::FromStr as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use tokio::sync::Notify;
+
+use super::StoreError;
+
+/// The hosts of one database URL, in the order given.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    hosts: Vec<PgConnectOptions>,
+}
+
+/// What one host said when asked for its role.
+#[derive(Debug)]
+enum Role {
+    /// Not in recovery, on this timeline.
+    Primary(u32),
+    Standby,
+    Unreachable(String),
+}
+
+impl Cluster {
+    /// Parses `postgres://[userinfo@]host[:port][,host[:port]...][/db][?params]`.
+    /// Each host gets the same user, database and parameters.
+    pub fn parse(url: &str) -> Result<Self, StoreError> {
+        let hosts = split_hosts(url)?
+            .iter()
+            .map(|u| PgConnectOptions::from_str(u).map_err(|e| StoreError::BadUrl(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { hosts })
+    }
+
+    /// One host: nothing to discover (the service connects as before).
+    pub fn is_single(&self) -> bool {
+        self.hosts.len() == 1
+    }
+
+    /// The first host's options (a single-host cluster's only one).
+    pub fn first(&self) -> &PgConnectOptions {
+        &self.hosts[0]
+    }
+
+    /// `h1:p1,h2:p2` for messages (never the password).
+    pub fn describe(&self) -> String {
+        self.hosts.iter().map(address).collect::<Vec<_>>().join(",")
+    }
+
+    /// The primary's options. One host is taken as it is; of several, every
+    /// host is asked within `timeout` and the primary on the newest timeline
+    /// is kept (the first listed among equals).
+    pub async fn primary(&self, timeout: Duration) -> Result<PgConnectOptions, StoreError> {
+        if self.is_single() {
+            return Ok(self.hosts[0].clone());
+        }
+        let asked = futures_util::future::join_all(self.hosts.iter().map(|h| role(h, timeout))).await;
+        let newest = asked
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match r {
+                Role::Primary(timeline) => Some((*timeline, std::cmp::Reverse(i))),
+                _ => None,
+            })
+            .max();
+        match newest {
+            Some((_, std::cmp::Reverse(i))) => Ok(self.hosts[i].clone()),
+            None => Err(StoreError::NoPrimary(self.roles_text(&asked))),
+        }
+    }
+
+    fn roles_text(&self, asked: &[Role]) -> String {
+        self.hosts
+            .iter()
+            .zip(asked)
+            .map(|(h, r)| match r {
+                Role::Primary(t) => format!("{} primary (timeline {t})", address(h)),
+                Role::Standby => format!("{} standby", address(h)),
+                Role::Unreachable(why) => format!("{} unreachable: {why}", address(h)),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// `host:port` of one host's options.
+pub fn address(o: &PgConnectOptions) -> String {
+    format!("{}:{}", o.get_host(), o.get_port())
+}
+
+/// Asks one host whether it is in recovery and, if not, its timeline.
+async fn role(host: &PgConnectOptions, timeout: Duration) -> Role {
+    let ask = async {
+        let mut conn = PgConnection::connect_with(host).await?;
+        // pg_walfile_name fails during recovery, hence the CASE; its first
+        // eight hex digits are the timeline being written.
+        let (standby, timeline): (bool, Option<String>) = sqlx::query_as(
+            "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL \
+             ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let _ = conn.close().await;
+        Ok::<_, sqlx::Error>((standby, timeline))
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Err(_) => Role::Unreachable(format!("no answer within {timeout:?}")),
+        Ok(Err(e)) => Role::Unreachable(e.to_string()),
+        Ok(Ok((true, _))) => Role::Standby,
+        Ok(Ok((false, t))) => Role::Primary(t.and_then(|t| u32::from_str_radix(&t, 16).ok()).unwrap_or(0)),
+    }
+}
+
+/// How often a pool on a host list checks that its host is still the primary.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// The check, and each host's answer when looking for the primary.
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// When a pool last moved to a new primary: connections it opened before
+/// are closed instead of handed out (they lead to the old one).
+#[derive(Debug)]
+struct Moves {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    /// A connection found a standby: look for the primary now.
+    wake: Notify,
+}
+
+impl Moves {
+    fn moved(&self) {
+        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// Whether a connection of this age was opened after the last move.
+    fn opened_since_move(&self, age: Duration) -> bool {
+        let since = self.epoch.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Acquire)));
+        age <= since
+    }
+}
+
+/// A pool on the primary of a host list that follows it: a new connection
+/// that finds a standby is refused (and wakes the follower), and a
+/// background task checks every second that the host still leads, finds the
+/// new primary when it does not, points new connections there and retires
+/// the old ones. So a demoted primary is never written through the pool.
+pub(crate) async fn following_pool(
+    options: PgPoolOptions,
+    primary: PgConnectOptions,
+    cluster: Arc<Cluster>,
+) -> Result<PgPool, sqlx::Error> {
+    let moves = Arc::new(Moves {
+        epoch: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        wake: Notify::new(),
+    });
+    let (on_connect, on_acquire) = (moves.clone(), moves.clone());
+    let pool = options
+        .after_connect(move |conn, _| {
+            let moves = on_connect.clone();
+            Box::pin(async move {
+                let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(&mut *conn).await?;
+                if standby {
+                    moves.wake.notify_one();
+                    return Err(sqlx::Error::Protocol("connected to a standby, not the primary".to_owned()));
+                }
+                Ok(())
+            })
+        })
+        .before_acquire(move |_, meta| {
+            let current = on_acquire.opened_since_move(meta.age);
+            Box::pin(async move { Ok(current) })
+        })
+        .connect_with(primary)
+        .await?;
+    tokio::spawn(follow(pool.clone(), cluster, moves));
+    Ok(pool)
+}
+
+/// The follower of one pool, until the pool closes.
+async fn follow(pool: PgPool, cluster: Arc<Cluster>, moves: Arc<Moves>) {
+    let mut current = address(&pool.connect_options());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            _ = moves.wake.notified() => {}
+        }
+        if pool.is_closed() {
+            return;
+        }
+        let check = sqlx::query_scalar::<_, bool>("SELECT pg_is_in_recovery()").fetch_one(&pool);
+        if matches!(tokio::time::timeout(FOLLOW_TIMEOUT, check).await, Ok(Ok(false))) {
+            continue;
+        }
+        match cluster.primary(FOLLOW_TIMEOUT).await {
+            Ok(primary) if address(&primary) != current => {
+                let found = address(&primary);
+                tracing::warn!(from = %current, to = %found, "following the new primary");
+                pool.set_connect_options(primary);
+                moves.moved();
+                current = found;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "no primary to follow yet"),
+        }
+    }
+}
+
+/// One single-host URL per host of a libpq-style multi-host URL.
+fn split_hosts(url: &str) -> Result<Vec<String>, StoreError> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| StoreError::BadUrl("expected postgres://...".to_owned()))?;
+    // The authority ends at the path or the query; userinfo cannot hold an
+    // unescaped '/' or '?'.
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let tail = without_session_attrs(tail);
+    let list: Vec<&str> = hosts.split(',').collect();
+    if list.len() > 1 && list.iter().any(|h| h.is_empty()) {
+        return Err(StoreError::BadUrl(format!("an empty host in the host list {hosts:?}")));
+    }
+    Ok(list
+        .into_iter()
+        .map(|h| format!("{scheme}://{userinfo}{h}{tail}"))
+        .collect())
+}
+
+/// Drops `target_session_attrs` (the service finds the primary itself;
+/// sqlx would only warn that it ignores it).
+fn without_session_attrs(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.starts_with("target_session_attrs="))
+        .collect();
+    match kept.is_empty() {
+        true => path.to_owned(),
+        false => format!("{path}?{}", kept.join("&")),
+    }
+}
+
+/// How many standbys `synchronous_standby_names` makes a commit wait for
+/// (`ANY n (...)`, `FIRST n (...)`, `n (...)`, or a plain list: one).
+pub fn sync_standbys_required(setting: &str) -> u32 {
+    let s = setting.trim();
+    if s.is_empty() {
+        return 0;
+    }
+    let words = s
+        .strip_prefix("ANY ")
+        .or_else(|| s.strip_prefix("any "))
+        .or_else(|| s.strip_prefix("FIRST "))
+        .or_else(|| s.strip_prefix("first "))
+        .unwrap_or(s)
+        .trim_start();
+    match words.split_once('(') {
+        Some((n, _)) => n.trim().parse().unwrap_or(0),
+        // A plain list: the first one that is connected is synchronous.
+        None => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_list_becomes_one_url_per_host() {
+        let urls = split_hosts("postgres://u:p@h1:1,h2:2,h3/db?sslmode=disable&target_session_attrs=read-write")
+            .expect("parses");
+        assert_eq!(
+            urls,
+            vec![
+                "postgres://u:p@h1:1/db?sslmode=disable",
+                "postgres://u:p@h2:2/db?sslmode=disable",
+                "postgres://u:p@h3/db?sslmode=disable",
+            ]
+        );
+        let c = Cluster::parse("postgres://postgres@127.0.0.1:6501,127.0.0.1:6502/wallet").expect("parses");
+        assert_eq!(c.describe(), "127.0.0.1:6501,127.0.0.1:6502");
+        assert!(!c.is_single());
+        assert!(Cluster::parse("postgres://postgres@127.0.0.1:5432/x").expect("parses").is_single());
+        assert!(split_hosts("postgres://u@h1,,h2/db").is_err());
+    }
+
+    #[test]
+    fn the_standbys_a_commit_waits_for() {
+        assert_eq!(sync_standbys_required(""), 0);
+        assert_eq!(sync_standbys_required("ANY 1 (pgautofailover_standby_2, pgautofailover_standby_3)"), 1);
+        assert_eq!(sync_standbys_required("FIRST 2 (a, b, c)"), 2);
+        assert_eq!(sync_standbys_required("2 (a, b)"), 2);
+        assert_eq!(sync_standbys_required("a, b"), 1);
+        assert_eq!(sync_standbys_required("*"), 1);
+    }
+}
