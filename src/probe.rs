@@ -140,6 +140,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Messages the worker sent to the dead-letter queue.",
     ),
     (
+        "wallet_worker_gap_events_total",
+        "Events the broker never delivered (confirmed, then lost) that the worker read from the log instead.",
+    ),
+    (
         "wallet_worker_sessions_total",
         "Broker sessions the worker set up (1 + reconnects).",
     ),

@@ -16,6 +16,7 @@ mod message;
 pub mod relay;
 pub mod worker;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -111,6 +112,19 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// Tests only: the broker deletes the queues after this long unused.
     pub queue_expiry: Option<Duration>,
+    /// Quorum queues (replicated by Raft on a cluster's nodes; see
+    /// `quorum`) instead of classic ones.
+    pub quorum: bool,
+}
+
+/// The kind of queue the worker and the dead letters use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// A queue on one node: lost with that node's disk.
+    Classic,
+    /// Replicated to a majority of a cluster's nodes before the broker
+    /// confirms a message; survives the loss of a minority.
+    Quorum,
 }
 
 impl Default for Topology {
@@ -127,11 +141,28 @@ impl Topology {
             dead_letter_exchange: format!("{exchange}.dlx"),
             dead_letter_queue: format!("{exchange}.dlq"),
             queue_expiry: None,
+            quorum: false,
         }
+    }
+
+    /// The topology with queues of `kind`. A queue cannot change its type,
+    /// so quorum queues have names of their own (`<exchange>.worker.quorum`,
+    /// `<exchange>.dlq.quorum`) beside any classic ones (README: moving to
+    /// quorum queues).
+    pub fn with_queue_type(mut self, kind: QueueType) -> Self {
+        if kind == QueueType::Quorum && !self.quorum {
+            self.worker_queue.push_str(".quorum");
+            self.dead_letter_queue.push_str(".quorum");
+            self.quorum = true;
+        }
+        self
     }
 
     fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
+        if self.quorum {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
         if let Some(expiry) = self.queue_expiry {
             args.insert("x-expires".into(), AMQPValue::LongUInt(expiry.as_millis() as u32));
         }
@@ -228,25 +259,68 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest opening a channel and declaring the topology may take.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `url` with `heartbeat=<secs>` added, unless it names one already.
-pub fn with_heartbeat(url: &str, secs: u16) -> String {
-    if url.contains("heartbeat=") {
-        return url.to_owned();
-    }
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}heartbeat={secs}")
+/// Each node of a cluster gets at least this long to connect.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where the next connection tries first: each connection of the process
+/// starts one node further, so a reconnect goes to the next node.
+static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
+
+/// The node URLs of an `AMQP_URL`: one, or a cluster's, comma-separated.
+pub fn nodes(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
 }
 
-/// Connects with tokio as lapin's executor and reactor, within
-/// `CONNECT_TIMEOUT`, asking for `DEFAULT_HEARTBEAT_SECS` unless the URL
-/// sets `heartbeat=`.
+/// `url` (each node's) with `heartbeat=<secs>` added, unless it names one already.
+pub fn with_heartbeat(url: &str, secs: u16) -> String {
+    let one = |url: &str| {
+        if url.contains("heartbeat=") {
+            return url.to_owned();
+        }
+        let separator = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{separator}heartbeat={secs}")
+    };
+    nodes(url).into_iter().map(one).collect::<Vec<_>>().join(",")
+}
+
+/// Connects with tokio as lapin's executor and reactor, asking for
+/// `DEFAULT_HEARTBEAT_SECS` unless the URL sets `heartbeat=`. Of several
+/// nodes, each is tried in turn from the next one round (a share of
+/// `CONNECT_TIMEOUT` each, at least `NODE_CONNECT_TIMEOUT`) and the first
+/// that answers is kept; a refused login or vhost ends the search.
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
-    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(BrokerError::Url)?;
-    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
-    let properties = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio::current());
-    within(CONNECT_TIMEOUT, "connecting", Connection::connect_uri(uri, properties)).await
+    let uris = nodes(url)
+        .into_iter()
+        .map(|u| u.parse::<lapin::uri::AMQPUri>().map_err(BrokerError::Url))
+        .collect::<Result<Vec<_>, _>>()?;
+    if uris.is_empty() {
+        return Err(BrokerError::Url("no broker URL".to_owned()));
+    }
+    let per_node = match uris.len() {
+        1 => CONNECT_TIMEOUT,
+        n => (CONNECT_TIMEOUT / n as u32).max(NODE_CONNECT_TIMEOUT),
+    };
+    let start = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..uris.len() {
+        let mut uri = uris[(start + i) % uris.len()].clone();
+        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        let node = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let properties = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio::current());
+        match within(per_node, "connecting", Connection::connect_uri(uri, properties)).await {
+            Ok(connection) => return Ok(connection),
+            Err(e) if e.is_misconfiguration() => return Err(e),
+            Err(e) => {
+                if uris.len() > 1 {
+                    tracing::info!(node = %node, error = %e, "broker node unreachable; trying the next");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| BrokerError::Url("no broker URL".to_owned())))
 }
 
 /// Runs a broker operation with a deadline: a silent broker is an error,
@@ -412,5 +486,19 @@ mod tests {
         );
         let uri: lapin::uri::AMQPUri = with_heartbeat("amqp://guest:guest@h:5672/%2f", 7).parse().unwrap();
         assert_eq!(uri.query.heartbeat, Some(7));
+        assert_eq!(
+            with_heartbeat("amqp://a:1/%2f, amqp://b:2/%2f?heartbeat=3", 7),
+            "amqp://a:1/%2f?heartbeat=7,amqp://b:2/%2f?heartbeat=3"
+        );
+    }
+
+    #[test]
+    fn quorum_queues_have_names_of_their_own() {
+        let t = Topology::named("wallet.events").with_queue_type(QueueType::Quorum);
+        assert_eq!(t.worker_queue, "wallet.events.worker.quorum");
+        assert_eq!(t.dead_letter_queue, "wallet.events.dlq.quorum");
+        assert_eq!(t.exchange, "wallet.events");
+        let classic = Topology::named("wallet.events").with_queue_type(QueueType::Classic);
+        assert_eq!(classic, Topology::named("wallet.events"));
     }
 }

@@ -33,7 +33,7 @@ use uuid::Uuid;
 use super::{close, connect, Backoff, BrokerError, EventMessage, Link, Stop, Topology, REASON_HEADER, SETUP_TIMEOUT};
 use crate::aggregate::WalletId;
 use crate::projections::{Delivery, Incoming, ProjectionError, Projections};
-use crate::store::{RecordedEvent, StoreError};
+use crate::store::{Position, RecordedEvent, StoreError};
 
 /// Unacknowledged messages the broker sends ahead, and the largest batch:
 /// each batch pays a synchronous commit, so bigger batches go faster
@@ -42,6 +42,11 @@ pub const DEFAULT_PREFETCH: u16 = 8192;
 /// Tries to apply one message before it is dead-lettered.
 const MAX_ATTEMPTS: u32 = 5;
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// With no delivery for this long, the worker compares its checkpoints
+/// with the relay's and reads what never came from the log.
+const IDLE_CATCH_UP: Duration = Duration::from_secs(5);
+/// Events applied from the log in one idle catch-up, at most.
+const CATCH_UP_MAX: i64 = 10_000;
 
 /// Test hook: applying any event of these wallets fails until cleared, as
 /// a projection bug triggered by one wallet's data would.
@@ -215,8 +220,13 @@ impl Worker {
         tracing::info!(queue = %self.topology.worker_queue, "worker consuming");
         loop {
             let step = async {
-                let Some(first) = consumer.next().await else {
-                    return Ok(false); // cancelled by the broker: reconnect
+                let first = match tokio::time::timeout(IDLE_CATCH_UP, consumer.next()).await {
+                    Err(_) => {
+                        self.catch_up_from_log().await;
+                        return Ok(true);
+                    }
+                    Ok(None) => return Ok(false), // cancelled by the broker: reconnect
+                    Ok(Some(first)) => first,
                 };
                 let mut batch = vec![first?];
                 while batch.len() < usize::from(self.prefetch) {
@@ -241,6 +251,38 @@ impl Worker {
                 }
                 return Ok(());
             }
+        }
+    }
+
+    /// With the queue idle: the events the broker confirmed to the relay
+    /// (its checkpoint) that never came, read from the log and applied. A
+    /// broker node lost with the tail of the log would otherwise leave it
+    /// out of the read models until the next event arrives.
+    async fn catch_up_from_log(&self) {
+        let store = self.projections.store();
+        let confirmed = match super::relay::checkpoint(store, &self.topology).await {
+            Ok(confirmed) => confirmed,
+            Err(e) => return tracing::debug!(error = %e, "worker cannot read the relay's checkpoint"),
+        };
+        let mut low = Position::MAX;
+        for name in self.projections.names() {
+            match self.projections.checkpoint(name).await {
+                Ok(at) => low = low.min(at),
+                Err(e) => return tracing::debug!(error = %e, "worker cannot read its checkpoints"),
+            }
+        }
+        if low >= confirmed {
+            return;
+        }
+        let events = match store.read_all(low, (confirmed - low).min(CATCH_UP_MAX) as u32).await {
+            Ok(events) => events,
+            Err(e) => return tracing::debug!(error = %e, "worker cannot read the log"),
+        };
+        let incoming: Vec<Incoming> = events.into_iter().filter(|e| e.position <= confirmed).map(Incoming::Event).collect();
+        tracing::warn!(after = low, confirmed, events = incoming.len(), "confirmed events that never arrived, applied from the log");
+        metrics::counter!("wallet_worker_gap_events_total").increment(incoming.len() as u64);
+        if let Err(e) = self.projections.apply_delivered(&incoming).await {
+            tracing::warn!(error = %e, "worker could not apply the events read from the log");
         }
     }
 

@@ -68,7 +68,8 @@ pub struct DatabaseArgs {
 /// projections in-process.
 #[derive(Args, Debug)]
 pub struct BrokerArgs {
-    /// amqp://user:pass@host:5672/%2f
+    /// amqp://user:pass@host:5672/%2f, or a cluster's nodes separated by
+    /// commas (each connection tries them in turn, starting one further).
     #[arg(long, env = "AMQP_URL", hide_env_values = true, global = true)]
     pub amqp_url: Option<String>,
     /// Name of the fanout exchange; the queues are named after it
@@ -79,6 +80,10 @@ pub struct BrokerArgs {
     /// this long is dropped and reconnected. A `heartbeat=` in the URL wins.
     #[arg(long, env = "AMQP_HEARTBEAT", default_value_t = crate::broker::DEFAULT_HEARTBEAT_SECS, global = true)]
     pub amqp_heartbeat: u16,
+    /// classic, or quorum on a RabbitMQ cluster: replicated queues named
+    /// <exchange>.worker.quorum and <exchange>.dlq.quorum.
+    #[arg(long, env = "AMQP_QUEUE_TYPE", value_enum, default_value = "classic", global = true)]
+    pub amqp_queue_type: crate::broker::QueueType,
 }
 
 impl BrokerArgs {
@@ -96,7 +101,7 @@ impl BrokerArgs {
     }
 
     fn topology(&self) -> Topology {
-        Topology::named(&self.amqp_exchange)
+        Topology::named(&self.amqp_exchange).with_queue_type(self.amqp_queue_type)
     }
 }
 

@@ -18,6 +18,30 @@ use super::storage::Tx;
 use super::{ProjectionError, Projections};
 use crate::store::{Position, RecordedEvent};
 
+/// Events read from the log per query when filling a gap.
+const GAP_PAGE: u32 = 1000;
+
+/// `incoming` with each of `missing` (sorted by position) placed before the
+/// first message above it, and which of the result were filled in.
+fn merge_in_order(incoming: &[Incoming], missing: Vec<RecordedEvent>) -> (Vec<Incoming>, Vec<bool>) {
+    let mut merged = Vec::with_capacity(incoming.len() + missing.len());
+    let mut filled = Vec::with_capacity(incoming.len() + missing.len());
+    let mut missing = missing.into_iter().peekable();
+    for message in incoming {
+        while let Some(event) = missing.next_if(|e| e.position < message.position()) {
+            merged.push(Incoming::Event(event));
+            filled.push(true);
+        }
+        merged.push(message.clone());
+        filled.push(false);
+    }
+    for event in missing {
+        merged.push(Incoming::Event(event));
+        filled.push(true);
+    }
+    (merged, filled)
+}
+
 /// One message as the worker understood it.
 #[derive(Debug, Clone)]
 pub enum Incoming {
@@ -95,11 +119,54 @@ impl Projections {
     /// Applies delivered messages (in delivery order) to every live read
     /// model in one transaction, with their checkpoints and parked rows.
     /// Returns one outcome per message; on error nothing was written.
+    ///
+    /// Events the broker lost (it confirmed them to the relay, then lost
+    /// them with a node) are read from the log: a position between the
+    /// lowest checkpoint and the batch's highest that the log holds and the
+    /// batch does not is applied from the log in its place, so a broker
+    /// failure costs time, never an event.
     pub async fn apply_delivered(&self, incoming: &[Incoming]) -> Result<Vec<Delivery>, ProjectionError> {
         let mut tx = Tx::begin(&self.store).await?;
-        let outcomes = self.deliver_in(&mut tx, incoming).await?;
+        let mut checkpoints = Vec::with_capacity(self.list.len());
+        for projection in &self.list {
+            checkpoints.push(tx.checkpoint(projection.name()).await?.unwrap_or(0));
+        }
+        let low = checkpoints.iter().copied().min().unwrap_or(0);
+        let missing = self.missing_from(low, incoming).await?;
+        if missing.is_empty() {
+            let outcomes = self.deliver_in(&mut tx, incoming).await?;
+            tx.commit().await?;
+            return Ok(outcomes);
+        }
+        tracing::warn!(events = missing.len(), after = low, "events the broker never delivered, read from the log");
+        metrics::counter!("wallet_worker_gap_events_total").increment(missing.len() as u64);
+        let (merged, filled) = merge_in_order(incoming, missing);
+        let outcomes = self.deliver_in(&mut tx, &merged).await?;
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(outcomes.into_iter().zip(filled).filter(|(_, f)| !f).map(|(o, _)| o).collect())
+    }
+
+    /// The log's events after `low` and up to the batch's highest position
+    /// that the batch lacks. The log is read only when the batch's
+    /// positions are not contiguous from `low` (positions have holes where
+    /// a batch rolled back, so a hole alone proves nothing).
+    async fn missing_from(&self, low: Position, incoming: &[Incoming]) -> Result<Vec<RecordedEvent>, ProjectionError> {
+        let delivered: BTreeSet<Position> = incoming.iter().map(Incoming::position).filter(|p| *p > low).collect();
+        let Some(&high) = delivered.last() else {
+            return Ok(Vec::new());
+        };
+        if delivered.len() as i64 == high - low {
+            return Ok(Vec::new());
+        }
+        let mut missing = Vec::new();
+        let mut after = low;
+        while after < high {
+            let page = self.store.read_all(after, GAP_PAGE).await?;
+            let Some(last) = page.last().map(|e| e.position) else { break };
+            missing.extend(page.into_iter().filter(|e| e.position <= high && !delivered.contains(&e.position)));
+            after = last;
+        }
+        Ok(missing)
     }
 
     /// Does all `apply_delivered` would, then rolls it back: whether these
