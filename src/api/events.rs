@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
 use super::input::WalletPath;
+use super::replicas::log_page;
 use super::problem::{Problem, ProblemBody};
 use super::AppState;
 use crate::aggregate::WalletId;
@@ -90,9 +91,12 @@ pub async fn log(State(app): State<Arc<AppState>>, query: Pairs) -> Result<Respo
     let pairs = query.map_err(bad_query)?.0;
     let (after, filter) = log_query(&pairs, None)?;
     let limit = limit(&pairs)?;
-    let store = app.feed.store();
-    let head = store.head_position().await?;
-    let events = store.read_log(after, limit, &filter).await?;
+    let filter = &filter;
+    let (head, events) = log_page(&app, |store| async move {
+        let head = store.head_position().await?;
+        Ok((head, store.read_log(after, limit, filter).await?))
+    })
+    .await?;
     Ok(page(&events, head, after))
 }
 
@@ -121,9 +125,12 @@ pub async fn wallet_events(
             as u64,
     };
     let limit = limit(&pairs)?;
-    let store = app.feed.store();
-    let head = store.head_position().await?;
-    let events = store.read_stream_page(&wallet, from - 1, limit).await?;
+    let wallet = &wallet;
+    let (head, events) = log_page(&app, |store| async move {
+        let head = store.head_position().await?;
+        Ok((head, store.read_stream_page(wallet, from - 1, limit).await?))
+    })
+    .await?;
     Ok(page(&events, head, 0))
 }
 

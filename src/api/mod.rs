@@ -16,6 +16,7 @@ pub mod metrics;
 mod problem;
 pub mod rate_limit;
 mod read_models;
+pub mod replicas;
 pub mod server;
 pub(crate) mod system;
 mod wallet;
@@ -84,6 +85,8 @@ pub struct AppState {
     pub feed: Arc<Feed>,
     /// Per-key and per-address budgets (off unless configured).
     pub rate_limits: Arc<RateLimits>,
+    /// Standbys for reads (`DATABASE_READ_URL`), if configured.
+    pub replicas: Option<Arc<replicas::Replicas>>,
 }
 
 impl AppState {
@@ -106,6 +109,7 @@ impl AppState {
             relay: None,
             broker: None,
             rate_limits: Arc::default(),
+            replicas: None,
         }
     }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::doc::WalletIdParam;
 use super::input::{parse_wallet_id, WalletPath};
 use super::problem::{Problem, ProblemBody};
+use super::replicas::read_model;
 use super::AppState;
 use crate::projections::flags::{Flag, FLAG_KIND, LARGE_OUTFLOW, RAPID_OUTFLOWS};
 use crate::projections::history::HistoryItem;
@@ -166,19 +167,14 @@ fn parse_cursor(text: Option<&str>) -> Result<Option<i64>, Problem> {
     .transpose()
 }
 
-/// Waits for `minPosition` if given; returns the projection's position.
-async fn settle(app: &AppState, projection: &str, min_position: Option<&str>) -> Result<Position, Problem> {
-    let min = min_position
-        .map(|t| {
-            t.parse::<Position>().ok().filter(|p| *p >= 0).ok_or_else(|| {
-                Problem::bad_request("INVALID_MIN_POSITION", "minPosition must be a log position (>= 0)")
-            })
+/// `minPosition`: the read model waits until it has applied it.
+fn min_position(text: Option<&str>) -> Result<Option<Position>, Problem> {
+    text.map(|t| {
+        t.parse::<Position>().ok().filter(|p| *p >= 0).ok_or_else(|| {
+            Problem::bad_request("INVALID_MIN_POSITION", "minPosition must be a log position (>= 0)")
         })
-        .transpose()?;
-    Ok(match min {
-        Some(min) => app.projections.wait_for(projection, min, app.read_wait).await?,
-        None => app.projections.checkpoint(projection).await?,
     })
+    .transpose()
 }
 
 /// A JSON response made of stored JSON bodies, without re-parsing them.
@@ -247,8 +243,8 @@ pub async fn history(
     let Query(q) = query.map_err(bad_query)?;
     let limit = parse_limit(q.limit.as_deref())?;
     let before = parse_cursor(q.before.as_deref())?;
-    let position = settle(&app, history::NAME, q.min_position.as_deref()).await?;
-    let query = DocQuery {
+    let min = min_position(q.min_position.as_deref())?;
+    let query = &DocQuery {
         kind: history::KIND,
         wallet_id: Some(wallet.as_str()),
         tag: None,
@@ -256,7 +252,8 @@ pub async fn history(
         before_key: None,
         limit,
     };
-    let rows = app.projections.query(history::NAME, &query).await?;
+    let (rows, position) =
+        read_model(&app, history::NAME, min, |p| async move { p.query(history::NAME, query).await }).await?;
     Ok(page(rows, limit, position))
 }
 
@@ -303,8 +300,8 @@ pub async fn wallet_holds(
     };
     let limit = parse_limit(q.limit.as_deref())?;
     let before = parse_cursor(q.before.as_deref())?;
-    let position = settle(&app, holds::NAME, q.min_position.as_deref()).await?;
-    let query = DocQuery {
+    let min = min_position(q.min_position.as_deref())?;
+    let query = &DocQuery {
         kind: holds::KIND,
         wallet_id: Some(wallet.as_str()),
         tag: status,
@@ -312,7 +309,8 @@ pub async fn wallet_holds(
         before_key: None,
         limit,
     };
-    let rows = app.projections.query(holds::NAME, &query).await?;
+    let (rows, position) =
+        read_model(&app, holds::NAME, min, |p| async move { p.query(holds::NAME, query).await }).await?;
     Ok(page(rows, limit, position))
 }
 
@@ -329,8 +327,11 @@ pub async fn stats(
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = query.map_err(bad_query)?;
-    let position = settle(&app, stats::NAME, q.min_position.as_deref()).await?;
-    let body = match app.projections.get(stats::NAME, &stats_key(wallet.as_str())).await? {
+    let min = min_position(q.min_position.as_deref())?;
+    let key = &stats_key(wallet.as_str());
+    let (found, position) =
+        read_model(&app, stats::NAME, min, |p| async move { p.get(stats::NAME, key).await }).await?;
+    let body = match found {
         Some(body) => body,
         None => serde_json::to_string(&WalletStats::empty(wallet.as_str())).expect("stats serialise"),
     };
@@ -355,8 +356,8 @@ async fn list_flags(
     }
     let limit = parse_limit(limit)?;
     let before = parse_flag_cursor(before)?;
-    let position = settle(app, flags::NAME, min_position).await?;
-    let query = DocQuery {
+    let min = self::min_position(min_position)?;
+    let query = &DocQuery {
         kind: FLAG_KIND,
         wallet_id: wallet,
         tag: rule,
@@ -364,7 +365,8 @@ async fn list_flags(
         before_key: before.as_ref().and_then(|(_, k)| k.as_deref()),
         limit,
     };
-    let rows = app.projections.query(flags::NAME, &query).await?;
+    let (rows, position) =
+        read_model(app, flags::NAME, min, |p| async move { p.query(flags::NAME, query).await }).await?;
     Ok(flag_page(rows, limit, position))
 }
 

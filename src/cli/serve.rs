@@ -84,6 +84,15 @@ pub struct ServeArgs {
     /// that shows it.
     #[arg(long, env = "UNSAFE_RESOLVE_WITHOUT_FENCE", hide = true)]
     pub unsafe_resolve_without_fence: bool,
+    /// PostgreSQL standbys (one host or a host list, as DATABASE_URL) for
+    /// the read models and the log pages; the primary serves what they
+    /// cannot (see README, "Running highly available").
+    #[arg(long, env = "DATABASE_READ_URL", hide_env_values = true)]
+    pub read_url: Option<String>,
+    /// A standby that lags the primary by more events than this is left
+    /// for the primary.
+    #[arg(long, env = "DATABASE_READ_MAX_LAG", default_value_t = 1000)]
+    pub read_max_lag: u64,
 }
 
 /// Per-key budget when API keys are configured and none is given.
@@ -136,6 +145,7 @@ impl ServeArgs {
 
     /// The ledger, read models, keys and limits the API serves with.
     async fn state(&self, store: EventStore, rules: FraudRules) -> anyhow::Result<AppState> {
+        let replicas = self.replicas(&store, &rules)?;
         let projections = Arc::new(Projections::new(store.clone(), rules));
         projections.ensure().await.context("creating read models")?;
         let ledger = crate::ledger::Ledger::new(store.clone())
@@ -151,7 +161,23 @@ impl ServeArgs {
         state.keys = Arc::new(self.keys().context("reading API keys")?);
         state.max_in_flight = self.max_in_flight;
         state.rate_limits = Arc::new(self.rate_limits(!state.keys.is_open()).context("rate limits")?);
+        state.replicas = replicas;
         Ok(state)
+    }
+
+    /// The standbys of `--read-url`, if any (PostgreSQL only).
+    fn replicas(&self, store: &EventStore, rules: &FraudRules) -> anyhow::Result<Option<Arc<api::replicas::Replicas>>> {
+        let Some(url) = self.read_url.as_deref().filter(|u| !u.trim().is_empty()) else {
+            return Ok(None);
+        };
+        anyhow::ensure!(
+            matches!(store, EventStore::Postgres(_)),
+            "DATABASE_READ_URL needs DATABASE_URL on PostgreSQL"
+        );
+        let standbys = crate::store::standby::Standbys::connect(url, store.clone(), self.read_max_lag)
+            .context("DATABASE_READ_URL")?;
+        tracing::info!(standbys = standbys.len(), max_lag = self.read_max_lag, "reads from standbys");
+        Ok(Some(Arc::new(api::replicas::Replicas::new(standbys, rules))))
     }
 }
 

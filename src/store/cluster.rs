@@ -45,6 +45,15 @@ impl Cluster {
         Ok(Self { hosts })
     }
 
+    /// A cluster of one host.
+    pub fn of(host: PgConnectOptions) -> Self {
+        Self { hosts: vec![host] }
+    }
+
+    pub fn hosts(&self) -> &[PgConnectOptions] {
+        &self.hosts
+    }
+
     /// One host: nothing to discover (the service connects as before).
     pub fn is_single(&self) -> bool {
         self.hosts.len() == 1

@@ -16,6 +16,7 @@ pub mod cluster;
 mod leader;
 mod postgres;
 mod sqlite;
+pub mod standby;
 mod writer;
 
 use std::collections::{HashMap, HashSet};

@@ -67,6 +67,12 @@ impl PgEventStore {
         Ok(Self { pool, cluster })
     }
 
+    /// A store on a pool made elsewhere (a standby's, for reads).
+    pub(crate) fn from_pool(pool: PgPool) -> Self {
+        let cluster = Arc::new(Cluster::of((*pool.connect_options()).clone()));
+        Self { pool, cluster }
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

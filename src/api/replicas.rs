@@ -1,0 +1,114 @@
+//! Where a read is answered: a standby of `DATABASE_READ_URL` that has
+//! what the request asks for (`store::standby`), or the primary. Read
+//! models wait on the standby's own checkpoint (it replicates with them);
+//! a standby that has not reached `minPosition` within the request's wait,
+//! or fails (a replay conflict cancels a query), leaves the request to the
+//! primary, so the answer is never older than asked and never a 500.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use super::{AppState, Problem};
+use crate::projections::{FraudRules, ProjectionError, Projections};
+use crate::store::standby::Standbys;
+use crate::store::{EventStore, Position};
+
+/// The standbys and, for each, the read models as they replicate there.
+pub struct Replicas {
+    pub standbys: Arc<Standbys>,
+    projections: Vec<Arc<Projections>>,
+}
+
+impl Replicas {
+    pub fn new(standbys: Arc<Standbys>, rules: &FraudRules) -> Self {
+        let projections = (0..standbys.len())
+            .map(|i| Arc::new(Projections::new(standbys.store(i).clone(), rules.clone())))
+            .collect();
+        Self { standbys, projections }
+    }
+}
+
+/// Runs `read` against the read models of a standby that has applied
+/// `min` of `projection` (or the primary's), with the checkpoint it answers
+/// at (`X-Projection-Position`).
+pub(super) async fn read_model<T, F, Fut>(
+    app: &AppState,
+    projection: &str,
+    min: Option<Position>,
+    read: F,
+) -> Result<(T, Position), Problem>
+where
+    F: Fn(Arc<Projections>) -> Fut,
+    Fut: Future<Output = Result<T, ProjectionError>>,
+{
+    if let Some(replicas) = &app.replicas {
+        if let Some(i) = replicas.standbys.pick(min.unwrap_or(0), app.read_wait).await {
+            let projections = replicas.projections[i].clone();
+            match on(&projections, projection, min, app, &read).await {
+                Ok(Some(answer)) => return Ok(answer),
+                Ok(None) => {}
+                Err(e) => replicas.standbys.failed(i, &e),
+            }
+        }
+    }
+    let position = at(&app.projections, projection, min, app).await?;
+    Ok((read(app.projections.clone()).await?, position))
+}
+
+/// The answer of one set of read models, or `None` if they have not
+/// applied `min` in time.
+async fn on<T, F, Fut>(
+    projections: &Arc<Projections>,
+    projection: &str,
+    min: Option<Position>,
+    app: &AppState,
+    read: &F,
+) -> Result<Option<(T, Position)>, ProjectionError>
+where
+    F: Fn(Arc<Projections>) -> Fut,
+    Fut: Future<Output = Result<T, ProjectionError>>,
+{
+    let position = at(projections, projection, min, app).await?;
+    if min.is_some_and(|m| position < m) {
+        return Ok(None);
+    }
+    Ok(Some((read(projections.clone()).await?, position)))
+}
+
+/// The checkpoint, after waiting for `min` if given.
+async fn at(
+    projections: &Projections,
+    projection: &str,
+    min: Option<Position>,
+    app: &AppState,
+) -> Result<Position, ProjectionError> {
+    match min {
+        Some(min) => projections.wait_for(projection, min, app.read_wait).await,
+        None => projections.checkpoint(projection).await,
+    }
+}
+
+/// The store a log page is read from: a standby within the lag bound, or
+/// the primary's. `Err` from the standby is the caller's to retry on
+/// `primary` (see `log_page`).
+pub(super) async fn log_store(app: &AppState) -> Option<(usize, EventStore)> {
+    let replicas = app.replicas.as_ref()?;
+    let i = replicas.standbys.pick(0, std::time::Duration::ZERO).await?;
+    Some((i, replicas.standbys.store(i).clone()))
+}
+
+/// A log read on a standby if one is usable, else (or if it fails) on the
+/// primary.
+pub(super) async fn log_page<T, F, Fut>(app: &AppState, read: F) -> Result<T, Problem>
+where
+    F: Fn(EventStore) -> Fut,
+    Fut: Future<Output = Result<T, crate::store::StoreError>>,
+{
+    if let Some((i, store)) = log_store(app).await {
+        match read(store).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => app.replicas.as_ref().map_or((), |r| r.standbys.failed(i, &e)),
+        }
+    }
+    Ok(read(app.feed.store().clone()).await?)
+}

@@ -1,0 +1,175 @@
+//! Reads from standbys (`DATABASE_READ_URL`, one host or a host list): the
+//! read models and the log pages are served by a standby that has replayed
+//! what the request asks for, so reads grow past one primary without a
+//! client ever reading older state than it has written.
+//!
+//! Read models and their checkpoints commit in the same transactions, and
+//! physical replication replays whole transactions in commit order, so a
+//! standby's checkpoint means on the standby what it means on the primary,
+//! and (appends commit in position order under the append lock) a standby's
+//! log never shows a later position before an earlier one. What a standby
+//! adds is delay: a watcher reads each standby's replayed head and the
+//! primary's ten times a second, and a request is sent to a standby only if
+//! it lags the primary by at most `max_lag` events and has replayed the
+//! position the request names (waiting for it up to the request's patience).
+//! Anything else, a standby that stops answering or cancels a query for a
+//! replay conflict included, is served by the primary.
+
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+
+use super::cluster::{self, Cluster};
+use super::{EventStore, PgEventStore, Position, StoreError};
+
+/// How often the watcher reads the heads.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// One head read, at most.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a request waiting for a standby to replay looks again.
+const WAIT_POLL: Duration = Duration::from_millis(5);
+/// A replayed head that says "not usable now".
+const UNKNOWN: i64 = -1;
+
+/// The standbys of one `DATABASE_READ_URL`.
+#[derive(Debug)]
+pub struct Standbys {
+    nodes: Vec<Standby>,
+    /// Events a standby may lag the primary by and still serve.
+    max_lag: i64,
+    /// Round robin over the usable ones.
+    next: AtomicUsize,
+}
+
+/// One standby: its own pool, and what the watcher last saw of it.
+#[derive(Debug)]
+struct Standby {
+    address: String,
+    store: EventStore,
+    /// The highest position it has replayed, or `UNKNOWN`.
+    replayed: AtomicI64,
+    /// The primary's head minus `replayed` at the last look.
+    lag: AtomicI64,
+}
+
+impl Standbys {
+    /// Pools on each host of `url` (connected lazily: a standby that is
+    /// down at start joins when it answers) and the watcher.
+    pub fn connect(url: &str, primary: EventStore, max_lag: u64) -> Result<Arc<Self>, StoreError> {
+        let cluster = Cluster::parse(url)?;
+        let nodes = cluster
+            .hosts()
+            .iter()
+            .map(|host| {
+                let options = host.clone().application_name("wallet-reader").options([
+                    // A reader never writes, even if it reaches a primary.
+                    ("default_transaction_read_only", "on"),
+                    ("statement_timeout", "10000"),
+                ]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect_lazy_with(options);
+                Standby {
+                    address: cluster::address(host),
+                    store: EventStore::Postgres(PgEventStore::from_pool(pool)),
+                    replayed: AtomicI64::new(UNKNOWN),
+                    lag: AtomicI64::new(i64::MAX),
+                }
+            })
+            .collect();
+        let standbys = Arc::new(Self {
+            nodes,
+            max_lag: i64::try_from(max_lag).unwrap_or(i64::MAX),
+            next: AtomicUsize::new(0),
+        });
+        tokio::spawn(watch(Arc::downgrade(&standbys), primary));
+        Ok(standbys)
+    }
+
+    /// How many standbys (their indexes are `0..len`).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Standby `i`'s store.
+    pub fn store(&self, i: usize) -> &EventStore {
+        &self.nodes[i].store
+    }
+
+    /// A standby within the lag bound that has replayed `min` (waiting up
+    /// to `wait` for one to), or `None`: serve it from the primary.
+    pub async fn pick(&self, min: Position, wait: Duration) -> Option<usize> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(standby) = self.usable(min) {
+                return Some(standby);
+            }
+            // Waiting only makes sense on a standby that is close enough.
+            let close = self.nodes.iter().any(|s| s.lag.load(Ordering::Acquire) <= self.max_lag);
+            if !close || tokio::time::Instant::now() + WAIT_POLL > deadline {
+                return None;
+            }
+            tokio::time::sleep(WAIT_POLL).await;
+        }
+    }
+
+    fn usable(&self, min: Position) -> Option<usize> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..self.nodes.len())
+            .map(|i| (start + i) % self.nodes.len())
+            .find(|&i| {
+                let s = &self.nodes[i];
+                let replayed = s.replayed.load(Ordering::Acquire);
+                replayed != UNKNOWN && replayed >= min && s.lag.load(Ordering::Acquire) <= self.max_lag
+            })
+    }
+
+    /// A query on this standby failed (a replay conflict, a lost host):
+    /// it serves nothing until the watcher sees it answer again.
+    pub fn failed(&self, i: usize, error: &dyn std::fmt::Display) {
+        let standby = &self.nodes[i];
+        tracing::warn!(standby = %standby.address, error = %error, "standby read failed; reading from the primary");
+        standby.replayed.store(UNKNOWN, Ordering::Release);
+    }
+
+    /// Each standby's replayed head and lag, for `/metrics`.
+    pub fn heads(&self) -> Vec<(&str, i64, i64)> {
+        self.nodes
+            .iter()
+            .map(|s| (s.address.as_str(), s.replayed.load(Ordering::Acquire), s.lag.load(Ordering::Acquire)))
+            .collect()
+    }
+}
+
+/// Reads the heads until the standbys are dropped.
+async fn watch(standbys: std::sync::Weak<Standbys>, primary: EventStore) {
+    let head = |store: EventStore| async move {
+        match tokio::time::timeout(HEAD_TIMEOUT, store.head_position()).await {
+            Ok(Ok(head)) => head,
+            _ => UNKNOWN,
+        }
+    };
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let Some(standbys) = standbys.upgrade() else { return };
+        let primary_head = head(primary.clone()).await;
+        let replayed = futures_util::future::join_all(standbys.nodes.iter().map(|s| head(s.store.clone()))).await;
+        for (s, replayed) in standbys.nodes.iter().zip(replayed) {
+            s.replayed.store(replayed, Ordering::Release);
+            let lag = match (replayed, primary_head) {
+                (UNKNOWN, _) => i64::MAX,
+                // The primary is away: a standby's state is what there is.
+                (_, UNKNOWN) => 0,
+                (r, p) => (p - r).max(0),
+            };
+            s.lag.store(lag, Ordering::Release);
+        }
+    }
+}
