@@ -903,3 +903,49 @@ async fn a_worker_that_cannot_reach_the_broker_is_not_ready() {
     assert_eq!(status, 503, "{body}");
     worker.abort();
 }
+
+/// A message the broker confirmed and then lost (a node gone with it) costs
+/// the read models time, never an event: the worker reads a gap inside what
+/// it receives from the log, and, with its queue idle, catches up from the
+/// log to the relay's confirmed checkpoint (the lost tail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_the_broker_lost_are_read_from_the_log() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let db = common::postgres().await;
+    let topology = topology();
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let ledger = Ledger::new(db.store.clone());
+    for i in 0..12 {
+        ledger.deposit(id(&format!("gap{}", i % 3)), amount("5"), None).await.unwrap();
+    }
+    let events = db.store.read_all(0, 1000).await.unwrap();
+    let head = events.last().unwrap().position;
+    // What the broker kept: all but two events in the middle and the tail.
+    let lost = [events[4].position, events[5].position];
+    let kept: Vec<_> = events[..events.len() - 3]
+        .iter()
+        .filter(|e| !lost.contains(&e.position))
+        .collect();
+    let connection = common::broker::connect(&amqp_url()).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    topology.declare(&channel).await.unwrap();
+    for e in kept {
+        let m = EventMessage::of(e);
+        let confirm = channel
+            .basic_publish(&topology.exchange, "", BasicPublishOptions::default(), &m.body(), m.properties())
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    let worker = tokio::spawn(Worker::new(projections.clone(), &amqp_url(), topology.clone()).run());
+    wait_for_worker(&projections, events[events.len() - 4].position).await;
+    // The relay had the tail confirmed too; the broker lost it.
+    wallet::projections::advance_checkpoint(&db.store, &format!("relay:{}", topology.exchange), head)
+        .await
+        .unwrap();
+    wait_for_worker(&projections, head).await;
+    assert_equal_to_rebuild(&projections).await;
+    worker.abort();
+}
