@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod ha;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
