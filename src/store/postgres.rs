@@ -100,7 +100,7 @@ impl PgEventStore {
 
     /// Several appends in one transaction on a pooled connection.
     pub(crate) async fn append_batch(&self, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError> {
-        Ok(write_batch(&self.pool, requests).await?.0)
+        write_batch(&self.pool, requests).await
     }
 
     /// The committer's writer: a connection of its own with explicit limits.
@@ -112,7 +112,7 @@ impl PgEventStore {
     pub async fn begin_append(&self, request: AppendRequest) -> Result<PendingAppend, AppendError> {
         let requests = vec![request];
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let events = write_batch(&mut *tx, &requests).await?.0.single(requests)?;
+        let events = write_batch(&mut *tx, &requests).await?.single(requests)?;
         Ok(PendingAppend { tx, events })
     }
 
@@ -335,10 +335,7 @@ impl PgEventStore {
 /// (key, then expected heads), links the hash chains and inserts. One round
 /// trip keeps the time the lock is held (which serialises all appends)
 /// short.
-///
-/// Each row also carries `synchronous_standby_names` as the statement saw
-/// it: the quorum the batch's commit waited for (`PgWriter::write`).
-async fn write_batch<'c, E>(executor: E, requests: &[AppendRequest]) -> Result<(WrittenBatch, String), StoreError>
+async fn write_batch<'c, E>(executor: E, requests: &[AppendRequest]) -> Result<WrittenBatch, StoreError>
 where
     E: sqlx::PgExecutor<'c>,
 {
@@ -346,8 +343,7 @@ where
     let rows = sqlx::query(
         // The rows pair with the requests by position: ordered explicitly,
         // not by the function scan's habit.
-        "SELECT o_status, o_positions, o_hashes, o_versions, o_balances, o_recorded_at, \
-         current_setting('synchronous_standby_names') FROM wallet_append(\
+        "SELECT o_status, o_positions, o_hashes, o_versions, o_balances, o_recorded_at FROM wallet_append(\
          $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
          WITH ORDINALITY AS r ORDER BY r.ordinality",
     )
@@ -372,11 +368,7 @@ where
     .bind(&args.e_body)
     .fetch_all(executor)
     .await?;
-    let quorum = match rows.first() {
-        Some(row) => row.try_get(6)?,
-        None => String::new(),
-    };
-    Ok((written_batch(requests, rows)?, quorum))
+    written_batch(requests, rows)
 }
 
 /// A batch as the parallel arrays `wallet_append` takes.
@@ -594,15 +586,13 @@ impl PgWriter {
         let required = self.options.require_sync_standbys;
         let session = self.session().await.map_err(WriteFailure::NotCommitted)?;
         match tokio::time::timeout(deadline, write_batch(&mut session.conn, requests)).await {
-            // The quorum changed under the session (a failover manager can
-            // drop synchronous replication when standbys fail): the commit
-            // may not be on any standby, so it is not acknowledged.
-            Ok(Ok((_, quorum))) if cluster::sync_standbys_required(&quorum) < required => {
-                Err(self.lost(StoreError::QuorumMissing(format!(
-                    "synchronous_standby_names became {quorum:?} ({required} standbys required)"
-                ))))
-            }
-            Ok(Ok((written, _))) => Ok(written),
+            Ok(Ok(written)) if required == 0 => Ok(written),
+            Ok(Ok(written)) => match quorum_held(&mut session.conn, required, deadline).await {
+                Ok(()) => Ok(written),
+                // The commit may have been released without a standby:
+                // not acknowledged, resolved (and the fence says unknown).
+                Err(e) => Err(self.lost(e)),
+            },
             // The server refused the statement with an ERROR: its implicit
             // transaction rolled back, and the session is still good. A
             // FATAL or PANIC ends the session at a moment we cannot place.
@@ -737,6 +727,26 @@ impl PgWriter {
         // With the fence, this commit returns once the quorum has it.
         tx.commit().await?;
         Ok(found)
+    }
+}
+
+/// After a commit: whether the quorum still stood when it returned. A
+/// failover manager that drops synchronous replication (pg_auto_failover,
+/// once no standby is left) releases the commits waiting for a standby, and
+/// the setting that did it reaches this session before its next statement
+/// (a backend reloads its configuration between statements).
+async fn quorum_held(conn: &mut PgConnection, required: u32, deadline: Duration) -> Result<(), StoreError> {
+    let names: String = tokio::time::timeout(
+        deadline,
+        sqlx::query_scalar("SELECT current_setting('synchronous_standby_names')").fetch_one(&mut *conn),
+    )
+    .await
+    .map_err(|_| StoreError::BatchFailed("no answer to the quorum check".to_owned()))??;
+    match cluster::sync_standbys_required(&names) >= required {
+        true => Ok(()),
+        false => Err(StoreError::QuorumMissing(format!(
+            "synchronous_standby_names became {names:?} ({required} standbys required)"
+        ))),
     }
 }
 
