@@ -473,6 +473,76 @@ async fn failover_under_load_loses_no_acknowledged_write() {
     );
 }
 
+/// The bug the quorum fence guards against, shown, and the fence holding.
+/// Replication stops at the primary; a deposit's commit waits for a
+/// standby, its batch deadline passes and the batch is resolved. Without the fence (the old
+/// resolve path, kept behind `UNSAFE_RESOLVE_WITHOUT_FENCE`) the resolution
+/// ends the waiting session, finds the deposit committed on the primary
+/// alone and answers 201; the primary's machine is then lost, a standby
+/// takes over without the deposit, and the acknowledgement is gone. The
+/// fenced path, at the same moment, answers OUTCOME_UNKNOWN, and a retry
+/// with its key takes effect exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_the_fence_a_quorum_loss_loses_an_acknowledged_write() {
+    let _alone = ALONE.lock().await;
+    let cluster = PgCluster::start();
+    let url = cluster.url();
+    let (_old, old) = serve(
+        &url,
+        &[("UNSAFE_RESOLVE_WITHOUT_FENCE", "true"), ("REQUIRE_SYNC_STANDBYS", "0"), ("RESOLVE_DEADLINE", "8s")],
+    );
+    let (_new, new) = serve(&url, &[]);
+    wait_ready(&old).await;
+    wait_ready(&new).await;
+    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
+    for (base, w) in [(&old, "fence-old"), (&new, "fence-new")] {
+        let open = send(&client, base, &Op::Deposit { wallet: w.into(), amount: 100 }, None).await;
+        assert_eq!(open.status, 201, "opening {w}: {open:?}");
+    }
+
+    // Replication stops at the primary: its WAL senders freeze. (Freezing
+    // the standbys instead would not do here: WAL already sent waits in
+    // their sockets' buffers and reaches them when they resume.)
+    let primary = cluster.primary().expect("a primary");
+    cluster.freeze_walsenders(primary);
+    let old_op = Op::Deposit { wallet: "fence-old".into(), amount: 7 };
+    let new_op = Op::Deposit { wallet: "fence-new".into(), amount: 7 };
+    // One after the other: a commit waiting for its standbys holds the
+    // append lock, so a concurrent one would only time out on the lock.
+    let acked = send(&client, &old, &old_op, Some("fence-old-1")).await;
+    let unknown = send(&client, &new, &new_op, Some("fence-new-1")).await;
+    assert_eq!(acked.status, 201, "the unfenced path acknowledges the local commit: {acked:?}");
+    assert_eq!(
+        unknown.code.as_deref(),
+        Some("OUTCOME_UNKNOWN"),
+        "the fenced path cannot know: {unknown:?}"
+    );
+
+    // The primary's machine is lost; a standby takes over.
+    cluster.kill_node(primary);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let promoted = loop {
+        match cluster.primary() {
+            Some(p) if p != primary => break p,
+            _ => {
+                assert!(Instant::now() < deadline, "no standby was promoted");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let log = read_log(&cluster.node_url(promoted)).await;
+    assert!(
+        log.get("fence-old-1").is_none(),
+        "the unfenced 201 survived this time; the test did not reproduce the lost acknowledgement"
+    );
+
+    wait_writable(&new, Duration::from_secs(120)).await;
+    let retried = retry_unknowns(&new, std::slice::from_ref(&unknown)).await;
+    assert_eq!(retried[0].status, 201, "the retry: {:?}", retried[0]);
+    let log = read_log(&cluster.node_url(promoted)).await;
+    assert_eq!(log.get("fence-new-1").map(|l| l.positions.len()), Some(1), "exactly once");
+}
+
 /// A broker that loses a node: `serve` (with the relay) and the `worker`
 /// on a three-node RabbitMQ cluster with quorum queues, under write load,
 /// while the node leading the worker's queue is killed twice (each time

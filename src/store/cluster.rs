@@ -76,7 +76,7 @@ impl Cluster {
         if self.is_single() {
             return Ok(self.hosts[0].clone());
         }
-        let asked = futures_util::future::join_all(self.hosts.iter().map(|h| role(h, timeout))).await;
+        let asked = self.ask_all(timeout).await;
         let newest = asked
             .iter()
             .enumerate()
@@ -89,6 +89,42 @@ impl Cluster {
             Some((_, std::cmp::Reverse(i))) => Ok(self.hosts[i].clone()),
             None => Err(StoreError::NoPrimary(self.roles_text(&asked))),
         }
+    }
+
+    /// Every host's role, asked at once. Once one answers as primary the
+    /// others get `PRIMARY_GRACE` more (another may be on a newer
+    /// timeline), so a frozen host, which accepts the connection and never
+    /// answers, costs a discovery that grace and not the whole `timeout`.
+    async fn ask_all(&self, timeout: Duration) -> Vec<Role> {
+        use futures_util::StreamExt as _;
+        let mut pending: futures_util::stream::FuturesUnordered<_> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| async move { (i, role(h, timeout).await) })
+            .collect();
+        let mut asked: Vec<Role> = self.hosts.iter().map(|_| Role::Unreachable("not asked".to_owned())).collect();
+        let mut grace: Option<tokio::time::Instant> = None;
+        loop {
+            let next = match grace {
+                Some(until) => match tokio::time::timeout_at(until, pending.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => pending.next().await,
+            };
+            let Some((i, role)) = next else { break };
+            if matches!(role, Role::Primary(_)) && grace.is_none() {
+                grace = Some(tokio::time::Instant::now() + PRIMARY_GRACE);
+            }
+            asked[i] = role;
+        }
+        for (i, role) in asked.iter_mut().enumerate() {
+            if matches!(role, Role::Unreachable(why) if why == "not asked") {
+                *role = Role::Unreachable(format!("no answer within {PRIMARY_GRACE:?} of host {} answering as primary", i + 1));
+            }
+        }
+        asked
     }
 
     fn roles_text(&self, asked: &[Role]) -> String {
@@ -132,6 +168,9 @@ async fn role(host: &PgConnectOptions, timeout: Duration) -> Role {
         Ok(Ok((false, t))) => Role::Primary(t.and_then(|t| u32::from_str_radix(&t, 16).ok()).unwrap_or(0)),
     }
 }
+
+/// After one host answers as primary, how long the others have to answer.
+const PRIMARY_GRACE: Duration = Duration::from_millis(300);
 
 /// How often a pool on a host list checks that its host is still the primary.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);

@@ -638,8 +638,10 @@ impl PgWriter {
     /// primary runs without the synchronous standbys required.
     async fn open(&self) -> Result<Session, StoreError> {
         let timeout = self.options.connect_timeout;
+        // Finding the primary has a deadline of its own: a frozen host
+        // must not eat the connect's.
+        let host = self.cluster.primary(DISCOVERY_TIMEOUT).await?;
         let open = async {
-            let host = self.cluster.primary(timeout).await?;
             let address = cluster::address(&host);
             let mut conn = PgConnection::connect_with(&session_options(host, &self.options)).await?;
             let (pid, started, standby): (i32, DateTime<Utc>, bool) = sqlx::query_as(
@@ -724,8 +726,12 @@ impl PgWriter {
                 )));
             }
         }
-        // With the fence, this commit returns once the quorum has it.
+        // With the fence, this commit returns once the quorum has it, or
+        // once a failover manager drops the quorum: hence the check after.
         tx.commit().await?;
+        if self.options.fence && self.options.require_sync_standbys > 0 {
+            quorum_held(&mut conn, self.options.require_sync_standbys, self.options.resolve_deadline).await?;
+        }
         Ok(found)
     }
 }

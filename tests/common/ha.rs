@@ -89,7 +89,7 @@ impl PgCluster {
     pub fn wait_healthy(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            let out = self.run(&["wait-healthy"]);
+            let out = self.run(&["healthy"]);
             if out.status.success() {
                 return;
             }
@@ -105,7 +105,7 @@ impl PgCluster {
 
     /// Every process of a node (keeper and postgres), for a signal.
     fn pids(&self, node: u8) -> Vec<i32> {
-        let out = self.stdout(&["pids", &node.to_string()]).unwrap_or_default();
+        let out = self.stdout(&["procs", &node.to_string()]).unwrap_or_default();
         out.split_whitespace().filter_map(|w| w.parse().ok()).collect()
     }
 
@@ -141,6 +141,17 @@ impl PgCluster {
     pub fn freeze(&self, node: u8) -> Vec<i32> {
         let pids = self.pids(node);
         assert!(!pids.is_empty(), "no processes of node {node}");
+        self.signal(&pids, libc::SIGSTOP);
+        pids
+    }
+
+    /// Freezes the WAL senders of `node` (the primary's): replication
+    /// stops at the primary, with every node still healthy, and what it
+    /// commits from now on reaches no standby, not even a socket buffer.
+    pub fn freeze_walsenders(&self, node: u8) -> Vec<i32> {
+        let out = self.stdout(&["walsenders", &node.to_string()]).unwrap_or_default();
+        let pids: Vec<i32> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        assert!(!pids.is_empty(), "no WAL senders on node {node}");
         self.signal(&pids, libc::SIGSTOP);
         pids
     }
