@@ -285,7 +285,6 @@ async fn retry_unknowns(base: &str, answers: &[Answer]) -> Vec<Answer> {
 
 /// What one fault cost: from the fault to the next 201 of a request sent
 /// after it, and the OUTCOME_UNKNOWN answers in between.
-#[derive(Debug)]
 struct FaultCost {
     name: &'static str,
     unavailable_ms: Option<u128>,
@@ -398,8 +397,8 @@ async fn failover_under_load_loses_no_acknowledged_write() {
     // The primary's machine is lost, twice (each time another node leads).
     for _ in 0..2 {
         let primary = cluster.primary().expect("a primary");
-        faults.push(("primary machine killed", Instant::now()));
         cluster.kill_node(primary);
+        faults.push(("primary machine killed", Instant::now()));
         wait_writable(&a, Duration::from_secs(90)).await;
         settle().await;
         cluster.restart_node(primary);
@@ -410,8 +409,8 @@ async fn failover_under_load_loses_no_acknowledged_write() {
     // The primary hangs past the failover timeout, then resumes: it must
     // not take writes as a primary again.
     let primary = cluster.primary().expect("a primary");
-    faults.push(("primary frozen past failover", Instant::now()));
     let frozen = cluster.freeze(primary);
+    faults.push(("primary frozen past failover", Instant::now()));
     wait_writable(&a, Duration::from_secs(90)).await;
     settle().await;
     cluster.thaw(&frozen);
@@ -422,9 +421,11 @@ async fn failover_under_load_loses_no_acknowledged_write() {
     // be acknowledged until a standby is back.
     let primary = cluster.primary().expect("a primary");
     let standbys: Vec<u8> = (1..=3).filter(|n| *n != primary).collect();
+    let frozen: Vec<i32> = standbys.iter().flat_map(|n| cluster.freeze(*n)).collect();
+    // From here on no standby can confirm anything (finding the processes
+    // to freeze takes a while on a loaded machine: the window starts now).
     let quorum_lost = Instant::now();
     faults.push(("quorum lost, primary crashed", quorum_lost));
-    let frozen: Vec<i32> = standbys.iter().flat_map(|n| cluster.freeze(*n)).collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.kill_postmaster(primary);
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -442,11 +443,13 @@ async fn failover_under_load_loses_no_acknowledged_write() {
 
     let acknowledged_without_quorum: Vec<&Answer> = answers
         .iter()
-        .filter(|x| x.status == 201 && x.sent >= quorum_lost + Duration::from_secs(1) && x.done <= quorum_back)
+        .filter(|x| x.status == 201 && x.sent >= quorum_lost && x.done <= quorum_back)
         .collect();
     assert!(
         acknowledged_without_quorum.is_empty(),
-        "acknowledged while no standby could have it: {acknowledged_without_quorum:?}"
+        "{} writes acknowledged while no standby could have them, the first: {:?}",
+        acknowledged_without_quorum.len(),
+        acknowledged_without_quorum.first()
     );
 
     let retried = retry_unknowns(&a, &answers).await;
@@ -463,8 +466,14 @@ async fn failover_under_load_loses_no_acknowledged_write() {
         .map(|(name, at)| cost(name, *at, &answers))
         .collect();
     let count = |f: fn(&Answer) -> bool| answers.iter().filter(|x| f(x)).count();
+    for c in &costs {
+        eprintln!(
+            "failover fault: {}: next 201 after {:?} ms, {} OUTCOME_UNKNOWN before it",
+            c.name, c.unavailable_ms, c.unknown
+        );
+    }
     eprintln!(
-        "failover: {} answers: {} x 201, {} x 503 UNAVAILABLE, {} unknown ({} keyed, retried); faults: {costs:#?}",
+        "failover: {} answers: {} x 201, {} x 503 UNAVAILABLE, {} unknown ({} keyed, retried)",
         answers.len(),
         count(|x| x.status == 201),
         count(Answer::unavailable),

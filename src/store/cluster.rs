@@ -31,6 +31,8 @@ enum Role {
     /// Not in recovery, on this timeline.
     Primary(u32),
     Standby,
+    /// Out of recovery but refusing writes (being promoted or demoted).
+    ReadOnly,
     Unreachable(String),
 }
 
@@ -134,6 +136,7 @@ impl Cluster {
             .map(|(h, r)| match r {
                 Role::Primary(t) => format!("{} primary (timeline {t})", address(h)),
                 Role::Standby => format!("{} standby", address(h)),
+                Role::ReadOnly => format!("{} read-only", address(h)),
                 Role::Unreachable(why) => format!("{} unreachable: {why}", address(h)),
             })
             .collect::<Vec<_>>()
@@ -151,21 +154,25 @@ async fn role(host: &PgConnectOptions, timeout: Duration) -> Role {
     let ask = async {
         let mut conn = PgConnection::connect_with(host).await?;
         // pg_walfile_name fails during recovery, hence the CASE; its first
-        // eight hex digits are the timeline being written.
-        let (standby, timeline): (bool, Option<String>) = sqlx::query_as(
-            "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN NULL \
+        // eight hex digits are the timeline being written. A node just
+        // promoted by pg_auto_failover is read-only until the old primary
+        // is known to be demoted: not a primary yet.
+        let (standby, read_only, timeline): (bool, bool, Option<String>) = sqlx::query_as(
+            "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on', \
+             CASE WHEN pg_is_in_recovery() THEN NULL \
              ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
         )
         .fetch_one(&mut conn)
         .await?;
         let _ = conn.close().await;
-        Ok::<_, sqlx::Error>((standby, timeline))
+        Ok::<_, sqlx::Error>((standby, read_only, timeline))
     };
     match tokio::time::timeout(timeout, ask).await {
         Err(_) => Role::Unreachable(format!("no answer within {timeout:?}")),
         Ok(Err(e)) => Role::Unreachable(e.to_string()),
-        Ok(Ok((true, _))) => Role::Standby,
-        Ok(Ok((false, t))) => Role::Primary(t.and_then(|t| u32::from_str_radix(&t, 16).ok()).unwrap_or(0)),
+        Ok(Ok((true, _, _))) => Role::Standby,
+        Ok(Ok((false, true, _))) => Role::ReadOnly,
+        Ok(Ok((false, false, t))) => Role::Primary(t.and_then(|t| u32::from_str_radix(&t, 16).ok()).unwrap_or(0)),
     }
 }
 
@@ -219,7 +226,11 @@ pub(crate) async fn following_pool(
         .after_connect(move |conn, _| {
             let moves = on_connect.clone();
             Box::pin(async move {
-                let standby: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()").fetch_one(&mut *conn).await?;
+                let standby: bool = sqlx::query_scalar(
+                    "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only') = 'on'",
+                )
+                .fetch_one(&mut *conn)
+                .await?;
                 if standby {
                     moves.wake.notify_one();
                     return Err(sqlx::Error::Protocol("connected to a standby, not the primary".to_owned()));
