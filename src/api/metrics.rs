@@ -93,6 +93,13 @@ pub async fn render(State(app): State<Arc<AppState>>) -> Response {
             metrics::gauge!("broker_dead_letter_depth").set(f64::from(b.dead_letter_depth));
         }
     }
+    if let Some(replicas) = &app.replicas {
+        for (standby, replayed, lag) in replicas.standbys.heads() {
+            let labels = [("standby", standby.to_owned())];
+            metrics::gauge!("wallet_standby_replayed_position", &labels).set(replayed as f64);
+            metrics::gauge!("wallet_standby_lag_events", &labels).set(if lag == i64::MAX { -1.0 } else { lag as f64 });
+        }
+    }
     let mut response = handle().render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

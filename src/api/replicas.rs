@@ -45,11 +45,17 @@ where
         if let Some(i) = replicas.standbys.pick(min.unwrap_or(0), app.read_wait).await {
             let projections = replicas.projections[i].clone();
             match on(&projections, projection, min, app, &read).await {
-                Ok(Some(answer)) => return Ok(answer),
+                Ok(Some(answer)) => {
+                    metrics::counter!("wallet_standby_reads_total", "served_by" => "standby").increment(1);
+                    return Ok(answer);
+                }
                 Ok(None) => {}
                 Err(e) => replicas.standbys.failed(i, &e),
             }
         }
+    }
+    if app.replicas.is_some() {
+        metrics::counter!("wallet_standby_reads_total", "served_by" => "primary").increment(1);
     }
     let position = at(&app.projections, projection, min, app).await?;
     Ok((read(app.projections.clone()).await?, position))
@@ -106,9 +112,15 @@ where
 {
     if let Some((i, store)) = log_store(app).await {
         match read(store).await {
-            Ok(answer) => return Ok(answer),
+            Ok(answer) => {
+                metrics::counter!("wallet_standby_reads_total", "served_by" => "standby").increment(1);
+                return Ok(answer);
+            }
             Err(e) => app.replicas.as_ref().map_or((), |r| r.standbys.failed(i, &e)),
         }
+    }
+    if app.replicas.is_some() {
+        metrics::counter!("wallet_standby_reads_total", "served_by" => "primary").increment(1);
     }
     Ok(read(app.feed.store().clone()).await?)
 }
