@@ -917,7 +917,10 @@ async fn events_the_broker_lost_are_read_from_the_log() {
     projections.ensure().await.unwrap();
     let ledger = Ledger::new(db.store.clone());
     for i in 0..12 {
-        ledger.deposit(id(&format!("gap{}", i % 3)), amount("5"), None).await.unwrap();
+        ledger
+            .deposit(id(&format!("gap{}", i % 3)), amount("5"), None)
+            .await
+            .unwrap();
     }
     let events = db.store.read_all(0, 1000).await.unwrap();
     let head = events.last().unwrap().position;
@@ -934,7 +937,13 @@ async fn events_the_broker_lost_are_read_from_the_log() {
     for e in kept {
         let m = EventMessage::of(e);
         let confirm = channel
-            .basic_publish(&topology.exchange, "", BasicPublishOptions::default(), &m.body(), m.properties())
+            .basic_publish(
+                &topology.exchange,
+                "",
+                BasicPublishOptions::default(),
+                &m.body(),
+                m.properties(),
+            )
             .await
             .unwrap();
         assert!(confirm.await.unwrap().is_ack());

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::free_port;
 use std::ops::{Deref, DerefMut};
 use std::process::{Command, Output, Stdio};
 
@@ -43,12 +44,6 @@ fn wallet(args: &[&str]) -> Wallet {
         command: c,
         _dir: cleanup,
     }
-}
-
-/// A local port nothing listens on (for a `serve` the test starts).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
-    listener.local_addr().expect("its address").port()
 }
 
 fn run(c: &mut Command) -> Output {

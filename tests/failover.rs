@@ -13,8 +13,9 @@
 
 mod common;
 
+use common::{free_port, Running};
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,24 +31,6 @@ const CLIENTS: usize = 8;
 /// Longer than any answer the service can take (its own limit is 34 s).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
 
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("its address")
-        .port()
-}
-
 /// `wallet serve` on the cluster, with `env` on top of the HA settings.
 fn serve(url: &str, env: &[(&str, &str)]) -> (Running, String) {
     let port = free_port();
@@ -62,7 +45,10 @@ fn serve(url: &str, env: &[(&str, &str)]) -> (Running, String) {
     for (k, v) in env {
         c.env(k, v);
     }
-    (Running(c.spawn().expect("start wallet serve")), format!("http://127.0.0.1:{port}"))
+    (
+        Running(c.spawn().expect("start wallet serve")),
+        format!("http://127.0.0.1:{port}"),
+    )
 }
 
 async fn wait_ready(base: &str) {
@@ -95,8 +81,14 @@ impl Op {
             body
         };
         match self {
-            Op::Deposit { wallet, amount } => (format!("/wallet/{wallet}/deposit"), with_key(json!({"amount": amount.to_string()}))),
-            Op::Withdraw { wallet, amount } => (format!("/wallet/{wallet}/withdraw"), with_key(json!({"amount": amount.to_string()}))),
+            Op::Deposit { wallet, amount } => (
+                format!("/wallet/{wallet}/deposit"),
+                with_key(json!({"amount": amount.to_string()})),
+            ),
+            Op::Withdraw { wallet, amount } => (
+                format!("/wallet/{wallet}/withdraw"),
+                with_key(json!({"amount": amount.to_string()})),
+            ),
             Op::Transfer { from, to, amount } => (
                 format!("/wallet/{from}/transfer"),
                 with_key(json!({"toWalletId": to, "amount": amount.to_string()})),
@@ -171,8 +163,14 @@ fn random_op() -> Op {
     let amount = 1 + below(20) as u32;
     let (a, b) = (below(WALLETS), below(WALLETS));
     match below(10) {
-        0..=3 => Op::Deposit { wallet: wallet(a), amount },
-        4..=6 => Op::Withdraw { wallet: wallet(a), amount },
+        0..=3 => Op::Deposit {
+            wallet: wallet(a),
+            amount,
+        },
+        4..=6 => Op::Withdraw {
+            wallet: wallet(a),
+            amount,
+        },
         _ => Op::Transfer {
             from: wallet(a),
             to: wallet(if a == b { (b + 1) % WALLETS } else { b }),
@@ -183,7 +181,10 @@ fn random_op() -> Op {
 
 /// A client sending random operations to the servers in turn until `stop`.
 async fn client_loop(bases: Vec<String>, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Answer>>>) {
-    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
+    let client = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .expect("client");
     let mut turn = below(bases.len());
     while !stop.load(Ordering::Relaxed) {
         let op = random_op();
@@ -201,13 +202,23 @@ async fn client_loop(bases: Vec<String>, stop: Arc<AtomicBool>, log: Arc<Mutex<V
 
 /// Opens every wallet with 1,000 (keyed, retried until it lands).
 async fn seed(base: &str) {
-    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
-    let chunks: Vec<Vec<usize>> = (0..WALLETS).collect::<Vec<_>>().chunks(WALLETS / 8).map(<[usize]>::to_vec).collect();
+    let client = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .expect("client");
+    let chunks: Vec<Vec<usize>> = (0..WALLETS)
+        .collect::<Vec<_>>()
+        .chunks(WALLETS / 8)
+        .map(<[usize]>::to_vec)
+        .collect();
     let tasks = chunks.into_iter().map(|chunk| {
         let (client, base) = (client.clone(), base.to_owned());
         tokio::spawn(async move {
             for i in chunk {
-                let op = Op::Deposit { wallet: wallet(i), amount: 1000 };
+                let op = Op::Deposit {
+                    wallet: wallet(i),
+                    amount: 1000,
+                };
                 let key = format!("seed-{i}");
                 for _ in 0..100 {
                     if send(&client, &base, &op, Some(&key)).await.status == 201 {
@@ -266,7 +277,10 @@ async fn conserved(url: &str) -> (String, String) {
 
 /// Retries each keyed unknown answer with its key until it is decided.
 async fn retry_unknowns(base: &str, answers: &[Answer]) -> Vec<Answer> {
-    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
+    let client = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .expect("client");
     let mut decided = Vec::new();
     for a in answers.iter().filter(|a| a.unknown() && a.key.is_some()) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -276,7 +290,11 @@ async fn retry_unknowns(base: &str, answers: &[Answer]) -> Vec<Answer> {
                 decided.push(again);
                 break;
             }
-            assert!(Instant::now() < deadline, "a retry of {:?} stayed undecided: {again:?}", a.key);
+            assert!(
+                Instant::now() < deadline,
+                "a retry of {:?} stayed undecided: {again:?}",
+                a.key
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -310,18 +328,30 @@ fn cost(name: &'static str, at: Instant, answers: &[Answer]) -> FaultCost {
 
 /// Holds the surviving log to every answer given.
 fn check_answers(answers: &[Answer], retried: &[Answer], log: &HashMap<String, Logged>) {
-    let retried_by_key: HashMap<&str, &Answer> =
-        retried.iter().filter_map(|a| a.key.as_deref().map(|k| (k, a))).collect();
+    let retried_by_key: HashMap<&str, &Answer> = retried
+        .iter()
+        .filter_map(|a| a.key.as_deref().map(|k| (k, a)))
+        .collect();
     let mut committed = 0;
     for a in answers {
-        let request = a.key.clone().or_else(|| a.body.get("requestId").and_then(Value::as_str).map(str::to_owned));
+        let request = a
+            .key
+            .clone()
+            .or_else(|| a.body.get("requestId").and_then(Value::as_str).map(str::to_owned));
         let logged = request.as_deref().and_then(|r| log.get(r));
         if a.status == 201 {
             committed += 1;
             let logged = logged.unwrap_or_else(|| panic!("an acknowledged write is not in the log: {a:?}"));
             let position = a.body["position"].as_i64().expect("a 201 names its position");
-            assert!(logged.positions.contains(&position), "{a:?} is not at its position: {logged:?}");
-            assert_eq!(logged.positions.len(), a.op.events(), "{a:?} appears more than once: {logged:?}");
+            assert!(
+                logged.positions.contains(&position),
+                "{a:?} is not at its position: {logged:?}"
+            );
+            assert_eq!(
+                logged.positions.len(),
+                a.op.events(),
+                "{a:?} appears more than once: {logged:?}"
+            );
         }
         if a.unavailable() {
             if let Some(key) = &a.key {
@@ -335,7 +365,11 @@ fn check_answers(answers: &[Answer], retried: &[Answer], log: &HashMap<String, L
                 let again = retried_by_key[key.as_str()];
                 let in_log = log.get(key).map_or(0, |l| l.positions.len());
                 match again.status {
-                    201 => assert_eq!(in_log, a.op.events(), "a retried unknown took effect {in_log} times: {a:?}"),
+                    201 => assert_eq!(
+                        in_log,
+                        a.op.events(),
+                        "a retried unknown took effect {in_log} times: {a:?}"
+                    ),
                     _ => assert_eq!(in_log, 0, "a retry refused ({again:?}) yet the log has it: {a:?}"),
                 }
             }
@@ -361,9 +395,15 @@ fn verify(url: &str) {
 
 /// Waits until writes succeed again through `base` (after a fault).
 async fn wait_writable(base: &str, limit: Duration) {
-    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
+    let client = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .expect("client");
     let deadline = Instant::now() + limit;
-    let op = Op::Deposit { wallet: wallet(0), amount: 1 };
+    let op = Op::Deposit {
+        wallet: wallet(0),
+        amount: 1,
+    };
     loop {
         let key = uuid::Uuid::new_v4().to_string();
         if send(&client, base, &op, Some(&key)).await.status == 201 {
@@ -459,12 +499,12 @@ async fn failover_under_load_loses_no_acknowledged_write() {
     check_answers(&answers, &retried, &surviving);
     verify(&url);
     let (moved, held) = conserved(&primary_url).await;
-    assert_eq!(moved, held, "deposits less withdrawals differ from the wallets' balances");
+    assert_eq!(
+        moved, held,
+        "deposits less withdrawals differ from the wallets' balances"
+    );
 
-    let costs: Vec<FaultCost> = faults
-        .iter()
-        .map(|(name, at)| cost(name, *at, &answers))
-        .collect();
+    let costs: Vec<FaultCost> = faults.iter().map(|(name, at)| cost(name, *at, &answers)).collect();
     let count = |f: fn(&Answer) -> bool| answers.iter().filter(|x| f(x)).count();
     for c in &costs {
         eprintln!(
@@ -494,27 +534,37 @@ async fn standby_reads_never_return_older_state() {
     let url = cluster.url();
     let (_serve, base) = serve(&url, &[("DATABASE_READ_URL", url.as_str())]);
     wait_ready(&base).await;
-    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
+    let client = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .expect("client");
     let get = |path: String| {
         let client = client.clone();
         let base = base.clone();
         async move {
             let r = client.get(format!("{base}{path}")).send().await.expect("a read");
             assert_eq!(r.status(), 200, "GET {path}");
-            let at: i64 = r.headers().get("x-projection-position").map_or(-1, |v| {
-                v.to_str().ok().and_then(|t| t.parse().ok()).unwrap_or(-1)
-            });
+            let at: i64 = r
+                .headers()
+                .get("x-projection-position")
+                .map_or(-1, |v| v.to_str().ok().and_then(|t| t.parse().ok()).unwrap_or(-1));
             (at, r.json::<Value>().await.expect("a JSON body"))
         }
     };
     for i in 1..=150 {
-        let op = Op::Deposit { wallet: "reader".into(), amount: 1 };
+        let op = Op::Deposit {
+            wallet: "reader".into(),
+            amount: 1,
+        };
         let wrote = send(&client, &base, &op, None).await;
         assert_eq!(wrote.status, 201, "{wrote:?}");
         let p = wrote.body["position"].as_i64().expect("position");
         let (at, history) = get(format!("/wallet/reader/history?limit=1&minPosition={p}")).await;
         assert!(at >= p, "history answered at {at}, below minPosition {p}");
-        assert_eq!(history[0]["position"], p, "the newest history item is the write just made");
+        assert_eq!(
+            history[0]["position"], p,
+            "the newest history item is the write just made"
+        );
         let (at, stats) = get(format!("/wallet/reader/stats?minPosition={p}")).await;
         assert!(at >= p, "stats answered at {at}, below minPosition {p}");
         assert_eq!(stats["depositCount"], i, "stats after {i} deposits: {stats}");
@@ -539,9 +589,19 @@ async fn standby_reads_never_return_older_state() {
         }
         seen.extend(page.iter().map(|e| e["position"].as_i64().expect("position")));
     }
-    assert_eq!(seen, expected, "the log read through the standbys differs from the primary's");
+    assert_eq!(
+        seen, expected,
+        "the log read through the standbys differs from the primary's"
+    );
 
-    let metrics = client.get(format!("{base}/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
     let served = metrics
         .lines()
         .find(|l| l.starts_with("wallet_standby_reads_total{served_by=\"standby\"}"))
@@ -567,14 +627,30 @@ async fn without_the_fence_a_quorum_loss_loses_an_acknowledged_write() {
     let url = cluster.url();
     let (_old, old) = serve(
         &url,
-        &[("UNSAFE_RESOLVE_WITHOUT_FENCE", "true"), ("REQUIRE_SYNC_STANDBYS", "0"), ("RESOLVE_DEADLINE", "8s")],
+        &[
+            ("UNSAFE_RESOLVE_WITHOUT_FENCE", "true"),
+            ("REQUIRE_SYNC_STANDBYS", "0"),
+            ("RESOLVE_DEADLINE", "8s"),
+        ],
     );
     let (_new, new) = serve(&url, &[]);
     wait_ready(&old).await;
     wait_ready(&new).await;
-    let client = reqwest::Client::builder().timeout(CLIENT_TIMEOUT).build().expect("client");
+    let client = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .expect("client");
     for (base, w) in [(&old, "fence-old"), (&new, "fence-new")] {
-        let open = send(&client, base, &Op::Deposit { wallet: w.into(), amount: 100 }, None).await;
+        let open = send(
+            &client,
+            base,
+            &Op::Deposit {
+                wallet: w.into(),
+                amount: 100,
+            },
+            None,
+        )
+        .await;
         assert_eq!(open.status, 201, "opening {w}: {open:?}");
     }
 
@@ -583,13 +659,22 @@ async fn without_the_fence_a_quorum_loss_loses_an_acknowledged_write() {
     // their sockets' buffers and reaches them when they resume.)
     let primary = cluster.primary().expect("a primary");
     cluster.freeze_walsenders(primary);
-    let old_op = Op::Deposit { wallet: "fence-old".into(), amount: 7 };
-    let new_op = Op::Deposit { wallet: "fence-new".into(), amount: 7 };
+    let old_op = Op::Deposit {
+        wallet: "fence-old".into(),
+        amount: 7,
+    };
+    let new_op = Op::Deposit {
+        wallet: "fence-new".into(),
+        amount: 7,
+    };
     // One after the other: a commit waiting for its standbys holds the
     // append lock, so a concurrent one would only time out on the lock.
     let acked = send(&client, &old, &old_op, Some("fence-old-1")).await;
     let unknown = send(&client, &new, &new_op, Some("fence-new-1")).await;
-    assert_eq!(acked.status, 201, "the unfenced path acknowledges the local commit: {acked:?}");
+    assert_eq!(
+        acked.status, 201,
+        "the unfenced path acknowledges the local commit: {acked:?}"
+    );
     assert_eq!(
         unknown.code.as_deref(),
         Some("OUTCOME_UNKNOWN"),
@@ -618,7 +703,11 @@ async fn without_the_fence_a_quorum_loss_loses_an_acknowledged_write() {
     let retried = retry_unknowns(&new, std::slice::from_ref(&unknown)).await;
     assert_eq!(retried[0].status, 201, "the retry: {:?}", retried[0]);
     let log = read_log(&cluster.node_url(promoted)).await;
-    assert_eq!(log.get("fence-new-1").map(|l| l.positions.len()), Some(1), "exactly once");
+    assert_eq!(
+        log.get("fence-new-1").map(|l| l.positions.len()),
+        Some(1),
+        "exactly once"
+    );
 }
 
 /// A broker that loses a node: `serve` (with the relay) and the `worker`
@@ -655,9 +744,23 @@ async fn broker_node_loss_costs_time_never_an_event() {
     wait_ready(&base).await;
 
     let mut load = Command::new(env!("CARGO_BIN_EXE_wallet"));
-    load.args(["load", "--url", &base, "--seconds", "40", "--concurrency", "8", "--wallets", "200"]);
+    load.args([
+        "load",
+        "--url",
+        &base,
+        "--seconds",
+        "40",
+        "--concurrency",
+        "8",
+        "--wallets",
+        "200",
+    ]);
     broker_env(&mut load);
-    let load = load.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start load");
+    let load = load
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start load");
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(6)).await;
         let leader = rabbit.leader_of(&queue).expect("the worker queue has a leader");
@@ -680,7 +783,13 @@ async fn broker_node_loss_costs_time_never_an_event() {
     assert!(head > 100, "the load wrote events ({head})");
     let projections = Projections::new(db.store.clone(), FraudRules::default());
     let deadline = Instant::now() + Duration::from_secs(90);
-    while !projections.status().await.expect("status").iter().all(|s| s.checkpoint >= head) {
+    while !projections
+        .status()
+        .await
+        .expect("status")
+        .iter()
+        .all(|s| s.checkpoint >= head)
+    {
         assert!(
             Instant::now() < deadline,
             "the worker did not reach {head}: {:?}",

@@ -21,10 +21,11 @@
 
 mod common;
 
+use common::{free_port, Running};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -683,24 +684,6 @@ async fn a_silent_database_fails_writes_in_time_and_turns_ready_off() {
 // ---------------------------------------------------------------------------
 // 3. SIGKILL of the service under write load
 // ---------------------------------------------------------------------------
-
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `wallet serve` on the database directly, without a broker (the
 /// projections run in-process).

@@ -7,7 +7,8 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use common::Running;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -276,16 +277,6 @@ async fn at_the_connection_cap_idle_and_slow_connections_make_room_for_clients()
     );
     for t in hostile {
         t.abort();
-    }
-}
-
-/// Kills the process when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

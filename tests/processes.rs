@@ -6,23 +6,14 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use common::{free_port, Running};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{amqp_url, Observer};
 use wallet::broker::Topology;
 use wallet::projections::{FraudRules, Projections};
-
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wallet(args: &[&str], db: &str, exchange: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_wallet"));
@@ -33,14 +24,6 @@ fn wallet(args: &[&str], db: &str, exchange: &str) -> Command {
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
     c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn wait_healthy(base: &str) {

@@ -16,8 +16,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
 use super::input::WalletPath;
-use super::replicas::log_page;
 use super::problem::{Problem, ProblemBody};
+use super::replicas::log_page;
 use super::AppState;
 use crate::aggregate::WalletId;
 use crate::feed::{self, Delivery, FeedError, LogEvent};

@@ -170,9 +170,10 @@ fn parse_cursor(text: Option<&str>) -> Result<Option<i64>, Problem> {
 /// `minPosition`: the read model waits until it has applied it.
 fn min_position(text: Option<&str>) -> Result<Option<Position>, Problem> {
     text.map(|t| {
-        t.parse::<Position>().ok().filter(|p| *p >= 0).ok_or_else(|| {
-            Problem::bad_request("INVALID_MIN_POSITION", "minPosition must be a log position (>= 0)")
-        })
+        t.parse::<Position>()
+            .ok()
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| Problem::bad_request("INVALID_MIN_POSITION", "minPosition must be a log position (>= 0)"))
     })
     .transpose()
 }
@@ -252,8 +253,10 @@ pub async fn history(
         before_key: None,
         limit,
     };
-    let (rows, position) =
-        read_model(&app, history::NAME, min, |p| async move { p.query(history::NAME, query).await }).await?;
+    let (rows, position) = read_model(&app, history::NAME, min, |p| async move {
+        p.query(history::NAME, query).await
+    })
+    .await?;
     Ok(page(rows, limit, position))
 }
 
@@ -309,8 +312,13 @@ pub async fn wallet_holds(
         before_key: None,
         limit,
     };
-    let (rows, position) =
-        read_model(&app, holds::NAME, min, |p| async move { p.query(holds::NAME, query).await }).await?;
+    let (rows, position) = read_model(
+        &app,
+        holds::NAME,
+        min,
+        |p| async move { p.query(holds::NAME, query).await },
+    )
+    .await?;
     Ok(page(rows, limit, position))
 }
 
@@ -365,8 +373,13 @@ async fn list_flags(
         before_key: before.as_ref().and_then(|(_, k)| k.as_deref()),
         limit,
     };
-    let (rows, position) =
-        read_model(app, flags::NAME, min, |p| async move { p.query(flags::NAME, query).await }).await?;
+    let (rows, position) = read_model(
+        app,
+        flags::NAME,
+        min,
+        |p| async move { p.query(flags::NAME, query).await },
+    )
+    .await?;
     Ok(flag_page(rows, limit, position))
 }
 

@@ -278,8 +278,17 @@ impl Worker {
             Ok(events) => events,
             Err(e) => return tracing::debug!(error = %e, "worker cannot read the log"),
         };
-        let incoming: Vec<Incoming> = events.into_iter().filter(|e| e.position <= confirmed).map(Incoming::Event).collect();
-        tracing::warn!(after = low, confirmed, events = incoming.len(), "confirmed events that never arrived, applied from the log");
+        let incoming: Vec<Incoming> = events
+            .into_iter()
+            .filter(|e| e.position <= confirmed)
+            .map(Incoming::Event)
+            .collect();
+        tracing::warn!(
+            after = low,
+            confirmed,
+            events = incoming.len(),
+            "confirmed events that never arrived, applied from the log"
+        );
         metrics::counter!("wallet_worker_gap_events_total").increment(incoming.len() as u64);
         if let Err(e) = self.projections.apply_delivered(&incoming).await {
             tracing::warn!(error = %e, "worker could not apply the events read from the log");

@@ -176,7 +176,11 @@ impl ServeArgs {
         );
         let standbys = crate::store::standby::Standbys::connect(url, store.clone(), self.read_max_lag)
             .context("DATABASE_READ_URL")?;
-        tracing::info!(standbys = standbys.len(), max_lag = self.read_max_lag, "reads from standbys");
+        tracing::info!(
+            standbys = standbys.len(),
+            max_lag = self.read_max_lag,
+            "reads from standbys"
+        );
         Ok(Some(Arc::new(api::replicas::Replicas::new(standbys, rules))))
     }
 }

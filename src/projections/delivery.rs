@@ -138,12 +138,21 @@ impl Projections {
             tx.commit().await?;
             return Ok(outcomes);
         }
-        tracing::warn!(events = missing.len(), after = low, "events the broker never delivered, read from the log");
+        tracing::warn!(
+            events = missing.len(),
+            after = low,
+            "events the broker never delivered, read from the log"
+        );
         metrics::counter!("wallet_worker_gap_events_total").increment(missing.len() as u64);
         let (merged, filled) = merge_in_order(incoming, missing);
         let outcomes = self.deliver_in(&mut tx, &merged).await?;
         tx.commit().await?;
-        Ok(outcomes.into_iter().zip(filled).filter(|(_, f)| !f).map(|(o, _)| o).collect())
+        Ok(outcomes
+            .into_iter()
+            .zip(filled)
+            .filter(|(_, f)| !f)
+            .map(|(o, _)| o)
+            .collect())
     }
 
     /// The log's events after `low` and up to the batch's highest position
@@ -162,8 +171,13 @@ impl Projections {
         let mut after = low;
         while after < high {
             let page = self.store.read_all(after, GAP_PAGE).await?;
-            let Some(last) = page.last().map(|e| e.position) else { break };
-            missing.extend(page.into_iter().filter(|e| e.position <= high && !delivered.contains(&e.position)));
+            let Some(last) = page.last().map(|e| e.position) else {
+                break;
+            };
+            missing.extend(
+                page.into_iter()
+                    .filter(|e| e.position <= high && !delivered.contains(&e.position)),
+            );
             after = last;
         }
         Ok(missing)

@@ -105,7 +105,11 @@ impl Cluster {
             .enumerate()
             .map(|(i, h)| async move { (i, role(h, timeout).await) })
             .collect();
-        let mut asked: Vec<Role> = self.hosts.iter().map(|_| Role::Unreachable("not asked".to_owned())).collect();
+        let mut asked: Vec<Role> = self
+            .hosts
+            .iter()
+            .map(|_| Role::Unreachable("not asked".to_owned()))
+            .collect();
         let mut grace: Option<tokio::time::Instant> = None;
         loop {
             let next = match grace {
@@ -123,7 +127,10 @@ impl Cluster {
         }
         for (i, role) in asked.iter_mut().enumerate() {
             if matches!(role, Role::Unreachable(why) if why == "not asked") {
-                *role = Role::Unreachable(format!("no answer within {PRIMARY_GRACE:?} of host {} answering as primary", i + 1));
+                *role = Role::Unreachable(format!(
+                    "no answer within {PRIMARY_GRACE:?} of host {} answering as primary",
+                    i + 1
+                ));
             }
         }
         asked
@@ -196,12 +203,16 @@ struct Moves {
 
 impl Moves {
     fn moved(&self) {
-        self.last_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
     }
 
     /// Whether a connection of this age was opened after the last move.
     fn opened_since_move(&self, age: Duration) -> bool {
-        let since = self.epoch.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Acquire)));
+        let since = self
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Acquire)));
         age <= since
     }
 }
@@ -233,7 +244,9 @@ pub(crate) async fn following_pool(
                 .await?;
                 if standby {
                     moves.wake.notify_one();
-                    return Err(sqlx::Error::Protocol("connected to a standby, not the primary".to_owned()));
+                    return Err(sqlx::Error::Protocol(
+                        "connected to a standby, not the primary".to_owned(),
+                    ));
                 }
                 Ok(())
             })
@@ -357,14 +370,19 @@ mod tests {
         let c = Cluster::parse("postgres://postgres@127.0.0.1:6501,127.0.0.1:6502/wallet").expect("parses");
         assert_eq!(c.describe(), "127.0.0.1:6501,127.0.0.1:6502");
         assert!(!c.is_single());
-        assert!(Cluster::parse("postgres://postgres@127.0.0.1:5432/x").expect("parses").is_single());
+        assert!(Cluster::parse("postgres://postgres@127.0.0.1:5432/x")
+            .expect("parses")
+            .is_single());
         assert!(split_hosts("postgres://u@h1,,h2/db").is_err());
     }
 
     #[test]
     fn the_standbys_a_commit_waits_for() {
         assert_eq!(sync_standbys_required(""), 0);
-        assert_eq!(sync_standbys_required("ANY 1 (pgautofailover_standby_2, pgautofailover_standby_3)"), 1);
+        assert_eq!(
+            sync_standbys_required("ANY 1 (pgautofailover_standby_2, pgautofailover_standby_3)"),
+            1
+        );
         assert_eq!(sync_standbys_required("FIRST 2 (a, b, c)"), 2);
         assert_eq!(sync_standbys_required("2 (a, b)"), 2);
         assert_eq!(sync_standbys_required("a, b"), 1);

@@ -730,7 +730,12 @@ impl PgWriter {
         // once a failover manager drops the quorum: hence the check after.
         tx.commit().await?;
         if self.options.fence && self.options.require_sync_standbys > 0 {
-            quorum_held(&mut conn, self.options.require_sync_standbys, self.options.resolve_deadline).await?;
+            quorum_held(
+                &mut conn,
+                self.options.require_sync_standbys,
+                self.options.resolve_deadline,
+            )
+            .await?;
         }
         Ok(found)
     }

@@ -143,7 +143,13 @@ impl Standbys {
     pub fn heads(&self) -> Vec<(&str, i64, i64)> {
         self.nodes
             .iter()
-            .map(|s| (s.address.as_str(), s.replayed.load(Ordering::Acquire), s.lag.load(Ordering::Acquire)))
+            .map(|s| {
+                (
+                    s.address.as_str(),
+                    s.replayed.load(Ordering::Acquire),
+                    s.lag.load(Ordering::Acquire),
+                )
+            })
             .collect()
     }
 }

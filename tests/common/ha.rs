@@ -211,7 +211,11 @@ impl RabbitCluster {
         let cluster = Self { base, dir };
         let name = format!("wallet-test-{base}");
         let out = cluster.run(&["start", "--name", &name]);
-        assert!(out.status.success(), "starting the RabbitMQ cluster failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "starting the RabbitMQ cluster failed:\n{}",
+            text(&out)
+        );
         cluster
     }
 
@@ -258,13 +262,21 @@ impl RabbitCluster {
     /// SIGKILLs node `n` (its Erlang VM).
     pub fn kill(&self, n: u8) {
         let out = self.run(&["kill", &n.to_string()]);
-        assert!(out.status.success(), "killing RabbitMQ node {n} failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "killing RabbitMQ node {n} failed:\n{}",
+            text(&out)
+        );
     }
 
     /// Starts node `n` again; it rejoins the cluster.
     pub fn restart(&self, n: u8) {
         let out = self.run(&["restart", &n.to_string()]);
-        assert!(out.status.success(), "restarting RabbitMQ node {n} failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "restarting RabbitMQ node {n} failed:\n{}",
+            text(&out)
+        );
     }
 }
 

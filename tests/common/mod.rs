@@ -185,3 +185,20 @@ macro_rules! on_both_backends {
         )+
     };
 }
+
+/// A child process of the test, killed (and reaped) when dropped, so a
+/// failing test leaves nothing running.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A local port nothing listens on (for a process the test starts).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
+    listener.local_addr().expect("its address").port()
+}
