@@ -11,7 +11,8 @@
 #        postgres://postgres@127.0.0.1:5432), PORT (3100), SECONDS_RUN (10),
 #        PROCESSES (serve processes on the one database, default 1),
 #        RESTART=1 (then restart the servers on the same database and run again),
-#        LOAD_ARGS (more `wallet load` options, e.g. --keyed)
+#        LOAD_ARGS (more `wallet load` options, e.g. --keyed), PGBENCH_PORT (the
+#        port pgbench and psql reach the primary on, default 5432)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WALLET=${WALLET:-target/release/wallet}
@@ -79,6 +80,6 @@ for wallets in "${WALLETS[@]}"; do
     fi
     psql -q "$PGURL/$DB" -c "CREATE TABLE pgb_ins (id bigserial primary key, v text)"
     echo "INSERT INTO pgb_ins (v) VALUES ('x');" > /tmp/wp_ins.sql
-    tps=$(pgbench -h 127.0.0.1 -U postgres -n -c 16 -j 2 -T "$RUN" -f /tmp/wp_ins.sql "$DB" 2>/dev/null | grep -oE 'tps = [0-9.]+' | cut -d' ' -f3)
+    tps=$(pgbench -h 127.0.0.1 -p "${PGBENCH_PORT:-5432}" -U postgres -n -c 16 -j 2 -T "$RUN" -f /tmp/wp_ins.sql "$DB" 2>/dev/null | grep -oE 'tps = [0-9.]+' | cut -d' ' -f3)
     echo "pgbench tps=$tps"
 done
