@@ -1,12 +1,14 @@
-//! Losing a machine: two `serve` processes on a three-node PostgreSQL
-//! cluster under pg_auto_failover (one primary, two standbys, a commit
-//! waits for ANY 1 of them), under keyed and unkeyed deposits, withdrawals
-//! and transfers over 1,000 wallets, every answer logged, while the test
-//! kills, freezes and starves the primary. Afterwards the surviving log is
-//! held to every answer: each 201 is in it at its position, nothing
-//! answered 503 UNAVAILABLE is, each OUTCOME_UNKNOWN retried with its key
-//! takes effect exactly once, `wallet verify` is clean and money is
-//! conserved. A second test shows what the quorum fence guards against.
+//! Losing a machine: two `serve` processes (relaying to RabbitMQ) and a
+//! `worker` on a three-node PostgreSQL cluster under pg_auto_failover (one
+//! primary, two standbys, a commit waits for ANY 1 of them), under keyed
+//! and unkeyed deposits, withdrawals and transfers over 1,000 wallets,
+//! every answer logged, while the test kills, freezes and starves the
+//! primary. Afterwards the surviving log is held to every answer: each 201
+//! is in it at its position, nothing answered 503 UNAVAILABLE is, each
+//! OUTCOME_UNKNOWN retried with its key takes effect exactly once, `wallet
+//! verify` is clean, money is conserved, and every position reached the
+//! worker, whose read models equal a rebuild. Other tests: reads from
+//! standbys, what the quorum fence guards against, a broker node's loss.
 //!
 //! Each test starts its own cluster (`deploy/ha/pg-cluster.sh`, ports of
 //! its own) and runs alone: a cluster is heavy for two cores.
@@ -393,6 +395,35 @@ fn verify(url: &str) {
     );
 }
 
+/// Every position of the surviving log reached the worker (through the
+/// relay and the broker, across the failovers), and its read models equal
+/// a rebuild from the log.
+async fn worker_caught_up(url: &str) {
+    use wallet::projections::{FraudRules, Projections};
+    let store = wallet::config::open_existing(url).await.expect("open the cluster");
+    let head = store.head_position().await.expect("the log head");
+    let projections = Projections::new(store, FraudRules::default());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !projections
+        .status()
+        .await
+        .expect("status")
+        .iter()
+        .all(|s| s.checkpoint >= head)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not reach {head}: {:?}",
+            projections.status().await.expect("status")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for name in projections.names() {
+        let differences = projections.verify(name, 20).await.expect("verify a read model");
+        assert!(differences.is_empty(), "{name} differs from a rebuild: {differences:?}");
+    }
+}
+
 /// Waits until writes succeed again through `base` (after a fault).
 async fn wait_writable(base: &str, limit: Duration) {
     let client = reqwest::Client::builder()
@@ -419,8 +450,26 @@ async fn failover_under_load_loses_no_acknowledged_write() {
     let _alone = ALONE.lock().await;
     let cluster = PgCluster::start();
     let url = cluster.url();
-    let (_a, a) = serve(&url, &[]);
-    let (_b, b) = serve(&url, &[]);
+    // With the broker: both servers relay (one leads), a worker builds the
+    // read models, on names of this test's own (deleted at the end).
+    let topology = wallet::broker::Topology::named(&format!("test.{}.events", uuid::Uuid::new_v4().simple()));
+    let observer = common::broker::Observer::bind_plain(&topology).await;
+    let amqp = common::broker::amqp_url();
+    let broker = [
+        ("AMQP_URL", amqp.as_str()),
+        ("AMQP_EXCHANGE", topology.exchange.as_str()),
+    ];
+    let (_a, a) = serve(&url, &broker);
+    let (_b, b) = serve(&url, &broker);
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_wallet"));
+    worker
+        .arg("worker")
+        .env("DATABASE_URL", &url)
+        .env("AMQP_URL", &amqp)
+        .env("AMQP_EXCHANGE", &topology.exchange)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    let _worker = Running(worker.spawn().expect("start wallet worker"));
     wait_ready(&a).await;
     wait_ready(&b).await;
     seed(&a).await;
@@ -503,6 +552,8 @@ async fn failover_under_load_loses_no_acknowledged_write() {
         moved, held,
         "deposits less withdrawals differ from the wallets' balances"
     );
+    worker_caught_up(&url).await;
+    observer.delete_topology(&topology).await;
 
     let costs: Vec<FaultCost> = faults.iter().map(|(name, at)| cost(name, *at, &answers)).collect();
     let count = |f: fn(&Answer) -> bool| answers.iter().filter(|x| f(x)).count();
@@ -523,7 +574,7 @@ async fn failover_under_load_loses_no_acknowledged_write() {
 }
 
 /// Reads from standbys keep read-your-writes: `serve` with
-/// `DATABASE_READ_URL` on the cluster answers history and stats with
+/// `DATABASE_READ_URL` on the cluster answers history, stats and balances with
 /// `minPosition` of a write just acknowledged, and never with older state;
 /// a consumer paging `/events` there sees exactly the primary's log, no
 /// late commit skipped; and the standbys did serve reads.
@@ -568,6 +619,13 @@ async fn standby_reads_never_return_older_state() {
         let (at, stats) = get(format!("/wallet/reader/stats?minPosition={p}")).await;
         assert!(at >= p, "stats answered at {at}, below minPosition {p}");
         assert_eq!(stats["depositCount"], i, "stats after {i} deposits: {stats}");
+        let (_, balance) = get(format!("/wallet/reader?minPosition={p}")).await;
+        assert_eq!(
+            balance["version"],
+            i + 1,
+            "the balance folded after {i} deposits: {balance}"
+        );
+        assert_eq!(balance["balance"], format!("{i}.0000"), "{balance}");
     }
 
     let primary = cluster.primary().expect("a primary");

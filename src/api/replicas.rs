@@ -124,3 +124,31 @@ where
     }
     Ok(read(app.feed.store().clone()).await?)
 }
+
+/// A wallet folded (snapshot and tail) on a standby that has replayed
+/// `min` and, for a past state named by position, that position; else, or
+/// if the standby fails, by the ledger on the primary.
+pub(super) async fn balance(
+    app: &AppState,
+    wallet: &crate::aggregate::WalletId,
+    cutoff: Option<crate::store::Cutoff>,
+    min: Position,
+) -> Result<crate::aggregate::Wallet, Problem> {
+    let needed = match cutoff {
+        Some(crate::store::Cutoff::Position(p)) => min.max(p),
+        _ => min,
+    };
+    if let Some(replicas) = &app.replicas {
+        if let Some(i) = replicas.standbys.pick(needed, app.read_wait).await {
+            match crate::snapshots::load(replicas.standbys.store(i), wallet, cutoff).await {
+                Ok(state) => {
+                    metrics::counter!("wallet_standby_reads_total", "served_by" => "standby").increment(1);
+                    return Ok(state);
+                }
+                Err(e) => replicas.standbys.failed(i, &e),
+            }
+        }
+        metrics::counter!("wallet_standby_reads_total", "served_by" => "primary").increment(1);
+    }
+    Ok(app.ledger.wallet(wallet, cutoff).await?)
+}

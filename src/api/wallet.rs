@@ -125,10 +125,17 @@ pub async fn transfer(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
 pub struct BalanceQuery {
     /// A log position (integer >= 0) or an RFC 3339 time: the balance as of then.
     #[param(value_type = Option<PointInput>, inline)]
     at: Option<String>,
+    /// With standbys for reads (`DATABASE_READ_URL`): the balance is folded
+    /// on a standby that has replayed this log position (a write's
+    /// `position`), else on the primary. Without standbys: no effect (the
+    /// primary has every committed write).
+    #[param(value_type = Option<i64>, minimum = 0)]
+    min_position: Option<String>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -160,7 +167,7 @@ pub struct BalanceView {
 #[utoipa::path(get, path = "/wallet/{id}", tag = "wallet",
     params(WalletIdParam, BalanceQuery),
     responses((status = 200, body = BalanceView, description = "unknown wallets answer exists: false"),
-              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_AT"),
+              (status = 400, body = ProblemBody, content_type = "application/problem+json", description = "INVALID_WALLET_ID, INVALID_AT, INVALID_MIN_POSITION"),
               (status = 503, body = ProblemBody, content_type = "application/problem+json", description = "UNAVAILABLE (retry after Retry-After)")))]
 pub async fn balance(
     State(app): State<Arc<AppState>>,
@@ -169,7 +176,22 @@ pub async fn balance(
 ) -> Result<Json<BalanceView>, Problem> {
     let Query(query) = query.map_err(|e| Problem::bad_request("INVALID_QUERY", e.body_text()))?;
     let cutoff = query.at.as_deref().map(parse_at).transpose()?;
-    let state = app.ledger.wallet(&wallet, cutoff).await?;
+    let min = query
+        .min_position
+        .as_deref()
+        .map(|t| {
+            t.parse::<i64>().ok().filter(|p| *p >= 0).ok_or_else(|| {
+                Problem::bad_request("INVALID_MIN_POSITION", "minPosition must be a log position (>= 0)")
+            })
+        })
+        .transpose()?;
+    let state = match (min, cutoff) {
+        // Asked for a freshness bound, or a past state: a standby can answer.
+        (Some(_), _) | (_, Some(_)) if app.replicas.is_some() => {
+            super::replicas::balance(&app, &wallet, cutoff, min.unwrap_or(0)).await?
+        }
+        _ => app.ledger.wallet(&wallet, cutoff).await?,
+    };
     Ok(Json(BalanceView {
         exists: state.exists(),
         balance: state.balance.to_string(),
