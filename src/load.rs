@@ -33,6 +33,9 @@ pub struct LoadConfig {
     pub mix: [u8; 3],
     /// Balance reads (`GET /wallet/{id}`) instead of writes.
     pub reads: bool,
+    /// Appended to each read's `/wallet/{id}` (e.g. `?minPosition=1`, which
+    /// lets standbys answer, or `/history`).
+    pub read_suffix: String,
     /// Every write carries a unique `requestId` (an idempotency key).
     pub keyed: bool,
     /// Live subscribers (`GET /events/stream`) open during the run: each
@@ -254,7 +257,7 @@ impl Draw<'_> {
             return Planned {
                 wallet: i,
                 op: Op::Read,
-                path: format!("/wallet/{}", self.wallets[i]),
+                path: format!("/wallet/{}{}", self.wallets[i], self.cfg.read_suffix),
                 body: None,
                 effects: Vec::new(),
             };

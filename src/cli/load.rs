@@ -34,6 +34,10 @@ pub struct LoadArgs {
     /// Balance reads (GET /wallet/{id}) instead of writes.
     #[arg(long)]
     pub reads: bool,
+    /// With --reads: appended to each read's /wallet/{id}, e.g.
+    /// '?minPosition=1' (standbys may answer) or '/history?minPosition=1'.
+    #[arg(long, default_value = "")]
+    pub read_suffix: String,
     /// Every write carries a unique requestId (an idempotency key).
     #[arg(long)]
     pub keyed: bool,
@@ -92,6 +96,7 @@ impl LoadArgs {
             max_requests: self.requests,
             mix: self.mix,
             reads: self.reads,
+            read_suffix: self.read_suffix.clone(),
             keyed: self.keyed,
             subscribers: self.subscribers as usize,
             holds: self.holds,
