@@ -138,7 +138,9 @@ pub(super) async fn balance(
         Some(crate::store::Cutoff::Position(p)) => min.max(p),
         _ => min,
     };
-    if let Some(replicas) = &app.replicas {
+    // As of a time: a lagging standby could lack events recorded before it.
+    let by_time = matches!(cutoff, Some(crate::store::Cutoff::Time(_)));
+    if let Some(replicas) = app.replicas.as_ref().filter(|_| !by_time) {
         if let Some(i) = replicas.standbys.pick(needed, app.read_wait).await {
             match crate::snapshots::load(replicas.standbys.store(i), wallet, cutoff).await {
                 Ok(state) => {

@@ -815,12 +815,20 @@ async fn check_quorum(conn: &mut PgConnection, required: u32, address: &str) -> 
     if required == 0 {
         return Ok(());
     }
-    let (names, streaming): (String, i64) = sqlx::query_as(
+    let (names, streaming, hidden): (String, i64, i64) = sqlx::query_as(
         "SELECT current_setting('synchronous_standby_names'), \
-         (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum'))",
+         (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum')), \
+         (SELECT count(*) FROM pg_stat_replication WHERE state IS NULL)",
     )
     .fetch_one(&mut *conn)
     .await?;
+    // A role without pg_read_all_stats sees the standbys' rows empty.
+    if hidden > 0 {
+        return Err(StoreError::Misconfigured(format!(
+            "{address}: this role cannot read pg_stat_replication, so the quorum cannot be checked \
+             (GRANT pg_monitor TO <the service's role>)"
+        )));
+    }
     let configured = cluster::sync_standbys_required(&names);
     if configured < required {
         return Err(StoreError::QuorumMissing(format!(

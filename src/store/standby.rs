@@ -156,26 +156,49 @@ impl Standbys {
 
 /// Reads the heads until the standbys are dropped.
 async fn watch(standbys: std::sync::Weak<Standbys>, primary: EventStore) {
-    let head = |store: EventStore| async move {
+    let primary_head = |store: EventStore| async move {
         match tokio::time::timeout(HEAD_TIMEOUT, store.head_position()).await {
             Ok(Ok(head)) => head,
             _ => UNKNOWN,
         }
     };
+    // The primary's last head read: a slow read must not make every
+    // standby look current.
+    let mut last_primary = UNKNOWN;
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
         let Some(standbys) = standbys.upgrade() else { return };
-        let primary_head = head(primary.clone()).await;
-        let replayed = futures_util::future::join_all(standbys.nodes.iter().map(|s| head(s.store.clone()))).await;
+        let read = primary_head(primary.clone()).await;
+        if read != UNKNOWN {
+            last_primary = read;
+        }
+        let replayed = futures_util::future::join_all(standbys.nodes.iter().map(|s| replayed_head(&s.store))).await;
         for (s, replayed) in standbys.nodes.iter().zip(replayed) {
             s.replayed.store(replayed, Ordering::Release);
-            let lag = match (replayed, primary_head) {
+            let lag = match (replayed, last_primary) {
                 (UNKNOWN, _) => i64::MAX,
-                // The primary is away: a standby's state is what there is.
+                // No head of the primary seen yet: a standby's state is what there is.
                 (_, UNKNOWN) => 0,
                 (r, p) => (p - r).max(0),
             };
             s.lag.store(lag, Ordering::Release);
         }
+    }
+}
+
+/// A standby's replayed head, or `UNKNOWN` if it does not answer or is not
+/// in recovery: a node out of recovery is the primary (served by the
+/// primary path) or an old primary not yet demoted, whose log may hold
+/// commits no standby has.
+async fn replayed_head(store: &EventStore) -> i64 {
+    let EventStore::Postgres(pg) = store else {
+        return UNKNOWN;
+    };
+    let read =
+        sqlx::query_as::<_, (bool, i64)>("SELECT pg_is_in_recovery(), (SELECT COALESCE(MAX(position), 0) FROM events)")
+            .fetch_one(pg.pool());
+    match tokio::time::timeout(HEAD_TIMEOUT, read).await {
+        Ok(Ok((true, head))) => head,
+        _ => UNKNOWN,
     }
 }
