@@ -777,7 +777,6 @@ async fn without_the_fence_a_quorum_loss_loses_an_acknowledged_write() {
 /// models equal a rebuild from the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_node_loss_costs_time_never_an_event() {
-    use wallet::projections::{FraudRules, Projections};
     let _alone = ALONE.lock().await;
     let db = common::postgres().await;
     let rabbit = common::ha::RabbitCluster::start();
@@ -841,24 +840,5 @@ async fn broker_node_loss_costs_time_never_an_event() {
 
     let head = db.store.head_position().await.expect("head");
     assert!(head > 100, "the load wrote events ({head})");
-    let projections = Projections::new(db.store.clone(), FraudRules::default());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !projections
-        .status()
-        .await
-        .expect("status")
-        .iter()
-        .all(|s| s.checkpoint >= head)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not reach {head}: {:?}",
-            projections.status().await.expect("status")
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    for name in projections.names() {
-        let differences = projections.verify(name, 20).await.expect("verify");
-        assert!(differences.is_empty(), "{name} differs from a rebuild: {differences:?}");
-    }
+    worker_caught_up(&db.url).await;
 }
