@@ -168,7 +168,7 @@ fn parse_cursor(text: Option<&str>) -> Result<Option<i64>, Problem> {
 }
 
 /// `minPosition`: the read model waits until it has applied it.
-fn min_position(text: Option<&str>) -> Result<Option<Position>, Problem> {
+pub(super) fn min_position(text: Option<&str>) -> Result<Option<Position>, Problem> {
     text.map(|t| {
         t.parse::<Position>()
             .ok()

@@ -176,15 +176,7 @@ pub async fn balance(
 ) -> Result<Json<BalanceView>, Problem> {
     let Query(query) = query.map_err(|e| Problem::bad_request("INVALID_QUERY", e.body_text()))?;
     let cutoff = query.at.as_deref().map(parse_at).transpose()?;
-    let min = query
-        .min_position
-        .as_deref()
-        .map(|t| {
-            t.parse::<i64>().ok().filter(|p| *p >= 0).ok_or_else(|| {
-                Problem::bad_request("INVALID_MIN_POSITION", "minPosition must be a log position (>= 0)")
-            })
-        })
-        .transpose()?;
+    let min = super::read_models::min_position(query.min_position.as_deref())?;
     let state = match (min, cutoff) {
         // Asked for a freshness bound, or a past state: a standby can answer.
         (Some(_), _) | (_, Some(_)) if app.replicas.is_some() => {
