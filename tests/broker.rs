@@ -910,7 +910,6 @@ async fn a_worker_that_cannot_reach_the_broker_is_not_ready() {
 /// log to the relay's confirmed checkpoint (the lost tail).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_the_broker_lost_are_read_from_the_log() {
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     let db = common::postgres().await;
     let topology = topology();
     let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
@@ -930,11 +929,29 @@ async fn events_the_broker_lost_are_read_from_the_log() {
         .iter()
         .filter(|e| !lost.contains(&e.position))
         .collect();
+    publish_as_the_relay(&topology, kept).await;
+    let worker = tokio::spawn(Worker::new(projections.clone(), &amqp_url(), topology.clone()).run());
+    wait_for_worker(&projections, events[events.len() - 4].position).await;
+    // The relay had the tail confirmed too; the broker lost it.
+    wallet::projections::advance_checkpoint(&db.store, &format!("relay:{}", topology.exchange), head)
+        .await
+        .unwrap();
+    wait_for_worker(&projections, head).await;
+    assert_equal_to_rebuild(&projections).await;
+    worker.abort();
+}
+
+/// Publishes `events` as the relay does, each confirmed.
+async fn publish_as_the_relay<'a>(
+    topology: &Topology,
+    events: impl IntoIterator<Item = &'a wallet::store::RecordedEvent>,
+) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     let connection = common::broker::connect(&amqp_url()).await;
     let channel = connection.create_channel().await.unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     topology.declare(&channel).await.unwrap();
-    for e in kept {
+    for e in events {
         let m = EventMessage::of(e);
         let confirm = channel
             .basic_publish(
@@ -948,13 +965,75 @@ async fn events_the_broker_lost_are_read_from_the_log() {
             .unwrap();
         assert!(confirm.await.unwrap().is_ack());
     }
+}
+
+/// An event the broker lost is read from the log and goes through the
+/// worker's checks like a delivered one: of a wallet the database refuses,
+/// it is parked and dead-lettered (its wallet's later events wait behind
+/// it), the other wallets go on, and after the fix a replay applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_event_the_database_refuses_is_dead_lettered_like_a_delivered_one() {
+    let db = common::postgres().await;
+    let topology = topology();
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let pool = match &db.store {
+        EventStore::Postgres(s) => s.pool().clone(),
+        EventStore::Sqlite(_) => unreachable!("a PostgreSQL test"),
+    };
+    for statement in [
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.wallet_id = 'bad' THEN RAISE EXCEPTION 'stats of bad refused by trigger'; END IF; \
+         RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON rm_stats FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let ledger = Ledger::new(db.store.clone());
+    ledger.deposit(id("good"), amount("10"), None).await.unwrap();
+    ledger.deposit(id("bad"), amount("100"), None).await.unwrap();
+    ledger.withdraw(id("bad"), amount("1"), None).await.unwrap();
+    ledger.deposit(id("good"), amount("5"), None).await.unwrap();
+    ledger.deposit(id("good"), amount("5"), None).await.unwrap();
+    let events = db.store.read_all(0, 1000).await.unwrap();
+    let head = events.last().unwrap().position;
+    let bad: Vec<Position> = events
+        .iter()
+        .filter(|e| e.stream.as_str() == "bad")
+        .map(|e| e.position)
+        .collect();
+    let lost = bad[0];
+    publish_as_the_relay(&topology, events.iter().filter(|e| e.position != lost)).await;
+
     let worker = tokio::spawn(Worker::new(projections.clone(), &amqp_url(), topology.clone()).run());
-    wait_for_worker(&projections, events[events.len() - 4].position).await;
-    // The relay had the tail confirmed too; the broker lost it.
-    wallet::projections::advance_checkpoint(&db.store, &format!("relay:{}", topology.exchange), head)
+    wait_for_worker(&projections, head).await;
+    let letters = dlq::list(&amqp_url(), &topology, 100).await.unwrap();
+    assert_eq!(
+        letters.iter().map(|l| l.position).collect::<Vec<_>>(),
+        bad.iter().copied().map(Some).collect::<Vec<_>>(),
+        "the lost event first, then bad's others: {letters:?}"
+    );
+    assert!(
+        letters[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("refused by trigger"),
+        "the database's reason is kept: {letters:?}"
+    );
+    let good: serde_json::Value =
+        serde_json::from_str(&projections.get("stats", "s/good").await.unwrap().unwrap()).unwrap();
+    assert_eq!(good["totalDeposited"], "20.0000", "other wallets move on");
+
+    sqlx::query("DROP TRIGGER refuse_bad ON rm_stats")
+        .execute(&pool)
         .await
         .unwrap();
-    wait_for_worker(&projections, head).await;
+    assert_eq!(
+        dlq::replay(&amqp_url(), &topology, &[], 100).await.unwrap().len(),
+        bad.len()
+    );
+    wait_for_unparked(&projections).await;
     assert_equal_to_rebuild(&projections).await;
     worker.abort();
 }

@@ -25,14 +25,14 @@ use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::publisher_confirm::Confirmation;
+use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Channel;
+use lapin::{BasicProperties, Channel};
 use uuid::Uuid;
 
 use super::{close, connect, Backoff, BrokerError, EventMessage, Link, Stop, Topology, REASON_HEADER, SETUP_TIMEOUT};
 use crate::aggregate::WalletId;
-use crate::projections::{Delivery, Incoming, ProjectionError, Projections};
+use crate::projections::{merge_in_order, Delivery, Incoming, ProjectionError, Projections};
 use crate::store::{Position, RecordedEvent, StoreError};
 
 /// Unacknowledged messages the broker sends ahead, and the largest batch:
@@ -47,6 +47,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 const IDLE_CATCH_UP: Duration = Duration::from_secs(5);
 /// Events applied from the log in one idle catch-up, at most.
 const CATCH_UP_MAX: i64 = 10_000;
+/// Events the broker lost, read from the log and applied per transaction
+/// at most: a projection far behind (a new one at 0) is filled in steps.
+const FILL_MAX: usize = 2_000;
 
 /// Test hook: applying any event of these wallets fails until cleared, as
 /// a projection bug triggered by one wallet's data would.
@@ -222,7 +225,7 @@ impl Worker {
             let step = async {
                 let first = match tokio::time::timeout(IDLE_CATCH_UP, consumer.next()).await {
                     Err(_) => {
-                        self.catch_up_from_log().await;
+                        self.catch_up_from_log(&channel, backoff).await?;
                         return Ok(true);
                     }
                     Ok(None) => return Ok(false), // cancelled by the broker: reconnect
@@ -258,75 +261,105 @@ impl Worker {
     /// (its checkpoint) that never came, read from the log and applied. A
     /// broker node lost with the tail of the log would otherwise leave it
     /// out of the read models until the next event arrives.
-    async fn catch_up_from_log(&self) {
+    async fn catch_up_from_log(&self, channel: &Channel, backoff: &mut Backoff) -> Result<(), BrokerError> {
         let store = self.projections.store();
         let confirmed = match super::relay::checkpoint(store, &self.topology).await {
             Ok(confirmed) => confirmed,
-            Err(e) => return tracing::debug!(error = %e, "worker cannot read the relay's checkpoint"),
+            Err(e) => {
+                tracing::debug!(error = %e, "worker cannot read the relay's checkpoint");
+                return Ok(());
+            }
         };
         let mut low = Position::MAX;
         for name in self.projections.names() {
             match self.projections.checkpoint(name).await {
                 Ok(at) => low = low.min(at),
-                Err(e) => return tracing::debug!(error = %e, "worker cannot read its checkpoints"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "worker cannot read its checkpoints");
+                    return Ok(());
+                }
             }
         }
         if low >= confirmed {
-            return;
+            return Ok(());
         }
-        let events = match store.read_all(low, (confirmed - low).min(CATCH_UP_MAX) as u32).await {
-            Ok(events) => events,
-            Err(e) => return tracing::debug!(error = %e, "worker cannot read the log"),
-        };
-        let incoming: Vec<Incoming> = events
-            .into_iter()
-            .filter(|e| e.position <= confirmed)
-            .map(Incoming::Event)
-            .collect();
-        tracing::warn!(
-            after = low,
-            confirmed,
-            events = incoming.len(),
-            "confirmed events that never arrived, applied from the log"
-        );
-        metrics::counter!("wallet_worker_gap_events_total").increment(incoming.len() as u64);
-        if let Err(e) = self.projections.apply_delivered(&incoming).await {
-            tracing::warn!(error = %e, "worker could not apply the events read from the log");
+        let high = confirmed.min(low.saturating_add(CATCH_UP_MAX));
+        let (_, confirms) = self.apply_with_log(channel, Vec::new(), high, backoff).await?;
+        await_confirms(confirms).await
+    }
+
+    /// Applies `incoming` together with the events up to `high` that the
+    /// broker never delivered, read from the log, in log order: at most
+    /// `FILL_MAX` filled events per transaction, each with the delivered
+    /// messages up to it. A filled event goes through the same checks and
+    /// parking as a delivered one; one that parks is dead-lettered here as
+    /// the relay would have published it. Returns the outcomes of
+    /// `incoming` and the dead letters' confirms, to await before acking.
+    async fn apply_with_log(
+        &self,
+        channel: &Channel,
+        mut rest: Vec<Incoming>,
+        high: Position,
+        backoff: &mut Backoff,
+    ) -> Result<(Vec<Delivery>, Vec<PublisherConfirm>), BrokerError> {
+        let mut outcomes = Vec::with_capacity(rest.len());
+        let mut confirms = Vec::new();
+        let mut after = 0;
+        loop {
+            let missing = loop {
+                match self.projections.not_delivered(&rest, after, high, FILL_MAX).await {
+                    Ok(missing) => break missing,
+                    Err(e) => tracing::warn!(error = %e, "worker cannot read the log for lost events; retrying"),
+                }
+                backoff.wait().await;
+            };
+            let Some(upto) = missing.last().map(|e| e.position) else {
+                outcomes.extend(self.apply(rest, backoff).await);
+                return Ok((outcomes, confirms));
+            };
+            tracing::warn!(
+                events = missing.len(),
+                upto,
+                "events the broker never delivered, read from the log"
+            );
+            metrics::counter!("wallet_worker_gap_events_total").increment(missing.len() as u64);
+            // Every delivered message at or below `upto` goes in this step:
+            // the next one starts above it.
+            let cut = rest.iter().rposition(|m| m.position() <= upto).map_or(0, |i| i + 1);
+            let later = rest.split_off(cut);
+            let mut filled = Vec::with_capacity(missing.len());
+            for event in &missing {
+                filled.push(self.understand(event).await);
+            }
+            let (merged, is_filled) = merge_in_order(&rest, filled);
+            let mut lost = missing.iter();
+            let applied = self.apply(merged, backoff).await;
+            for (outcome, was_filled) in applied.into_iter().zip(is_filled) {
+                if !was_filled {
+                    outcomes.push(outcome);
+                    continue;
+                }
+                let event = lost.next().expect("one filled outcome per event read");
+                if let Delivery::Parked { reason } = outcome {
+                    tracing::warn!(reason = %reason, position = event.position, "dead-lettering an event read from the log");
+                    let m = EventMessage::of(event);
+                    confirms.push(self.dead_letter(channel, &m.body(), m.properties(), &reason).await?);
+                }
+            }
+            rest = later;
+            after = upto;
         }
     }
 
-    /// Applies a batch, dead-letters what could not be applied, then
-    /// acknowledges the whole batch.
+    /// Applies a batch (with what the broker lost before it), dead-letters
+    /// what could not be applied, then acknowledges the whole batch.
     async fn handle(
         &self,
         channel: &Channel,
         batch: Vec<AmqpDelivery>,
         backoff: &mut Backoff,
     ) -> Result<(), BrokerError> {
-        let mut prepared = Vec::with_capacity(batch.len());
-        for delivery in &batch {
-            prepared.push(self.prepare(&delivery.data).await);
-        }
-        // The relay publishes committed events only, so a position past the
-        // log's head is a forged message: applying it would move the
-        // checkpoints past events that have not happened yet.
-        let highest = prepared.iter().filter_map(Prepared::position).max().unwrap_or(0);
-        if highest > 0 {
-            let head = loop {
-                match self.projections.store().head_position().await {
-                    Ok(head) => break head,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "worker cannot read the log head; retrying");
-                        backoff.wait().await;
-                    }
-                }
-            };
-            for p in &mut prepared {
-                if p.position().is_some_and(|position| position > head) {
-                    *p = Prepared::Unaddressed(format!("position beyond the log head ({head})"));
-                }
-            }
-        }
+        let prepared = self.prepare_batch(&batch, backoff).await;
         let incoming: Vec<Incoming> = prepared
             .iter()
             .filter_map(|p| match p {
@@ -334,11 +367,11 @@ impl Worker {
                 Prepared::Unaddressed(_) => None,
             })
             .collect();
-        let outcomes = self.apply(incoming, backoff).await;
+        let high = incoming.iter().map(Incoming::position).max().unwrap_or(0);
+        let (outcomes, mut confirms) = self.apply_with_log(channel, incoming, high, backoff).await?;
         backoff.reset();
 
         let mut outcomes = outcomes.into_iter();
-        let mut confirms = Vec::new();
         let mut applied = 0;
         for (delivery, prepared) in batch.iter().zip(&prepared) {
             let dead_reason = match prepared {
@@ -354,20 +387,49 @@ impl Worker {
             };
             if let Some(reason) = dead_reason {
                 tracing::warn!(reason = %reason, message_id = ?delivery.properties.message_id(), "dead-lettering a message");
-                confirms.push(self.dead_letter(channel, delivery, &reason).await?);
+                confirms.push(
+                    self.dead_letter(channel, &delivery.data, delivery.properties.clone(), &reason)
+                        .await?,
+                );
             }
         }
         let dead = confirms.len();
-        for confirm in confirms {
-            if let Confirmation::Nack(_) = confirm.await? {
-                return Err(BrokerError::Nacked(-1));
-            }
-        }
+        await_confirms(confirms).await?;
         let last = batch.last().expect("batches are not empty").delivery_tag;
         channel.basic_ack(last, BasicAckOptions { multiple: true }).await?;
         self.gauges.applied.fetch_add(applied, Ordering::Relaxed);
         self.gauges.dead_lettered.fetch_add(dead as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Each delivery understood. The relay publishes committed events
+    /// only, so a position past the log's head is a forged message:
+    /// applying it would move the checkpoints past events that have not
+    /// happened yet.
+    async fn prepare_batch(&self, batch: &[AmqpDelivery], backoff: &mut Backoff) -> Vec<Prepared> {
+        let mut prepared = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            prepared.push(self.prepare(&delivery.data).await);
+        }
+        let highest = prepared.iter().filter_map(Prepared::position).max().unwrap_or(0);
+        if highest == 0 {
+            return prepared;
+        }
+        let head = loop {
+            match self.projections.store().head_position().await {
+                Ok(head) => break head,
+                Err(e) => {
+                    tracing::warn!(error = %e, "worker cannot read the log head; retrying");
+                    backoff.wait().await;
+                }
+            }
+        };
+        for p in &mut prepared {
+            if p.position().is_some_and(|position| position > head) {
+                *p = Prepared::Unaddressed(format!("position beyond the log head ({head})"));
+            }
+        }
+        prepared
     }
 
     /// Applies the batch, retrying while the database is away (the batch
@@ -437,6 +499,18 @@ impl Worker {
         culprits
     }
 
+    /// An event read from the log, checked as a delivered one would be.
+    async fn understand(&self, event: &RecordedEvent) -> Incoming {
+        match self.apply_check(event).await {
+            Ok(()) => Incoming::Event(event.clone()),
+            Err(reason) => Incoming::Failed {
+                stream: event.stream.as_str().to_owned(),
+                position: event.position,
+                reason,
+            },
+        }
+    }
+
     async fn prepare(&self, body: &[u8]) -> Prepared {
         let reason = match EventMessage::decode(body) {
             Ok(event) if event.position <= 0 => format!("invalid position {}", event.position),
@@ -483,29 +557,43 @@ impl Worker {
         Err(format!("applying failed {MAX_ATTEMPTS} times: injected fault"))
     }
 
+    /// Publishes a message to the dead-letter exchange with the reason
+    /// it could not be applied (not yet confirmed).
     async fn dead_letter(
         &self,
         channel: &Channel,
-        delivery: &AmqpDelivery,
+        body: &[u8],
+        properties: BasicProperties,
         reason: &str,
-    ) -> Result<lapin::publisher_confirm::PublisherConfirm, BrokerError> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    ) -> Result<PublisherConfirm, BrokerError> {
+        let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
         headers.insert(
             "x-wallet-failed-at".into(),
             AMQPValue::LongString(chrono::Utc::now().to_rfc3339().as_str().into()),
         );
-        let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        let properties = properties.with_headers(headers).with_delivery_mode(2);
         Ok(channel
             .basic_publish(
                 &self.topology.dead_letter_exchange,
                 "",
                 BasicPublishOptions::default(),
-                &delivery.data,
+                body,
                 properties,
             )
             .await?)
     }
+}
+
+/// Waits for the broker to confirm each dead letter; a refused one ends
+/// the session before anything is acknowledged.
+async fn await_confirms(confirms: Vec<PublisherConfirm>) -> Result<(), BrokerError> {
+    for confirm in confirms {
+        if let Confirmation::Nack(_) = confirm.await? {
+            return Err(BrokerError::Nacked(-1));
+        }
+    }
+    Ok(())
 }
 
 /// The database answered with an error that retrying will not cure (a

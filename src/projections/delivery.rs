@@ -18,25 +18,26 @@ use super::storage::Tx;
 use super::{ProjectionError, Projections};
 use crate::store::{Position, RecordedEvent};
 
-/// Events read from the log per query when filling a gap.
+/// Events read from the log per query when looking for a gap.
 const GAP_PAGE: u32 = 1000;
 
 /// `incoming` with each of `missing` (sorted by position) placed before the
-/// first message above it, and which of the result were filled in.
-fn merge_in_order(incoming: &[Incoming], missing: Vec<RecordedEvent>) -> (Vec<Incoming>, Vec<bool>) {
+/// first message above it, and which of the result were filled in. Applied
+/// in that order, a filled event lands where the broker should have put it.
+pub fn merge_in_order(incoming: &[Incoming], missing: Vec<Incoming>) -> (Vec<Incoming>, Vec<bool>) {
     let mut merged = Vec::with_capacity(incoming.len() + missing.len());
     let mut filled = Vec::with_capacity(incoming.len() + missing.len());
     let mut missing = missing.into_iter().peekable();
     for message in incoming {
-        while let Some(event) = missing.next_if(|e| e.position < message.position()) {
-            merged.push(Incoming::Event(event));
+        while let Some(event) = missing.next_if(|e| e.position() < message.position()) {
+            merged.push(event);
             filled.push(true);
         }
         merged.push(message.clone());
         filled.push(false);
     }
     for event in missing {
-        merged.push(Incoming::Event(event));
+        merged.push(event);
         filled.push(true);
     }
     (merged, filled)
@@ -119,57 +120,42 @@ impl Projections {
     /// Applies delivered messages (in delivery order) to every live read
     /// model in one transaction, with their checkpoints and parked rows.
     /// Returns one outcome per message; on error nothing was written.
-    ///
-    /// Events the broker lost (it confirmed them to the relay, then lost
-    /// them with a node) are read from the log: a position between the
-    /// lowest checkpoint and the batch's highest that the log holds and the
-    /// batch does not is applied from the log in its place, so a broker
-    /// failure costs time, never an event.
     pub async fn apply_delivered(&self, incoming: &[Incoming]) -> Result<Vec<Delivery>, ProjectionError> {
         let mut tx = Tx::begin(&self.store).await?;
-        let mut checkpoints = Vec::with_capacity(self.list.len());
-        for projection in &self.list {
-            checkpoints.push(tx.checkpoint(projection.name()).await?.unwrap_or(0));
-        }
-        let low = checkpoints.iter().copied().min().unwrap_or(0);
-        let missing = self.missing_from(low, incoming).await?;
-        if missing.is_empty() {
-            let outcomes = self.deliver_in(&mut tx, incoming).await?;
-            tx.commit().await?;
-            return Ok(outcomes);
-        }
-        tracing::warn!(
-            events = missing.len(),
-            after = low,
-            "events the broker never delivered, read from the log"
-        );
-        metrics::counter!("wallet_worker_gap_events_total").increment(missing.len() as u64);
-        let (merged, filled) = merge_in_order(incoming, missing);
-        let outcomes = self.deliver_in(&mut tx, &merged).await?;
+        let outcomes = self.deliver_in(&mut tx, incoming).await?;
         tx.commit().await?;
-        Ok(outcomes
-            .into_iter()
-            .zip(filled)
-            .filter(|(_, f)| !f)
-            .map(|(o, _)| o)
-            .collect())
+        Ok(outcomes)
     }
 
-    /// The log's events after `low` and up to the batch's highest position
-    /// that the batch lacks. The log is read only when the batch's
-    /// positions are not contiguous from `low` (positions have holes where
-    /// a batch rolled back, so a hole alone proves nothing).
-    async fn missing_from(&self, low: Position, incoming: &[Incoming]) -> Result<Vec<RecordedEvent>, ProjectionError> {
-        let delivered: BTreeSet<Position> = incoming.iter().map(Incoming::position).filter(|p| *p > low).collect();
-        let Some(&high) = delivered.last() else {
-            return Ok(Vec::new());
-        };
-        if delivered.len() as i64 == high - low {
+    /// Events the broker lost (it confirmed them to the relay, then lost
+    /// them with a node): up to `limit` events of the log after `after` (or
+    /// the lowest checkpoint, if higher) and up to `high` that `incoming`
+    /// lacks, in log order. The log is read only when the delivered
+    /// positions are not contiguous (positions have holes where a batch
+    /// rolled back, so a hole alone proves nothing).
+    pub async fn not_delivered(
+        &self,
+        incoming: &[Incoming],
+        after: Position,
+        high: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, ProjectionError> {
+        let mut low = Position::MAX;
+        for projection in &self.list {
+            low = low.min(self.checkpoint(projection.name()).await?);
+        }
+        let low = low.max(after);
+        let delivered: BTreeSet<Position> = incoming
+            .iter()
+            .map(Incoming::position)
+            .filter(|p| *p > low && *p <= high)
+            .collect();
+        if low >= high || delivered.len() as i64 == high - low {
             return Ok(Vec::new());
         }
         let mut missing = Vec::new();
         let mut after = low;
-        while after < high {
+        while after < high && missing.len() < limit {
             let page = self.store.read_all(after, GAP_PAGE).await?;
             let Some(last) = page.last().map(|e| e.position) else {
                 break;
@@ -180,6 +166,7 @@ impl Projections {
             );
             after = last;
         }
+        missing.truncate(limit);
         Ok(missing)
     }
 
@@ -295,5 +282,22 @@ mod tests {
         assert!(parked.is_empty());
         // A second copy of a replayed event is a duplicate.
         assert_eq!(step(8, &mut parked, 5, false), Step::Skip);
+    }
+
+    fn at(position: Position) -> Incoming {
+        Incoming::Failed {
+            stream: "w".into(),
+            position,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn filled_events_go_where_the_broker_should_have_put_them() {
+        let positions = |v: &[Incoming]| v.iter().map(Incoming::position).collect::<Vec<_>>();
+        // A redelivered 3 after 9 stays where it came; 7 goes before 9, 12 last.
+        let (merged, filled) = merge_in_order(&[at(5), at(9), at(3)], vec![at(4), at(7), at(12)]);
+        assert_eq!(positions(&merged), [4, 5, 7, 9, 3, 12]);
+        assert_eq!(filled, [true, false, true, false, false, true]);
     }
 }

@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::store::{Position, RecordedEvent, StoreError};
 
-pub use delivery::{Delivery, Incoming};
+pub use delivery::{merge_in_order, Delivery, Incoming};
 pub use flags::FraudRules;
 pub use runner::{ProjectionError, ProjectionStatus, Projections, RebuildProgress, StepFault};
 pub use storage::{Doc, DocQuery};
