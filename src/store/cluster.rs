@@ -9,7 +9,7 @@
 //! on the newest timeline wins, because a promotion starts a timeline.
 
 use std::str::FromStr as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,11 @@ impl Cluster {
         if self.is_single() {
             return Ok(self.hosts[0].clone());
         }
+        Ok(self.leader(timeout).await?.0)
+    }
+
+    /// `primary` of several hosts, with the timeline it writes.
+    async fn leader(&self, timeout: Duration) -> Result<(PgConnectOptions, u32), StoreError> {
         let asked = self.ask_all(timeout).await;
         let newest = asked
             .iter()
@@ -88,7 +93,7 @@ impl Cluster {
             })
             .max();
         match newest {
-            Some((_, std::cmp::Reverse(i))) => Ok(self.hosts[i].clone()),
+            Some((timeline, std::cmp::Reverse(i))) => Ok((self.hosts[i].clone(), timeline)),
             None => Err(StoreError::NoPrimary(self.roles_text(&asked))),
         }
     }
@@ -160,27 +165,35 @@ pub fn address(o: &PgConnectOptions) -> String {
 async fn role(host: &PgConnectOptions, timeout: Duration) -> Role {
     let ask = async {
         let mut conn = PgConnection::connect_with(host).await?;
-        // pg_walfile_name fails during recovery, hence the CASE; its first
-        // eight hex digits are the timeline being written. A node just
-        // promoted by pg_auto_failover is read-only until the old primary
-        // is known to be demoted: not a primary yet.
-        let (standby, read_only, timeline): (bool, bool, Option<String>) = sqlx::query_as(
-            "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on', \
-             CASE WHEN pg_is_in_recovery() THEN NULL \
-             ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
-        )
-        .fetch_one(&mut conn)
-        .await?;
+        let role = role_of(&mut conn).await;
         let _ = conn.close().await;
-        Ok::<_, sqlx::Error>((standby, read_only, timeline))
+        role
     };
     match tokio::time::timeout(timeout, ask).await {
         Err(_) => Role::Unreachable(format!("no answer within {timeout:?}")),
         Ok(Err(e)) => Role::Unreachable(e.to_string()),
-        Ok(Ok((true, _, _))) => Role::Standby,
-        Ok(Ok((false, true, _))) => Role::ReadOnly,
-        Ok(Ok((false, false, t))) => Role::Primary(t.and_then(|t| u32::from_str_radix(&t, 16).ok()).unwrap_or(0)),
+        Ok(Ok(role)) => role,
     }
+}
+
+/// The role of the server behind one connection.
+async fn role_of(conn: &mut PgConnection) -> Result<Role, sqlx::Error> {
+    // pg_walfile_name fails during recovery, hence the CASE; its first
+    // eight hex digits are the timeline being written. A node just
+    // promoted by pg_auto_failover is read-only until the old primary is
+    // known to be demoted: not a primary yet.
+    let (standby, read_only, timeline): (bool, bool, Option<String>) = sqlx::query_as(
+        "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only') = 'on', \
+         CASE WHEN pg_is_in_recovery() THEN NULL \
+         ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(match (standby, read_only) {
+        (true, _) => Role::Standby,
+        (false, true) => Role::ReadOnly,
+        (false, false) => Role::Primary(timeline.and_then(|t| u32::from_str_radix(&t, 16).ok()).unwrap_or(0)),
+    })
 }
 
 /// After one host answers as primary, how long the others have to answer.
@@ -192,19 +205,35 @@ const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// When a pool last moved to a new primary: connections it opened before
-/// are closed instead of handed out (they lead to the old one).
+/// are closed instead of handed out (they lead to the old one), and one
+/// that reaches a primary on an older timeline than the pool has seen is
+/// refused (it was started towards the old one and finished after the move).
 #[derive(Debug)]
 struct Moves {
     epoch: Instant,
     last_ms: AtomicU64,
+    /// The newest timeline a primary of this pool was seen on.
+    timeline: AtomicU32,
     /// A connection found a standby: look for the primary now.
     wake: Notify,
 }
 
 impl Moves {
-    fn moved(&self) {
+    fn moved(&self, timeline: u32) {
+        self.timeline.fetch_max(timeline, Ordering::AcqRel);
         self.last_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    /// Whether a primary on `timeline` may serve this pool: not when a
+    /// newer one was seen (the error names it). Remembers the newest.
+    fn admits(&self, timeline: u32) -> Result<(), u32> {
+        let newest = self.timeline.fetch_max(timeline, Ordering::AcqRel);
+        if timeline >= newest {
+            Ok(())
+        } else {
+            Err(newest)
+        }
     }
 
     /// Whether a connection of this age was opened after the last move.
@@ -230,6 +259,7 @@ pub(crate) async fn following_pool(
     let moves = Arc::new(Moves {
         epoch: Instant::now(),
         last_ms: AtomicU64::new(0),
+        timeline: AtomicU32::new(0),
         wake: Notify::new(),
     });
     let (on_connect, on_acquire) = (moves.clone(), moves.clone());
@@ -237,18 +267,15 @@ pub(crate) async fn following_pool(
         .after_connect(move |conn, _| {
             let moves = on_connect.clone();
             Box::pin(async move {
-                let standby: bool = sqlx::query_scalar(
-                    "SELECT pg_is_in_recovery() OR current_setting('default_transaction_read_only') = 'on'",
-                )
-                .fetch_one(&mut *conn)
-                .await?;
-                if standby {
-                    moves.wake.notify_one();
-                    return Err(sqlx::Error::Protocol(
-                        "connected to a standby, not the primary".to_owned(),
-                    ));
-                }
-                Ok(())
+                let refusal = match role_of(conn).await? {
+                    Role::Primary(timeline) => match moves.admits(timeline) {
+                        Ok(()) => return Ok(()),
+                        Err(newest) => format!("connected to a primary on timeline {timeline}, older than {newest}"),
+                    },
+                    _ => "connected to a standby, not the primary".to_owned(),
+                };
+                moves.wake.notify_one();
+                Err(sqlx::Error::Protocol(refusal))
             })
         })
         .before_acquire(move |_, meta| {
@@ -276,12 +303,12 @@ async fn follow(pool: PgPool, cluster: Arc<Cluster>, moves: Arc<Moves>) {
         if matches!(tokio::time::timeout(FOLLOW_TIMEOUT, check).await, Ok(Ok(false))) {
             continue;
         }
-        match cluster.primary(FOLLOW_TIMEOUT).await {
-            Ok(primary) if address(&primary) != current => {
+        match cluster.leader(FOLLOW_TIMEOUT).await {
+            Ok((primary, timeline)) if address(&primary) != current => {
                 let found = address(&primary);
-                tracing::warn!(from = %current, to = %found, "following the new primary");
+                tracing::warn!(from = %current, to = %found, timeline, "following the new primary");
+                moves.moved(timeline);
                 pool.set_connect_options(primary);
-                moves.moved();
                 current = found;
             }
             Ok(_) => {}
@@ -374,6 +401,23 @@ mod tests {
             .expect("parses")
             .is_single());
         assert!(split_hosts("postgres://u@h1,,h2/db").is_err());
+    }
+
+    #[test]
+    fn a_primary_on_an_older_timeline_is_refused_once_a_newer_one_was_seen() {
+        let moves = Moves {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            timeline: AtomicU32::new(0),
+            wake: Notify::new(),
+        };
+        assert_eq!(moves.admits(3), Ok(()));
+        // The follower moved to the promoted standby's new timeline.
+        moves.moved(4);
+        assert_eq!(moves.admits(3), Err(4), "the old primary, resumed after the move");
+        assert_eq!(moves.admits(4), Ok(()));
+        assert_eq!(moves.admits(5), Ok(()));
+        assert_eq!(moves.admits(4), Err(5));
     }
 
     #[test]
