@@ -1037,3 +1037,49 @@ async fn a_lost_event_the_database_refuses_is_dead_lettered_like_a_delivered_one
     assert_equal_to_rebuild(&projections).await;
     worker.abort();
 }
+
+/// `/ready` with a cluster's node list: a node that accepts connections
+/// and never answers (a frozen host) must not use up the check while
+/// another node answers; with every node silent it says so in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ready_asks_every_broker_node_at_once() {
+    use reqwest::StatusCode;
+    let db = common::postgres().await;
+    let silent = TcpProxy::start("127.0.0.1:5672").await;
+    silent.set_stalled(true);
+    let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
+    projections.ensure().await.unwrap();
+    let mut state = wallet::api::AppState::new(db.store.clone(), projections);
+    state.broker = Some((format!("{},{}", via_proxy(&silent), amqp_url()), topology()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(wallet::api::serve(listener, state, std::future::pending()));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // Several times: a node list is tried from a different node each time.
+    for _ in 0..4 {
+        let r = http.get(format!("{base}/ready")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+    }
+
+    let mut state = wallet::api::AppState::new(
+        db.store.clone(),
+        Arc::new(Projections::new(db.store.clone(), FraudRules::default())),
+    );
+    state.broker = Some((format!("{0},{0}", via_proxy(&silent)), topology()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(wallet::api::serve(listener, state, std::future::pending()));
+    let asked = tokio::time::Instant::now();
+    let r = http.get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "answered in {:?}",
+        asked.elapsed()
+    );
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("broker"), "{body}");
+}

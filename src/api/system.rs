@@ -43,10 +43,8 @@ pub async fn ready(State(app): State<Arc<AppState>>) -> Result<Json<Value>, Prob
         .await
         .map_err(|e| Problem::unavailable(e.to_string()))?;
     if let Some((url, _)) = &app.broker {
-        match tokio::time::timeout(BROKER_CHECK, crate::broker::connect(url)).await {
-            Ok(Ok(connection)) => {
-                let _ = connection.close(200, "ready check").await;
-            }
+        match tokio::time::timeout(BROKER_CHECK, crate::broker::any_node_answers(url, BROKER_CHECK)).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) if e.is_misconfiguration() => {
                 return Err(Problem::unavailable(format!(
                     "the message broker refuses this configuration: {e}"

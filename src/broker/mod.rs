@@ -289,13 +289,7 @@ pub fn with_heartbeat(url: &str, secs: u16) -> String {
 /// `CONNECT_TIMEOUT` each, at least `NODE_CONNECT_TIMEOUT`) and the first
 /// that answers is kept; a refused login or vhost ends the search.
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
-    let uris = nodes(url)
-        .into_iter()
-        .map(|u| u.parse::<lapin::uri::AMQPUri>().map_err(BrokerError::Url))
-        .collect::<Result<Vec<_>, _>>()?;
-    if uris.is_empty() {
-        return Err(BrokerError::Url("no broker URL".to_owned()));
-    }
+    let uris = node_uris(url)?;
     let per_node = match uris.len() {
         1 => CONNECT_TIMEOUT,
         n => (CONNECT_TIMEOUT / n as u32).max(NODE_CONNECT_TIMEOUT),
@@ -303,13 +297,9 @@ pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
     let start = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
     let mut last = None;
     for i in 0..uris.len() {
-        let mut uri = uris[(start + i) % uris.len()].clone();
-        uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+        let uri = uris[(start + i) % uris.len()].clone();
         let node = format!("{}:{}", uri.authority.host, uri.authority.port);
-        let properties = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio::current());
-        match within(per_node, "connecting", Connection::connect_uri(uri, properties)).await {
+        match connect_node(uri, per_node).await {
             Ok(connection) => return Ok(connection),
             Err(e) if e.is_misconfiguration() => return Err(e),
             Err(e) => {
@@ -321,6 +311,49 @@ pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
         }
     }
     Err(last.unwrap_or_else(|| BrokerError::Url("no broker URL".to_owned())))
+}
+
+/// Whether some node of `url` accepts a connection within `limit`: every
+/// node is asked at once (a silent one does not use up the others' time),
+/// and the first to answer ends the check. A refused login or vhost is
+/// reported as such.
+pub async fn any_node_answers(url: &str, limit: Duration) -> Result<(), BrokerError> {
+    use futures_util::StreamExt as _;
+    let mut pending: futures_util::stream::FuturesUnordered<_> = node_uris(url)?
+        .into_iter()
+        .map(|uri| connect_node(uri, limit))
+        .collect();
+    let mut last = None;
+    while let Some(answer) = pending.next().await {
+        match answer {
+            Ok(connection) => {
+                let _ = within(limit, "closing", connection.close(200, "ready check")).await;
+                return Ok(());
+            }
+            Err(e) if e.is_misconfiguration() => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| BrokerError::Url("no broker URL".to_owned())))
+}
+
+fn node_uris(url: &str) -> Result<Vec<lapin::uri::AMQPUri>, BrokerError> {
+    let uris = nodes(url)
+        .into_iter()
+        .map(|u| u.parse::<lapin::uri::AMQPUri>().map_err(BrokerError::Url))
+        .collect::<Result<Vec<_>, _>>()?;
+    if uris.is_empty() {
+        return Err(BrokerError::Url("no broker URL".to_owned()));
+    }
+    Ok(uris)
+}
+
+async fn connect_node(mut uri: lapin::uri::AMQPUri, limit: Duration) -> Result<Connection, BrokerError> {
+    uri.query.heartbeat.get_or_insert(DEFAULT_HEARTBEAT_SECS);
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current());
+    within(limit, "connecting", Connection::connect_uri(uri, properties)).await
 }
 
 /// Runs a broker operation with a deadline: a silent broker is an error,
