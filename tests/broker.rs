@@ -82,38 +82,7 @@ async fn relay_delivers_every_event_once_in_order(db: TestDb) {
     ledger.deposit(id("held"), amount("1"), None).await.unwrap();
     // A held-open append: the writers behind it wait, the relay must not
     // publish past it.
-    let held = {
-        let wallet = ledger.wallet(&id("held"), None).await.unwrap();
-        let command = wallet::aggregate::Command::Deposit {
-            wallet: id("held"),
-            amount: amount("2"),
-        };
-        let d = wallet::aggregate::decide(&command, &[&wallet])
-            .unwrap()
-            .streams
-            .remove(0);
-        let stream = wallet::store::StreamAppend {
-            stream: d.wallet,
-            expected: wallet::store::Head::of(&wallet),
-            events: d
-                .events
-                .into_iter()
-                .map(|event| wallet::store::NewEvent {
-                    event_id: uuid::Uuid::now_v7(),
-                    event,
-                    metadata: serde_json::json!({}),
-                })
-                .collect(),
-            on_batch: false,
-        };
-        db.store
-            .begin_append(wallet::store::AppendRequest {
-                streams: vec![stream],
-                idempotency: Vec::new(),
-            })
-            .await
-            .unwrap()
-    };
+    let held = common::begin_deposit(&db.store, "held", "2").await;
     let writers = {
         let store = db.store.clone();
         tokio::spawn(async move { write_load(&store, 8, 30).await })

@@ -604,6 +604,8 @@ async fn standby_reads_never_return_older_state() {
             (at, r.json::<Value>().await.expect("a JSON body"))
         }
     };
+    // A live subscriber from the start: its tail and catch-up read the standbys.
+    let mut sse = common::sse::Sse::open(&client, &format!("{base}/events/stream?after=0"), None).await;
     for i in 1..=150 {
         let op = Op::Deposit {
             wallet: "reader".into(),
@@ -630,7 +632,32 @@ async fn standby_reads_never_return_older_state() {
         assert_eq!(balance["balance"], format!("{i}.0000"), "{balance}");
     }
 
+    // A late commit: an append held open on the primary while concurrent
+    // writes queue behind it; it commits first, at the lower position.
     let primary = cluster.primary().expect("a primary");
+    let direct = wallet::store::EventStore::connect(&cluster.node_url(primary))
+        .await
+        .expect("the primary");
+    let held = common::begin_deposit(&direct, "reader", "1").await;
+    let behind: Vec<_> = (0..20)
+        .map(|n| {
+            let (client, base) = (client.clone(), base.clone());
+            tokio::spawn(async move {
+                let op = Op::Deposit {
+                    wallet: format!("behind{}", n % 4),
+                    amount: 1,
+                };
+                send(&client, &base, &op, None).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.commit().await.expect("the held append commits");
+    for write in behind {
+        let wrote = write.await.expect("a writer");
+        assert_eq!(wrote.status, 201, "{wrote:?}");
+    }
+
     let mut expected: Vec<i64> = read_log(&cluster.node_url(primary))
         .await
         .into_values()
@@ -652,6 +679,17 @@ async fn standby_reads_never_return_older_state() {
     assert_eq!(
         seen, expected,
         "the log read through the standbys differs from the primary's"
+    );
+    let head = *expected.last().expect("a log");
+    let live: Vec<i64> = sse
+        .until(head, Duration::from_secs(20))
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        live, expected,
+        "the live tail through the standbys: each event once, in log order"
     );
 
     let metrics = client

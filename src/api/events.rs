@@ -92,7 +92,7 @@ pub async fn log(State(app): State<Arc<AppState>>, query: Pairs) -> Result<Respo
     let (after, filter) = log_query(&pairs, None)?;
     let limit = limit(&pairs)?;
     let filter = &filter;
-    let (head, events) = log_page(&app, |store| async move {
+    let (head, events) = log_page(&app, after, |store| async move {
         let head = store.head_position().await?;
         Ok((head, store.read_log(after, limit, filter).await?))
     })
@@ -126,7 +126,7 @@ pub async fn wallet_events(
     };
     let limit = limit(&pairs)?;
     let wallet = &wallet;
-    let (head, events) = log_page(&app, |store| async move {
+    let (head, events) = log_page(&app, 0, |store| async move {
         let head = store.head_position().await?;
         Ok((head, store.read_stream_page(wallet, from - 1, limit).await?))
     })
@@ -153,7 +153,7 @@ pub async fn stream(State(app): State<Arc<AppState>>, headers: HeaderMap, query:
         FeedError::Full => Problem::unavailable("too many subscribers to the log, retry shortly"),
         FeedError::Store(e) => e.into(),
     })?;
-    let deliveries = feed::follow(app.feed.store().clone(), subscription, after, filter);
+    let deliveries = feed::follow(app.feed.reader().clone(), subscription, after, filter);
     // The frames are made once per event for all subscribers: a run of them
     // goes out as one chunk, with no per-subscriber formatting.
     let body = Body::from_stream(deliveries.map(|d| Ok::<Bytes, Infallible>(sse_chunk(d))));

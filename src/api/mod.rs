@@ -96,7 +96,11 @@ impl AppState {
 
     /// With a ledger configured by the caller (e.g. its snapshot interval).
     pub fn with_ledger(ledger: Ledger, store: EventStore, projections: Arc<Projections>) -> Self {
-        let feed = Feed::new(store.clone(), ledger.committed(), crate::feed::DEFAULT_MAX_SUBSCRIBERS);
+        let feed = Feed::new(
+            crate::store::standby::LogReader::primary(store.clone()),
+            ledger.committed(),
+            crate::feed::DEFAULT_MAX_SUBSCRIBERS,
+        );
         Self {
             feed: Arc::new(feed),
             ledger: Arc::new(ledger),
@@ -111,6 +115,18 @@ impl AppState {
             rate_limits: Arc::default(),
             replicas: None,
         }
+    }
+
+    /// Reads from these standbys: read models, balances with a position,
+    /// log pages and the live tail (`DATABASE_READ_URL`).
+    pub fn read_from(&mut self, replicas: Arc<replicas::Replicas>) {
+        let reader = crate::store::standby::LogReader::with_standbys(self.store.clone(), replicas.standbys.clone());
+        self.feed = Arc::new(Feed::new(
+            reader,
+            self.ledger.committed(),
+            crate::feed::DEFAULT_MAX_SUBSCRIBERS,
+        ));
+        self.replicas = Some(replicas);
     }
 
     /// Starts the in-process projection runner (the embedded default), woken

@@ -94,35 +94,15 @@ async fn at(
     }
 }
 
-/// The store a log page is read from: a standby within the lag bound, or
-/// the primary's. `Err` from the standby is the caller's to retry on
-/// `primary` (see `log_page`).
-pub(super) async fn log_store(app: &AppState) -> Option<(usize, EventStore)> {
-    let replicas = app.replicas.as_ref()?;
-    let i = replicas.standbys.pick(0, std::time::Duration::ZERO).await?;
-    Some((i, replicas.standbys.store(i).clone()))
-}
-
-/// A log read on a standby if one is usable, else (or if it fails) on the
-/// primary.
-pub(super) async fn log_page<T, F, Fut>(app: &AppState, read: F) -> Result<T, Problem>
+/// A log read on a standby that has replayed `after` if one is usable,
+/// else (or if it fails) on the primary (`store::standby::LogReader`, the
+/// live tail's reader too).
+pub(super) async fn log_page<T, F, Fut>(app: &AppState, after: Position, read: F) -> Result<T, Problem>
 where
     F: Fn(EventStore) -> Fut,
     Fut: Future<Output = Result<T, crate::store::StoreError>>,
 {
-    if let Some((i, store)) = log_store(app).await {
-        match read(store).await {
-            Ok(answer) => {
-                metrics::counter!("wallet_standby_reads_total", "served_by" => "standby").increment(1);
-                return Ok(answer);
-            }
-            Err(e) => app.replicas.as_ref().map_or((), |r| r.standbys.failed(i, &e)),
-        }
-    }
-    if app.replicas.is_some() {
-        metrics::counter!("wallet_standby_reads_total", "served_by" => "primary").increment(1);
-    }
-    Ok(read(app.feed.store().clone()).await?)
+    Ok(app.feed.reader().read(after, read).await?)
 }
 
 /// A wallet folded (snapshot and tail) on a standby that has replayed

@@ -161,7 +161,9 @@ impl ServeArgs {
         state.keys = Arc::new(self.keys().context("reading API keys")?);
         state.max_in_flight = self.max_in_flight;
         state.rate_limits = Arc::new(self.rate_limits(!state.keys.is_open()).context("rate limits")?);
-        state.replicas = replicas;
+        if let Some(replicas) = replicas {
+            state.read_from(replicas);
+        }
         Ok(state)
     }
 

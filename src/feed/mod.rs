@@ -15,7 +15,8 @@ use tokio::sync::broadcast::error::RecvError;
 pub use event::{LogEvent, LogEventMetadata};
 pub use tail::{Feed, FeedError, FeedItem, Subscription, DEFAULT_MAX_SUBSCRIBERS, PAGE};
 
-use crate::store::{EventStore, LogFilter, Position};
+use crate::store::standby::LogReader;
+use crate::store::{LogFilter, Position};
 
 /// Events handed out in one piece at most (one write to the client).
 const RUN: usize = 256;
@@ -47,7 +48,7 @@ enum Phase {
 }
 
 struct Follower {
-    store: EventStore,
+    reader: LogReader,
     sub: Subscription,
     filter: LogFilter,
     last: Position,
@@ -59,13 +60,13 @@ struct Follower {
 /// position order, each once. `sub` must be taken before this is called
 /// (it is: the subscription exists before the first catch-up read).
 pub fn follow(
-    store: EventStore,
+    reader: LogReader,
     sub: Subscription,
     after: Position,
     filter: LogFilter,
 ) -> impl Stream<Item = Delivery> {
     let follower = Follower {
-        store,
+        reader,
         sub,
         filter,
         last: after,
@@ -133,7 +134,11 @@ impl Follower {
             match self.phase {
                 Phase::Done => return None,
                 Phase::CatchUp => {
-                    let events = match self.store.read_log(self.last, PAGE, &self.filter).await {
+                    let events = match self
+                        .reader
+                        .read_log(self.last, PAGE, &self.filter, self.sub.tail_at())
+                        .await
+                    {
                         Ok(events) => events,
                         Err(e) => {
                             tracing::warn!(error = %e, "a follower could not read the log");

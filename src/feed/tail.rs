@@ -8,13 +8,15 @@
 //! read, so nothing falls between the two, and it skips what it already
 //! sent (by position), so nothing comes twice.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::LogEvent;
-use crate::store::{EventStore, LogFilter, Position, StoreError};
+use crate::store::standby::LogReader;
+use crate::store::{LogFilter, Position, StoreError};
 
 /// Events the tail keeps for subscribers that are behind; one further
 /// behind than this is cut off (with where to resume).
@@ -55,12 +57,26 @@ impl FeedItem {
     }
 }
 
+impl Subscription {
+    /// How far the tail has handed out now: a catch-up read after this
+    /// call must reach it, because what the tail sent before the receiver
+    /// could get it (before subscribing, or lost to lagging) is only in
+    /// the log. With standbys the tail's node may be ahead of the one a
+    /// catch-up reads. (The tail moves this before each send, so the
+    /// receiver gets everything above what this returns.)
+    pub fn tail_at(&self) -> Position {
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
 /// The process's tail and its subscribers' limit.
 #[derive(Debug)]
 pub struct Feed {
-    store: EventStore,
+    reader: LogReader,
     committed: watch::Receiver<Position>,
     sender: broadcast::Sender<Arc<FeedItem>>,
+    /// The highest position the tail has handed out (or is about to).
+    sent: Arc<AtomicI64>,
     started: OnceLock<()>,
     permits: Arc<Semaphore>,
 }
@@ -76,61 +92,69 @@ pub enum FeedError {
 /// A subscriber's place: its receiver and its permit.
 pub struct Subscription {
     pub live: broadcast::Receiver<Arc<FeedItem>>,
+    sent: Arc<AtomicI64>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Feed {
-    /// `committed` moves when this process's committer appends.
-    pub fn new(store: EventStore, committed: watch::Receiver<Position>, max_subscribers: usize) -> Self {
+    /// `committed` moves when this process's committer appends; the log
+    /// is read through `reader` (standbys, if it has them).
+    pub fn new(reader: LogReader, committed: watch::Receiver<Position>, max_subscribers: usize) -> Self {
         let (sender, _) = broadcast::channel(BUFFER);
         Self {
-            store,
+            reader,
             committed,
             sender,
+            sent: Arc::new(AtomicI64::new(0)),
             started: OnceLock::new(),
             permits: Arc::new(Semaphore::new(max_subscribers)),
         }
     }
 
-    pub fn store(&self) -> &EventStore {
-        &self.store
+    pub fn reader(&self) -> &LogReader {
+        &self.reader
     }
 
     /// A new subscriber's receiver (the tail starts with the first one).
     pub async fn subscribe(&self) -> Result<Subscription, FeedError> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| FeedError::Full)?;
         if self.started.get().is_none() {
-            let head = self.store.head_position().await?;
+            let head = self.reader.head_position().await?;
             self.started.get_or_init(|| {
+                self.sent.store(head, Ordering::SeqCst);
                 tokio::spawn(tail(
-                    self.store.clone(),
+                    self.reader.clone(),
                     self.sender.clone(),
+                    self.sent.clone(),
                     self.committed.clone(),
-                    head,
                 ));
             });
         }
         Ok(Subscription {
             live: self.sender.subscribe(),
+            sent: self.sent.clone(),
             _permit: permit,
         })
     }
 }
 
-/// Reads the log after `after` for ever, handing every event to the
-/// subscribers, in order.
+/// Reads the log after `sent` for ever, handing every event to the
+/// subscribers, in order. `sent` moves before each send, so a subscriber
+/// that reads it after subscribing receives everything above it.
 async fn tail(
-    store: EventStore,
+    reader: LogReader,
     sender: broadcast::Sender<Arc<FeedItem>>,
+    sent: Arc<AtomicI64>,
     mut committed: watch::Receiver<Position>,
-    mut after: Position,
 ) {
+    let mut after = sent.load(Ordering::SeqCst);
     loop {
-        match store.read_all(after, PAGE).await {
+        match reader.read_all(after, PAGE).await {
             Ok(events) => {
                 let full = events.len() == PAGE as usize;
                 for e in &events {
                     after = e.position;
+                    sent.store(after, Ordering::SeqCst);
                     // No subscriber at the moment is fine.
                     let _ = sender.send(Arc::new(FeedItem::of(e)));
                 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use sqlx::postgres::PgPoolOptions;
 
 use super::cluster::{self, Cluster};
-use super::{EventStore, PgEventStore, Position, StoreError};
+use super::{EventStore, LogFilter, PgEventStore, Position, RecordedEvent, StoreError};
 
 /// How often the watcher reads the heads.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
@@ -151,6 +151,83 @@ impl Standbys {
                 )
             })
             .collect()
+    }
+}
+
+/// Where reads of the log go: a standby within the lag bound that has
+/// replayed the position the read starts after, else (or when that standby
+/// fails) the primary. A standby shows a prefix of the log (appends commit
+/// in position order, replay keeps commit order), so a read after `p` from
+/// any node never skips an event; a lagging one only has fewer.
+#[derive(Debug, Clone)]
+pub struct LogReader {
+    primary: EventStore,
+    standbys: Option<Arc<Standbys>>,
+}
+
+impl LogReader {
+    /// Every read on `primary`.
+    pub fn primary(primary: EventStore) -> Self {
+        Self {
+            primary,
+            standbys: None,
+        }
+    }
+
+    pub fn with_standbys(primary: EventStore, standbys: Arc<Standbys>) -> Self {
+        Self {
+            primary,
+            standbys: Some(standbys),
+        }
+    }
+
+    /// `read` on a standby that has replayed `min` (no waiting), else on
+    /// the primary.
+    pub async fn read<T, F, Fut>(&self, min: Position, read: F) -> Result<T, StoreError>
+    where
+        F: Fn(EventStore) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let Some(standbys) = &self.standbys else {
+            return read(self.primary.clone()).await;
+        };
+        if let Some(i) = standbys.pick(min, Duration::ZERO).await {
+            match read(standbys.store(i).clone()).await {
+                Ok(answer) => {
+                    metrics::counter!("wallet_standby_reads_total", "served_by" => "standby").increment(1);
+                    return Ok(answer);
+                }
+                Err(e) => standbys.failed(i, &e),
+            }
+        }
+        metrics::counter!("wallet_standby_reads_total", "served_by" => "primary").increment(1);
+        read(self.primary.clone()).await
+    }
+
+    pub async fn read_all(&self, after: Position, limit: u32) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read(after, |store| async move { store.read_all(after, limit).await })
+            .await
+    }
+
+    /// Events after `after` that pass `filter`, on a node that has
+    /// replayed `reaching` too (a subscriber's catch-up must reach the
+    /// live tail's position).
+    pub async fn read_log(
+        &self,
+        after: Position,
+        limit: u32,
+        filter: &LogFilter,
+        reaching: Position,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read(after.max(reaching), |store| async move {
+            store.read_log(after, limit, filter).await
+        })
+        .await
+    }
+
+    /// The primary's head: where a new subscriber starts.
+    pub async fn head_position(&self) -> Result<Position, StoreError> {
+        self.primary.head_position().await
     }
 }
 

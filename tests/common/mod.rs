@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod ha;
+pub mod sse;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -201,4 +202,45 @@ impl Drop for Running {
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
     listener.local_addr().expect("its address").port()
+}
+
+/// A deposit to `wallet` (which must exist) appended and left uncommitted:
+/// it holds the append lock, so every append behind it waits, and its
+/// position commits after any read that starts meanwhile (a late commit).
+pub async fn begin_deposit(store: &EventStore, wallet: &str, amount: &str) -> wallet::store::PendingAppend {
+    use wallet::aggregate::{Amount, Command, WalletId};
+    let id = WalletId::parse(wallet).expect("a wallet id");
+    let current = wallet::ledger::Ledger::new(store.clone())
+        .wallet(&id, None)
+        .await
+        .expect("the wallet to hold a deposit of");
+    let command = Command::Deposit {
+        wallet: id,
+        amount: Amount::parse(amount).expect("an amount"),
+    };
+    let decided = wallet::aggregate::decide(&command, &[&current])
+        .expect("a deposit is accepted")
+        .streams
+        .remove(0);
+    let stream = wallet::store::StreamAppend {
+        stream: decided.wallet,
+        expected: wallet::store::Head::of(&current),
+        events: decided
+            .events
+            .into_iter()
+            .map(|event| wallet::store::NewEvent {
+                event_id: uuid::Uuid::now_v7(),
+                event,
+                metadata: serde_json::json!({}),
+            })
+            .collect(),
+        on_batch: false,
+    };
+    store
+        .begin_append(wallet::store::AppendRequest {
+            streams: vec![stream],
+            idempotency: Vec::new(),
+        })
+        .await
+        .expect("an append held open")
 }
