@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Reads on a three-node cluster: serve with and without DATABASE_READ_URL (the two
-# standbys), a balance with minPosition and a history page, alternating twice.
+# standbys), a balance with minPosition and a history page, alternating twice; then
+# deposits each followed by a read of their own write (minPosition = the write's
+# position): the readAfterWrite row is what a read-your-writes client waits.
 # usage: benches/ha-reads.sh   (release build; cluster on monitor port 6700, serve on 3300)
 set -u
 cd "$(dirname "$0")/.."
@@ -20,6 +22,12 @@ run() { # label readurl
     lat=$(echo "$out" | awk '$1=="read"' | head -1)
     st=$(echo "$out" | grep -E '^statuses' | head -1)
     echo "$1 suffix=$suffix $rps | $lat | $st"
+  done
+  for suffix in '' '/history?limit=1'; do
+    out=$(target/release/wallet load --url http://127.0.0.1:3300 --seconds 10 --wallets 1000 --concurrency 16 --mix 100,0,0 --read-after-write --read-suffix "$suffix" 2>&1)
+    raw=$(echo "$out" | awk '$1=="readAfterWrite"' | head -1)
+    dep=$(echo "$out" | awk '$1=="deposit"' | head -1)
+    echo "$1 read-after-write suffix='$suffix' | $raw | $dep"
   done
   echo "$1 standby reads: $(curl -s http://127.0.0.1:3300/metrics | grep '^wallet_standby_reads_total' | tr '\n' ' ')"
   kill $S; wait $S 2>/dev/null

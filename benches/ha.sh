@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mixed writes on one PostgreSQL server against the same on a three-node
 # pg_auto_failover cluster (deploy/ha/pg-cluster.sh: a commit waits for ANY 1
-# of two standbys; the service runs with REQUIRE_SYNC_STANDBYS=1), each with
+# of two standbys; the service runs with REQUIRE_SYNC_STANDBYS=1) and on the
+# cluster with one standby killed (primary + one synchronous standby), each with
 # pgbench's one-INSERT rate on the same primary right after, alternating
 # single/cluster ROUNDS times. Everything shares this machine's cores: the
 # cluster's three data nodes and its monitor run beside the service and the
@@ -28,4 +29,12 @@ for round in $(seq "$ROUNDS"); do
     # at start (node 1); pgbench is pointed at the primary's port.
     PGURL="postgres://postgres@$hosts" PGBENCH_PORT=$primary REQUIRE_SYNC_STANDBYS=1 \
         benches/write-path.sh "$WALLETS"
+    # The highest-numbered standby goes away: its machine is lost.
+    gone=$(for n in 3 2 1; do [ $((HA_PORT + n)) != "$primary" ] && { echo $n; break; }; done)
+    echo "# round $round: primary 127.0.0.1:$primary and one synchronous standby (node $gone killed)"
+    kill -KILL $(bash $cluster pids "$gone" --port "$HA_PORT")
+    PGURL="postgres://postgres@$hosts" PGBENCH_PORT=$primary REQUIRE_SYNC_STANDBYS=1 \
+        benches/write-path.sh "$WALLETS"
+    bash $cluster restart "$gone" --port "$HA_PORT" >/dev/null
+    for _ in $(seq 60); do bash $cluster healthy --port "$HA_PORT" >/dev/null 2>&1 && break; sleep 1; done
 done

@@ -36,6 +36,10 @@ pub struct LoadConfig {
     /// Appended to each read's `/wallet/{id}` (e.g. `?minPosition=1`, which
     /// lets standbys answer, or `/history`).
     pub read_suffix: String,
+    /// After each write answered 201, read its wallet (`/wallet/{id}` and
+    /// `read_suffix`) with `minPosition` = the write's position: what a
+    /// client that reads its own writes waits (booked as `readAfterWrite`).
+    pub read_after_write: bool,
     /// Every write carries a unique `requestId` (an idempotency key).
     pub keyed: bool,
     /// Live subscribers (`GET /events/stream`) open during the run: each
@@ -61,6 +65,8 @@ pub enum Op {
     Withdraw,
     Transfer,
     Read,
+    #[serde(rename = "readAfterWrite")]
+    ReadAfterWrite,
     Hold,
     Batch,
 }
@@ -358,6 +364,7 @@ fn op_name(op: Op) -> &'static str {
         Op::Withdraw => "withdraw",
         Op::Transfer => "transfer",
         Op::Read => "read",
+        Op::ReadAfterWrite => "readAfterWrite",
         Op::Hold => "hold",
         Op::Batch => "batch",
     }
@@ -415,6 +422,29 @@ fn hold_of(body: &[u8]) -> Option<String> {
         hold_id: String,
     }
     serde_json::from_slice::<Placed>(body).ok().map(|p| p.hold_id)
+}
+
+/// `path` with `minPosition=<p>` added to its query.
+fn with_min_position(path: &str, p: i64) -> String {
+    let separator = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{separator}minPosition={p}")
+}
+
+/// A read of what the worker just wrote, timed and booked.
+async fn read_own_write(http: &reqwest::Client, url: &str, w: &mut Worker) {
+    let t = Instant::now();
+    match http.get(url).send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            w.samples
+                .entry(Op::ReadAfterWrite)
+                .or_insert_with(latencies)
+                .saturating_record(micros(t.elapsed()));
+            *w.statuses.entry(status).or_default() += 1;
+        }
+        Err(_) => w.errors += 1,
+    }
 }
 
 /// The `position` of a write's answer.
@@ -538,6 +568,13 @@ pub async fn run(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
                             }
                         }
                         w.book(&planned, status, &body, t.elapsed());
+                        if let (true, 201, Some(p)) = (cfg.read_after_write, status, position_of(&body)) {
+                            let path = with_min_position(
+                                &format!("/wallet/{}{}", wallets[planned.wallet], cfg.read_suffix),
+                                p,
+                            );
+                            read_own_write(&http, &format!("{base}{path}"), &mut w).await;
+                        }
                     }
                     Err(_) => w.errors += 1,
                 }

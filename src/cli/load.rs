@@ -38,6 +38,11 @@ pub struct LoadArgs {
     /// '?minPosition=1' (standbys may answer) or '/history?minPosition=1'.
     #[arg(long, default_value = "")]
     pub read_suffix: String,
+    /// After each write answered 201, read its wallet (with --read-suffix)
+    /// with minPosition = the write's position, and time that read
+    /// (readAfterWrite): the wait for a standby to replay a write.
+    #[arg(long, conflicts_with = "reads")]
+    pub read_after_write: bool,
     /// Every write carries a unique requestId (an idempotency key).
     #[arg(long)]
     pub keyed: bool,
@@ -97,6 +102,7 @@ impl LoadArgs {
             mix: self.mix,
             reads: self.reads,
             read_suffix: self.read_suffix.clone(),
+            read_after_write: self.read_after_write,
             keyed: self.keyed,
             subscribers: self.subscribers as usize,
             holds: self.holds,

@@ -20,6 +20,11 @@ use crate::config;
 use crate::projections::{FraudRules, Projections};
 use crate::store::EventStore;
 
+/// `RESOLVE_DEADLINE` unless set: on one host, and on a host list (above
+/// pg_auto_failover's failover here, 11-15 s, BENCHMARKS.md).
+const SINGLE_RESOLVE_DEADLINE: Duration = Duration::from_secs(8);
+const CLUSTER_RESOLVE_DEADLINE: Duration = Duration::from_secs(20);
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on.
@@ -76,9 +81,10 @@ pub struct ServeArgs {
     pub require_sync_standbys: u32,
     /// How long the committer tries to find out what a batch whose answer
     /// was lost did (reconnecting, finding the primary) before answering
-    /// OUTCOME_UNKNOWN. Under failover, above the failover time.
-    #[arg(long, env = "RESOLVE_DEADLINE", default_value = "8s", value_parser = config::parse_duration)]
-    pub resolve_deadline: Duration,
+    /// OUTCOME_UNKNOWN. Default: 8s on one host, 20s on a host list (above
+    /// a pg_auto_failover failover, ~11-15 s).
+    #[arg(long, env = "RESOLVE_DEADLINE", value_parser = config::parse_duration)]
+    pub resolve_deadline: Option<Duration>,
     /// Resolve lost batches without the quorum fence (the old path, which
     /// can acknowledge a write a failover then loses). Only for the test
     /// that shows it.
@@ -153,7 +159,7 @@ impl ServeArgs {
             .with_cache_capacity(self.cache_wallets)
             .with_writer_options(crate::store::WriterOptions {
                 require_sync_standbys: self.require_sync_standbys,
-                resolve_deadline: self.resolve_deadline,
+                resolve_deadline: self.resolve_deadline(&store),
                 fence: !self.unsafe_resolve_without_fence,
                 ..Default::default()
             });
@@ -165,6 +171,15 @@ impl ServeArgs {
             state.read_from(replicas);
         }
         Ok(state)
+    }
+
+    /// As given, or by the database URL: a host list fails over, and a lost
+    /// answer is worth waiting out a failover for.
+    fn resolve_deadline(&self, store: &EventStore) -> Duration {
+        self.resolve_deadline.unwrap_or(match store.is_host_list() {
+            true => CLUSTER_RESOLVE_DEADLINE,
+            false => SINGLE_RESOLVE_DEADLINE,
+        })
     }
 
     /// The standbys of `--read-url`, if any (PostgreSQL only).

@@ -287,6 +287,14 @@ impl EventStore {
         }
     }
 
+    /// A PostgreSQL host list: the primary can move (fail over).
+    pub fn is_host_list(&self) -> bool {
+        match self {
+            EventStore::Postgres(pg) => !pg.cluster().is_single(),
+            EventStore::Sqlite(_) => false,
+        }
+    }
+
     pub fn backend(&self) -> &'static str {
         match self {
             EventStore::Postgres(_) => "postgres",

@@ -77,6 +77,11 @@ impl PgEventStore {
         &self.pool
     }
 
+    /// The hosts this store was given.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     /// Applies the migrations, then checks what correctness depends on.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("./migrations/postgres").run(&self.pool).await?;

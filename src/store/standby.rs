@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
+use tokio::sync::Notify;
 
 use super::cluster::{self, Cluster};
 use super::{EventStore, LogFilter, PgEventStore, Position, RecordedEvent, StoreError};
@@ -28,8 +29,9 @@ use super::{EventStore, LogFilter, PgEventStore, Position, RecordedEvent, StoreE
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// One head read, at most.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often a request waiting for a standby to replay looks again.
-const WAIT_POLL: Duration = Duration::from_millis(5);
+/// How often the watcher reads the standbys' heads while a request waits
+/// for one to replay a position (one query per standby for all waiters).
+const WATCH_WAITING: Duration = Duration::from_millis(2);
 /// A replayed head that says "not usable now".
 const UNKNOWN: i64 = -1;
 
@@ -41,6 +43,13 @@ pub struct Standbys {
     max_lag: i64,
     /// Round robin over the usable ones.
     next: AtomicUsize,
+    /// Requests waiting for a standby to replay a position: the watcher
+    /// looks every `WATCH_WAITING` while there are any.
+    waiting: AtomicUsize,
+    /// A waiter arrived (the watcher looks at once).
+    arrived: Arc<Notify>,
+    /// The watcher has read the heads again.
+    looked: Notify,
 }
 
 /// One standby: its own pool, and what the watcher last saw of it.
@@ -84,8 +93,11 @@ impl Standbys {
             nodes,
             max_lag: i64::try_from(max_lag).unwrap_or(i64::MAX),
             next: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            arrived: Arc::new(Notify::new()),
+            looked: Notify::new(),
         });
-        tokio::spawn(watch(Arc::downgrade(&standbys), primary));
+        tokio::spawn(watch(Arc::downgrade(&standbys), standbys.arrived.clone(), primary));
         Ok(standbys)
     }
 
@@ -106,17 +118,27 @@ impl Standbys {
     /// A standby within the lag bound that has replayed `min` (waiting up
     /// to `wait` for one to), or `None`: serve it from the primary.
     pub async fn pick(&self, min: Position, wait: Duration) -> Option<usize> {
+        if let Some(standby) = self.usable(min) {
+            return Some(standby);
+        }
+        // Waiting only makes sense on a standby that is close enough.
+        let close = || self.nodes.iter().any(|s| s.lag.load(Ordering::Acquire) <= self.max_lag);
+        if wait.is_zero() || !close() {
+            return None;
+        }
         let deadline = tokio::time::Instant::now() + wait;
+        let _waiting = Waiting::on(&self.waiting);
+        self.arrived.notify_one();
         loop {
+            let looked = self.looked.notified();
+            tokio::pin!(looked);
+            looked.as_mut().enable();
             if let Some(standby) = self.usable(min) {
                 return Some(standby);
             }
-            // Waiting only makes sense on a standby that is close enough.
-            let close = self.nodes.iter().any(|s| s.lag.load(Ordering::Acquire) <= self.max_lag);
-            if !close || tokio::time::Instant::now() + WAIT_POLL > deadline {
+            if !close() || tokio::time::timeout_at(deadline, looked).await.is_err() {
                 return None;
             }
-            tokio::time::sleep(WAIT_POLL).await;
         }
     }
 
@@ -231,8 +253,27 @@ impl LogReader {
     }
 }
 
-/// Reads the heads until the standbys are dropped.
-async fn watch(standbys: std::sync::Weak<Standbys>, primary: EventStore) {
+/// One request counted as waiting while this lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn on(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Reads the heads until the standbys are dropped: every `WATCH_EVERY`,
+/// or every `WATCH_WAITING` while a request waits for a standby to replay
+/// (the primary's head still every `WATCH_EVERY`). Waiters are woken after
+/// each look.
+async fn watch(standbys: std::sync::Weak<Standbys>, arrived: Arc<Notify>, primary: EventStore) {
     let primary_head = |store: EventStore| async move {
         match tokio::time::timeout(HEAD_TIMEOUT, store.head_position()).await {
             Ok(Ok(head)) => head,
@@ -242,12 +283,24 @@ async fn watch(standbys: std::sync::Weak<Standbys>, primary: EventStore) {
     // The primary's last head read: a slow read must not make every
     // standby look current.
     let mut last_primary = UNKNOWN;
+    let mut primary_read: Option<tokio::time::Instant> = None;
     loop {
-        tokio::time::sleep(WATCH_EVERY).await;
+        let pause = match standbys.upgrade() {
+            None => return,
+            Some(s) if s.waiting.load(Ordering::Acquire) > 0 => WATCH_WAITING,
+            Some(_) => WATCH_EVERY,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = arrived.notified() => {}
+        }
         let Some(standbys) = standbys.upgrade() else { return };
-        let read = primary_head(primary.clone()).await;
-        if read != UNKNOWN {
-            last_primary = read;
+        if primary_read.is_none_or(|at| at.elapsed() >= WATCH_EVERY) {
+            primary_read = Some(tokio::time::Instant::now());
+            let read = primary_head(primary.clone()).await;
+            if read != UNKNOWN {
+                last_primary = read;
+            }
         }
         let replayed = futures_util::future::join_all(standbys.nodes.iter().map(|s| replayed_head(&s.store))).await;
         for (s, replayed) in standbys.nodes.iter().zip(replayed) {
@@ -260,6 +313,7 @@ async fn watch(standbys: std::sync::Weak<Standbys>, primary: EventStore) {
             };
             s.lag.store(lag, Ordering::Release);
         }
+        standbys.looked.notify_waiters();
     }
 }
 
