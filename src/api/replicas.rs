@@ -1,6 +1,7 @@
 //! Where a read is answered: a standby of `DATABASE_READ_URL` that has
 //! what the request asks for (`store::standby`), or the primary. Read
-//! models wait on the standby's own checkpoint (it replicates with them);
+//! models wait for the standby's own checkpoint (it replicates with them),
+//! as the standbys' watcher sees it;
 //! a standby that has not reached `minPosition` within the request's wait,
 //! or fails (a replay conflict cancels a query), leaves the request to the
 //! primary, so the answer is never older than asked and never a 500.
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use super::{AppState, Problem};
 use crate::projections::{FraudRules, ProjectionError, Projections};
-use crate::store::standby::Standbys;
+use crate::store::standby::{Needs, Standbys};
 use crate::store::{EventStore, Position};
 
 /// The standbys and, for each, the read models as they replicate there.
@@ -42,9 +43,10 @@ where
     Fut: Future<Output = Result<T, ProjectionError>>,
 {
     if let Some(replicas) = &app.replicas {
-        if let Some(i) = replicas.standbys.pick(min.unwrap_or(0), app.read_wait).await {
+        let needs = Needs::Applied(projection, min.unwrap_or(0));
+        if let Some(i) = replicas.standbys.pick_for(needs, app.read_wait).await {
             let projections = replicas.projections[i].clone();
-            match on(&projections, projection, min, app, &read).await {
+            match on(&projections, projection, min, &read).await {
                 Ok(Some(answer)) => {
                     metrics::counter!("wallet_standby_reads_total", "served_by" => "standby").increment(1);
                     return Ok(answer);
@@ -61,20 +63,19 @@ where
     Ok((read(app.projections.clone()).await?, position))
 }
 
-/// The answer of one set of read models, or `None` if they have not
-/// applied `min` in time.
+/// The answer of a standby's read models, which the watcher saw at `min`
+/// (`None` if they are not, after all: a standby is never waited on here).
 async fn on<T, F, Fut>(
     projections: &Arc<Projections>,
     projection: &str,
     min: Option<Position>,
-    app: &AppState,
     read: &F,
 ) -> Result<Option<(T, Position)>, ProjectionError>
 where
     F: Fn(Arc<Projections>) -> Fut,
     Fut: Future<Output = Result<T, ProjectionError>>,
 {
-    let position = at(projections, projection, min, app).await?;
+    let position = projections.checkpoint(projection).await?;
     if min.is_some_and(|m| position < m) {
         return Ok(None);
     }

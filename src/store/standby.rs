@@ -61,6 +61,42 @@ struct Standby {
     replayed: AtomicI64,
     /// The primary's head minus `replayed` at the last look.
     lag: AtomicI64,
+    /// Each read model's checkpoint there at the last look, by name.
+    applied: std::sync::RwLock<Vec<(String, Position)>>,
+}
+
+/// What a standby must have for a read.
+#[derive(Debug, Clone, Copy)]
+pub enum Needs<'a> {
+    /// The log replayed up to this position.
+    Log(Position),
+    /// This read model's checkpoint at or past this position.
+    Applied(&'a str, Position),
+}
+
+impl Standby {
+    fn has(&self, needs: Needs<'_>, replayed: Position) -> bool {
+        match needs {
+            Needs::Log(min) => replayed >= min,
+            Needs::Applied(name, min) => self
+                .applied
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|(n, at)| n == name && *at >= min),
+        }
+    }
+
+    /// What the watcher saw: the replayed head (or `UNKNOWN`) and the
+    /// read models' checkpoints, kept in place (the names do not change).
+    fn saw(&self, replayed: Position, applied: Vec<(String, Position)>) {
+        let mut kept = self.applied.write().unwrap_or_else(|p| p.into_inner());
+        if *kept != applied {
+            *kept = applied;
+        }
+        drop(kept);
+        self.replayed.store(replayed, Ordering::Release);
+    }
 }
 
 impl Standbys {
@@ -86,6 +122,7 @@ impl Standbys {
                     store: EventStore::Postgres(PgEventStore::from_pool(pool)),
                     replayed: AtomicI64::new(UNKNOWN),
                     lag: AtomicI64::new(i64::MAX),
+                    applied: Default::default(),
                 }
             })
             .collect();
@@ -118,7 +155,15 @@ impl Standbys {
     /// A standby within the lag bound that has replayed `min` (waiting up
     /// to `wait` for one to), or `None`: serve it from the primary.
     pub async fn pick(&self, min: Position, wait: Duration) -> Option<usize> {
-        if let Some(standby) = self.usable(min) {
+        self.pick_for(Needs::Log(min), wait).await
+    }
+
+    /// A standby within the lag bound that has what `needs` says, waiting
+    /// up to `wait` for one to. The watcher does the looking (every 2 ms
+    /// while anyone waits), so waiting requests cost no queries of their
+    /// own however many there are.
+    pub async fn pick_for(&self, needs: Needs<'_>, wait: Duration) -> Option<usize> {
+        if let Some(standby) = self.usable(needs) {
             return Some(standby);
         }
         // Waiting only makes sense on a standby that is close enough.
@@ -133,7 +178,7 @@ impl Standbys {
             let looked = self.looked.notified();
             tokio::pin!(looked);
             looked.as_mut().enable();
-            if let Some(standby) = self.usable(min) {
+            if let Some(standby) = self.usable(needs) {
                 return Some(standby);
             }
             if !close() || tokio::time::timeout_at(deadline, looked).await.is_err() {
@@ -142,14 +187,14 @@ impl Standbys {
         }
     }
 
-    fn usable(&self, min: Position) -> Option<usize> {
+    fn usable(&self, needs: Needs<'_>) -> Option<usize> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         (0..self.nodes.len())
             .map(|i| (start + i) % self.nodes.len())
             .find(|&i| {
                 let s = &self.nodes[i];
                 let replayed = s.replayed.load(Ordering::Acquire);
-                replayed != UNKNOWN && replayed >= min && s.lag.load(Ordering::Acquire) <= self.max_lag
+                replayed != UNKNOWN && s.lag.load(Ordering::Acquire) <= self.max_lag && s.has(needs, replayed)
             })
     }
 
@@ -302,9 +347,9 @@ async fn watch(standbys: std::sync::Weak<Standbys>, arrived: Arc<Notify>, primar
                 last_primary = read;
             }
         }
-        let replayed = futures_util::future::join_all(standbys.nodes.iter().map(|s| replayed_head(&s.store))).await;
-        for (s, replayed) in standbys.nodes.iter().zip(replayed) {
-            s.replayed.store(replayed, Ordering::Release);
+        let seen = futures_util::future::join_all(standbys.nodes.iter().map(|s| look_at(&s.store))).await;
+        for (s, (replayed, applied)) in standbys.nodes.iter().zip(seen) {
+            s.saw(replayed, applied);
             let lag = match (replayed, last_primary) {
                 (UNKNOWN, _) => i64::MAX,
                 // No head of the primary seen yet: a standby's state is what there is.
@@ -317,19 +362,22 @@ async fn watch(standbys: std::sync::Weak<Standbys>, arrived: Arc<Notify>, primar
     }
 }
 
-/// A standby's replayed head, or `UNKNOWN` if it does not answer or is not
-/// in recovery: a node out of recovery is the primary (served by the
-/// primary path) or an old primary not yet demoted, whose log may hold
-/// commits no standby has.
-async fn replayed_head(store: &EventStore) -> i64 {
+/// A standby's replayed head and its read models' checkpoints, or
+/// `UNKNOWN` (and none) if it does not answer or is not in recovery: a node
+/// out of recovery is the primary (served by the primary path) or an old
+/// primary not yet demoted, whose log may hold commits no standby has.
+async fn look_at(store: &EventStore) -> (i64, Vec<(String, Position)>) {
     let EventStore::Postgres(pg) = store else {
-        return UNKNOWN;
+        return (UNKNOWN, Vec::new());
     };
-    let read =
-        sqlx::query_as::<_, (bool, i64)>("SELECT pg_is_in_recovery(), (SELECT COALESCE(MAX(position), 0) FROM events)")
-            .fetch_one(pg.pool());
+    let read = sqlx::query_as::<_, (bool, i64, Vec<String>, Vec<i64>)>(
+        "SELECT pg_is_in_recovery(), (SELECT COALESCE(MAX(position), 0) FROM events), \
+         ARRAY(SELECT name FROM projection_checkpoints ORDER BY name), \
+         ARRAY(SELECT position FROM projection_checkpoints ORDER BY name)",
+    )
+    .fetch_one(pg.pool());
     match tokio::time::timeout(HEAD_TIMEOUT, read).await {
-        Ok(Ok((true, head))) => head,
-        _ => UNKNOWN,
+        Ok(Ok((true, head, names, positions))) => (head, names.into_iter().zip(positions).collect()),
+        _ => (UNKNOWN, Vec::new()),
     }
 }
