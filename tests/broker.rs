@@ -449,6 +449,24 @@ async fn a_poison_message_is_dead_lettered_and_replayed_after_the_fix() {
     worker.abort();
 }
 
+/// A trigger that refuses every stats row of wallet "bad" (as a database
+/// constraint would, for ever); the test's pool, to drop it with.
+async fn refuse_stats_of_bad(db: &TestDb) -> sqlx::PgPool {
+    let pool = match &db.store {
+        EventStore::Postgres(s) => s.pool().clone(),
+        EventStore::Sqlite(_) => unreachable!("a PostgreSQL test"),
+    };
+    for statement in [
+        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.wallet_id = 'bad' THEN RAISE EXCEPTION 'stats of bad refused by trigger'; END IF; \
+         RETURN NEW; END $$",
+        "CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON rm_stats FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    pool
+}
+
 /// A database error that always recurs for one wallet (a trigger refusing
 /// its stats row) must not stall the others: after a few attempts the
 /// worker parks that wallet and dead-letters its messages with the
@@ -459,24 +477,7 @@ async fn a_wallet_the_database_keeps_refusing_is_parked_and_the_others_go_on() {
     let topology = topology();
     let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
     projections.ensure().await.unwrap();
-    let pool = match &db.store {
-        EventStore::Postgres(s) => s.pool().clone(),
-        EventStore::Sqlite(_) => unreachable!("a PostgreSQL test"),
-    };
-    sqlx::query(
-        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-         IF NEW.wallet_id = 'bad' THEN RAISE EXCEPTION 'stats of bad refused by trigger'; END IF; \
-         RETURN NEW; END $$",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON rm_stats FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    let pool = refuse_stats_of_bad(&db).await;
     let relay = tokio::spawn(Relay::new(db.store.clone(), &amqp_url(), topology.clone()).run());
     let worker = tokio::spawn(Worker::new(projections.clone(), &amqp_url(), topology.clone()).run());
 
@@ -946,18 +947,7 @@ async fn a_lost_event_the_database_refuses_is_dead_lettered_like_a_delivered_one
     let topology = topology();
     let projections = Arc::new(Projections::new(db.store.clone(), FraudRules::default()));
     projections.ensure().await.unwrap();
-    let pool = match &db.store {
-        EventStore::Postgres(s) => s.pool().clone(),
-        EventStore::Sqlite(_) => unreachable!("a PostgreSQL test"),
-    };
-    for statement in [
-        "CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-         IF NEW.wallet_id = 'bad' THEN RAISE EXCEPTION 'stats of bad refused by trigger'; END IF; \
-         RETURN NEW; END $$",
-        "CREATE TRIGGER refuse_bad BEFORE INSERT OR UPDATE ON rm_stats FOR EACH ROW EXECUTE FUNCTION refuse_bad()",
-    ] {
-        sqlx::query(statement).execute(&pool).await.unwrap();
-    }
+    let pool = refuse_stats_of_bad(&db).await;
     let ledger = Ledger::new(db.store.clone());
     ledger.deposit(id("good"), amount("10"), None).await.unwrap();
     ledger.deposit(id("bad"), amount("100"), None).await.unwrap();
