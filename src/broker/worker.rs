@@ -270,16 +270,13 @@ impl Worker {
                 return Ok(());
             }
         };
-        let mut low = Position::MAX;
-        for name in self.projections.names() {
-            match self.projections.checkpoint(name).await {
-                Ok(at) => low = low.min(at),
-                Err(e) => {
-                    tracing::debug!(error = %e, "worker cannot read its checkpoints");
-                    return Ok(());
-                }
+        let low = match self.projections.lowest_checkpoint().await {
+            Ok(low) => low,
+            Err(e) => {
+                tracing::debug!(error = %e, "worker cannot read its checkpoints");
+                return Ok(());
             }
-        }
+        };
         if low >= confirmed {
             return Ok(());
         }

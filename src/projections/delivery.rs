@@ -127,6 +127,15 @@ impl Projections {
         Ok(outcomes)
     }
 
+    /// The checkpoint of the read model furthest behind.
+    pub async fn lowest_checkpoint(&self) -> Result<Position, ProjectionError> {
+        let mut low = Position::MAX;
+        for projection in &self.list {
+            low = low.min(self.checkpoint(projection.name()).await?);
+        }
+        Ok(low)
+    }
+
     /// Events the broker lost (it confirmed them to the relay, then lost
     /// them with a node): up to `limit` events of the log after `after` (or
     /// the lowest checkpoint, if higher) and up to `high` that `incoming`
@@ -140,11 +149,7 @@ impl Projections {
         high: Position,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, ProjectionError> {
-        let mut low = Position::MAX;
-        for projection in &self.list {
-            low = low.min(self.checkpoint(projection.name()).await?);
-        }
-        let low = low.max(after);
+        let low = self.lowest_checkpoint().await?.max(after);
         let delivered: BTreeSet<Position> = incoming
             .iter()
             .map(Incoming::position)
