@@ -3,7 +3,8 @@
 //! primary, two standbys, a commit waits for ANY 1 of them), under keyed
 //! and unkeyed deposits, withdrawals and transfers over 1,000 wallets,
 //! every answer logged, while the test kills, freezes and starves the
-//! primary. Afterwards the surviving log is held to every answer: each 201
+//! primary and kills the broker node (of three, quorum queues) leading the
+//! worker's queue. Afterwards the surviving log is held to every answer: each 201
 //! is in it at its position, nothing answered 503 UNAVAILABLE is, each
 //! OUTCOME_UNKNOWN retried with its key takes effect exactly once, `wallet
 //! verify` is clean, money is conserved, and every position reached the
@@ -448,16 +449,18 @@ async fn wait_writable(base: &str, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_under_load_loses_no_acknowledged_write() {
     let _alone = ALONE.lock().await;
+    // A three-node broker with quorum queues (removed at the end): both
+    // servers relay (one leads), a worker builds the read models.
+    let rabbit = common::ha::RabbitCluster::start();
     let cluster = PgCluster::start();
     let url = cluster.url();
-    // With the broker: both servers relay (one leads), a worker builds the
-    // read models, on names of this test's own (deleted at the end).
-    let topology = wallet::broker::Topology::named(&format!("test.{}.events", uuid::Uuid::new_v4().simple()));
-    let observer = common::broker::Observer::bind_plain(&topology).await;
-    let amqp = common::broker::amqp_url();
+    let amqp = rabbit.urls();
+    let exchange = format!("test.{}.events", uuid::Uuid::new_v4().simple());
+    let queue = format!("{exchange}.worker.quorum");
     let broker = [
         ("AMQP_URL", amqp.as_str()),
-        ("AMQP_EXCHANGE", topology.exchange.as_str()),
+        ("AMQP_EXCHANGE", exchange.as_str()),
+        ("AMQP_QUEUE_TYPE", "quorum"),
     ];
     let (_a, a) = serve(&url, &broker);
     let (_b, b) = serve(&url, &broker);
@@ -491,6 +494,17 @@ async fn failover_under_load_loses_no_acknowledged_write() {
         settle().await;
         cluster.restart_node(primary);
         cluster.wait_healthy(Duration::from_secs(180));
+        settle().await;
+    }
+
+    // The broker node leading the worker's queue is lost, twice: it costs
+    // the relay and the worker a reconnect, never an event.
+    for _ in 0..2 {
+        let leader = rabbit.leader_of(&queue).expect("the worker queue has a leader");
+        rabbit.kill(leader);
+        faults.push(("broker node killed", Instant::now()));
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        rabbit.restart(leader);
         settle().await;
     }
 
@@ -554,7 +568,6 @@ async fn failover_under_load_loses_no_acknowledged_write() {
         "deposits less withdrawals differ from the wallets' balances"
     );
     worker_caught_up(&url).await;
-    observer.delete_topology(&topology).await;
 
     let costs: Vec<FaultCost> = faults.iter().map(|(name, at)| cost(name, *at, &answers)).collect();
     let count = |f: fn(&Answer) -> bool| answers.iter().filter(|x| f(x)).count();
